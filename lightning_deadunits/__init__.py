@@ -1,0 +1,19 @@
+"""lightning-deadunits: find dead kernels, dead units and the loss spikes that kill them."""
+
+from lightning_deadunits.actions import AlarmHandler
+from lightning_deadunits.callbacks import KernelNormMonitor
+from lightning_deadunits.errors import DeadUnitsError, DeadUnitsWarning
+from lightning_deadunits.triggers import Alarm, Rule, ThresholdRule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Alarm",
+    "AlarmHandler",
+    "DeadUnitsError",
+    "DeadUnitsWarning",
+    "KernelNormMonitor",
+    "Rule",
+    "ThresholdRule",
+    "__version__",
+]

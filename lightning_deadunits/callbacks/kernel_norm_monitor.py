@@ -1,0 +1,342 @@
+"""Watches per-filter kernel norms and counts collapsed ("zero") kernels per layer during training."""
+
+import re
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_deadunits._validation import check_bool, check_float, check_int, check_strings, check_types
+from lightning_deadunits.actions.alarm_handler import AlarmAction
+from lightning_deadunits.callbacks._base import MonitorCallback, reject_sharded_strategy
+from lightning_deadunits.errors import DeadUnitsWarning
+from lightning_deadunits.functional.kernels import filter_heatmaps
+from lightning_deadunits.metrics.kernel_deaths import KernelDeathTracker
+from lightning_deadunits.panels.render import bar_chart, heatmap_grid
+from lightning_deadunits.probes.kernel_norms import DEFAULT_KERNEL_TYPES, KernelNormProbe, LayerKernels
+from lightning_deadunits.triggers.rule import Rule
+
+__all__ = ["KernelNormMonitor"]
+
+_MAX_HEATMAP_FILTERS = 256
+
+
+class KernelNormMonitor(MonitorCallback):
+    r"""Counts dead ("zero") kernels per layer: by an absolute and a relative L1 threshold, and by BatchNorm gamma.
+
+    Every convolution (1-3-D, transposed, grouped, depthwise) and ``nn.Linear`` layer is watched unless filtered
+    out. For each output filter (conv) or output row (linear) the L1 and L2 norms are computed in float32 on the
+    weights' device. A filter is *dead*
+
+    - **absolutely** when ``L1 < abs_threshold`` (never tested with ``== 0``: float32 subnormals such as 1e-40
+      are common in trained weights);
+    - **relatively** when ``L1 < rel_threshold * median(L1 of its layer)``: a collapsed filter is often far from
+      exactly 0 while far below its neighbours;
+    - **by BatchNorm** when the BatchNorm fed by the layer's output has ``|gamma| < bn_threshold`` for that
+      channel. The pairing is found from data flow in the first training forward (the BatchNorm's input must
+      be the layer's output tensor itself), not from module names. A layer with no BatchNorm after it has no
+      ``dead_bn`` key; a BatchNorm fed by something else is reported under its own name.
+
+    The monitor checks at fit start (the initial weights), every ``every_n_steps`` optimizer steps and at
+    train end; on other steps it does nothing (no host sync). It keeps, per filter, the step since which it has
+    been dead and counts revivals, so ``newly_dead`` gives the growth between checks.
+
+    Logged keys (``<p>`` is ``prefix``, ``<layer>`` the module name):
+
+    =====================================  ==========================================================
+    ``<p>/kernels/<layer>/dead_abs``       filters with L1 below ``abs_threshold``
+    ``<p>/kernels/<layer>/dead_rel``       filters with L1 below ``rel_threshold`` x layer median
+    ``<p>/kernels/<layer>/dead_bn``        channels whose paired BatchNorm gamma is ~0 (paired layers only)
+    ``<p>/kernels/<layer>/dead``           filters dead by any rule
+    ``<p>/kernels/<layer>/dead_frac``      ``dead`` / filters
+    ``<p>/kernels/<layer>/norm_median``    median per-filter L1
+    ``<p>/kernels/<layer>/newly_dead``     filters dead now and alive at the previous check
+    ``<p>/kernels/<layer>/revived``        filters alive now and dead at the previous check
+    ``<p>/kernels/total/<stat>``           the sums of the above over layers (``dead_abs``, ``dead_rel``,
+                                           ``dead_bn``, ``dead``, ``newly_dead``, ``revived``, ``filters``)
+    =====================================  ==========================================================
+
+    With a TensorBoard logger it also writes a custom-scalars layout (totals, and one panel per layer kind),
+    per-layer histograms of filter L1 norms (``<p>/kernels/<layer>/l1``), a bar chart of dead filters against
+    layer index (``<p>/kernels/dead_per_layer``, depthwise layers in red) and heat maps of ``|w|`` for the
+    ``heatmap_layers`` layers with the most dead filters (``<p>/kernels/heatmap/<layer>``; ordinary convs summed
+    over input channels, one tile per filter, one grey scale per layer so collapsed filters show black).
+
+    Args:
+        every_n_steps: check every this many optimizer steps (>= 1).
+        abs_threshold: absolute L1 threshold (>= 0).
+        rel_threshold: fraction of the layer's median L1, in [0, 1].
+        bn_threshold: BatchNorm ``|gamma|`` threshold (>= 0).
+        include: module-name globs to watch (default: all).
+        exclude: module-name globs to skip.
+        layer_types: layer classes to watch (default: all convolutions and ``nn.Linear``).
+        log_histograms: write per-layer norm histograms (TensorBoard only).
+        log_images: write the per-layer bar chart and heat maps (TensorBoard only).
+        heatmap_layers: how many layers get heat maps (0: none).
+        alarms: :class:`~lightning_deadunits.triggers.Rule` objects over the logged keys.
+        on_alarm: actions for fired alarms (``"log"``, ``"warn"``, ``"stop"``, ``"raise"`` or callables).
+        prefix: first part of every logged key.
+
+    Raises:
+        ValueError: on an out-of-range number, an unknown action, or (at setup) a sharded strategy.
+        TypeError: on a wrongly typed argument.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[KernelNormMonitor(every_n_steps=50)])  # doctest: +SKIP
+    """
+
+    source = "kernels"
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        abs_threshold: float = 1e-6,
+        rel_threshold: float = 0.1,
+        bn_threshold: float = 1e-3,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        layer_types: Sequence[type] = DEFAULT_KERNEL_TYPES,
+        log_histograms: bool = True,
+        log_images: bool = True,
+        heatmap_layers: int = 3,
+        alarms: Sequence[Rule] = (),
+        on_alarm: Sequence[AlarmAction] = ("log",),
+        prefix: str = "deadunits",
+    ) -> None:
+        super().__init__(prefix=prefix, alarms=alarms, on_alarm=on_alarm)
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
+        self.abs_threshold = check_float("abs_threshold", abs_threshold, minimum=0.0)
+        self.rel_threshold = check_float("rel_threshold", rel_threshold, minimum=0.0, maximum=1.0)
+        self.bn_threshold = check_float("bn_threshold", bn_threshold, minimum=0.0)
+        self.include = check_strings("include", include)
+        self.exclude = check_strings("exclude", exclude)
+        self.layer_types = check_types("layer_types", layer_types)
+        self.log_histograms = check_bool("log_histograms", log_histograms)
+        self.log_images = check_bool("log_images", log_images)
+        self.heatmap_layers = check_int("heatmap_layers", heatmap_layers, minimum=0)
+        self.probe = KernelNormProbe(self.include, self.exclude, self.layer_types)
+        self.tracker = KernelDeathTracker()
+        self.last_check_step: int | None = None
+        self._initial: tuple[int, list[LayerKernels]] | None = None
+        self.history: list[dict[str, float]] = []
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps,
+            abs_threshold=self.abs_threshold,
+            rel_threshold=self.rel_threshold,
+            bn_threshold=self.bn_threshold,
+            include=self.include,
+            exclude=self.exclude,
+        )
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        reject_sharded_strategy(trainer, type(self).__name__)
+        self.probe.attach(pl_module)
+        if not self.probe.layers and not self.probe.batchnorms:
+            warnings.warn(
+                f"`KernelNormMonitor` found no layer to watch in {type(pl_module).__name__} (types "
+                f"{[t.__name__ for t in self.layer_types]}, include={list(self.include)}, "
+                f"exclude={list(self.exclude)}); it will log nothing.",
+                DeadUnitsWarning,
+                stacklevel=2,
+            )
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self.probe.layers and not self.probe.batchnorms:
+            return
+        self._register_layout(trainer)
+        if self.last_check_step is None:
+            self._initial = (trainer.global_step, self._read())
+            if not self.probe.pairing_pending:
+                self._publish_initial(trainer)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
+        if self.probe.pairing_pending:
+            self.probe.start_pairing()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.probe.hooks_attached:
+            self.probe.finish_pairing()
+        if self._initial is not None:
+            self._publish_initial(trainer)
+        step = trainer.global_step
+        if self.last_check_step is not None and step % self.every_n_steps == 0 and step != self.last_check_step:
+            self.check(trainer, step)
+
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._initial is not None:
+            self._publish_initial(trainer)
+        if self.last_check_step is not None and trainer.global_step != self.last_check_step:
+            self.check(trainer, trainer.global_step)
+        self.panels.flush(trainer)
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self.probe.finish_pairing()
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self.probe.finish_pairing()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **self._base_state(),
+            "tracker": self.tracker.state_dict(),
+            "probe": self.probe.state_dict(),
+            "last_check_step": self.last_check_step,
+            "history": list(self.history),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._load_base_state(state_dict)
+        self.tracker.load_state_dict(state_dict.get("tracker", {}))
+        self.probe.load_state_dict(state_dict.get("probe", {}))
+        self.last_check_step = state_dict.get("last_check_step")
+        self.history = list(state_dict.get("history", []))
+
+    def check(self, trainer: "pl.Trainer", step: int) -> dict[str, float]:
+        """Measure now, log the readings at ``step`` and run the alarms; return the scalar readings."""
+        return self._process(trainer, self._read(), step)
+
+    def _read(self) -> list[LayerKernels]:
+        return self.probe.read(self.abs_threshold, self.rel_threshold, self.bn_threshold)
+
+    def _publish_initial(self, trainer: "pl.Trainer") -> None:
+        """Publish the fit-start reading, once the first forward has told which BatchNorm follows which layer."""
+        assert self._initial is not None
+        step, readings = self._initial
+        self._initial = None
+        self._process(trainer, self.probe.attribute(readings), step)
+
+    def _process(self, trainer: "pl.Trainer", layers: list[LayerKernels], step: int) -> dict[str, float]:
+        self.last_check_step = step
+        if not layers:
+            return {}
+        counts = self._counts_on_host(layers, step)
+        readings: dict[str, float] = {}
+        totals = dict.fromkeys(("filters", "dead_abs", "dead_rel", "dead_bn", "dead", "newly_dead", "revived"), 0.0)
+        for layer, layer_counts in zip(layers, counts, strict=True):
+            for stat, value in layer_counts.items():
+                if stat != "filters":
+                    readings[self.key(layer.name, stat)] = value
+                if stat in totals:
+                    totals[stat] += value
+        totals["dead_frac"] = totals["dead"] / totals["filters"] if totals["filters"] else 0.0
+        readings.update({self.key("total", stat): value for stat, value in totals.items()})
+        self.dead_counts = {
+            layer.name: layer_counts["dead"] for layer, layer_counts in zip(layers, counts, strict=True)
+        }
+        self.dead_counts_step = step
+        self.history.append({"step": float(step), **{stat: totals[stat] for stat in ("dead_abs", "dead_rel", "dead")}})
+        self._publish(trainer, readings, step)
+        if self.panels.writers(trainer):
+            self._write_panels(trainer, layers, counts, step)
+        return readings
+
+    def _counts_on_host(self, layers: list[LayerKernels], step: int) -> list[dict[str, float]]:
+        """All per-layer counts in one device-to-host transfer."""
+        stats: list[Tensor] = []
+        for layer in layers:
+            newly_dead, revived = self.tracker.update(layer.name, layer.dead, step)
+            dead_bn = layer.dead_bn.sum() if layer.dead_bn is not None else layer.dead.new_zeros((), dtype=torch.long)
+            stats.append(
+                torch.stack(
+                    [
+                        layer.dead_abs.sum().float(),
+                        layer.dead_rel.sum().float(),
+                        dead_bn.float(),
+                        layer.dead.sum().float(),
+                        layer.norm_median.float(),
+                        newly_dead.float(),
+                        revived.float(),
+                    ]
+                )
+            )
+        host = torch.stack([s.to(stats[0].device) for s in stats]).cpu().tolist()
+        counts = []
+        for layer, (dead_abs, dead_rel, dead_bn, dead, norm_median, newly_dead, revived) in zip(
+            layers, host, strict=True
+        ):
+            filters = float(layer.l1.numel())
+            layer_counts = {"filters": filters}
+            if layer.kind != "batchnorm":
+                layer_counts.update(dead_abs=dead_abs, dead_rel=dead_rel, norm_median=norm_median)
+            if layer.dead_bn is not None:
+                layer_counts["dead_bn"] = dead_bn
+            layer_counts.update(
+                dead=dead,
+                dead_frac=dead / filters if filters else 0.0,
+                newly_dead=newly_dead,
+                revived=revived,
+            )
+            counts.append(layer_counts)
+        return counts
+
+    def _register_layout(self, trainer: "pl.Trainer") -> None:
+        base = f"{self.prefix}/{self.source}"
+        charts = {
+            "dead filters (all rules)": [f"{base}/total/dead$"],
+            "dead filters by rule": [f"{base}/total/dead_(abs|rel|bn)$"],
+            "new dead and revived per check": [f"{base}/total/(newly_dead|revived)$"],
+        }
+        self.panels.layout(trainer, f"{base}: totals", charts)
+        kinds = sorted({*self.probe.kinds.values(), *(["batchnorm"] if self.probe.batchnorms else [])})
+        for kind in kinds:
+            names = [name for name, k in self.probe.kinds.items() if k == kind]
+            if kind == "batchnorm":
+                names = [name for name in self.probe.batchnorms]
+            alternation = "|".join(_regex_escape(name) for name in names)
+            self.panels.layout(
+                trainer,
+                f"{base}: {kind} layers",
+                {
+                    f"{kind}: dead filters": [f"{base}/({alternation})/dead$"],
+                    f"{kind}: dead fraction": [f"{base}/({alternation})/dead_frac$"],
+                    f"{kind}: median filter L1": [f"{base}/({alternation})/norm_median$"],
+                },
+            )
+
+    def _write_panels(
+        self, trainer: "pl.Trainer", layers: list[LayerKernels], counts: list[dict[str, float]], step: int
+    ) -> None:
+        if self.log_histograms:
+            for layer in layers:
+                self.panels.histogram(trainer, self.key(layer.name, "l1"), layer.l1, step)
+        if not self.log_images:
+            return
+        dead = np.array([c["dead"] for c in counts])
+        depthwise = np.array([layer.kind == "depthwise" for layer in layers])
+        self.panels.image(trainer, self.key("dead_per_layer"), bar_chart(dead, highlight=depthwise), step)
+        worst = sorted(range(len(layers)), key=lambda i: -dead[i])[: self.heatmap_layers]
+        for index in worst:
+            module = self.probe.layers.get(layers[index].name)
+            maps = filter_heatmaps(module) if module is not None else None
+            if maps is not None:
+                tiles = list(maps[:_MAX_HEATMAP_FILTERS].numpy())
+                self.panels.image(trainer, self.key("heatmap", layers[index].name), heatmap_grid(tiles), step)
+
+
+def _regex_escape(name: str) -> str:
+    return re.escape(name)

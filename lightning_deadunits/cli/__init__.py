@@ -1,0 +1,18 @@
+"""The ``deadunits`` command: ``scan`` a checkpoint, ``dump show`` a spike dump, ``report`` on a run."""
+
+import argparse
+from collections.abc import Sequence
+
+from lightning_deadunits.cli import dump, report, scan
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``deadunits`` command; return its exit code (2 for unreadable input)."""
+    parser = argparse.ArgumentParser(prog="deadunits", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for command in (scan, dump, report):
+        command.register(commands)
+    args = parser.parse_args(argv)
+    return int(args.run(args))

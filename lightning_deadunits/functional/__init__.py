@@ -1,0 +1,21 @@
+"""Pure tensor math: no state, no Lightning."""
+
+from lightning_deadunits.functional.kernels import (
+    LayerKind,
+    dead_kernel_masks,
+    filter_heatmaps,
+    filter_matrix,
+    kernel_norms,
+    layer_kind,
+    median,
+)
+
+__all__ = [
+    "LayerKind",
+    "dead_kernel_masks",
+    "filter_heatmaps",
+    "filter_matrix",
+    "kernel_norms",
+    "layer_kind",
+    "median",
+]

@@ -1,0 +1,5 @@
+"""Stateful accumulators that hold sums, counts and maxima, so that a DDP reduction is exact."""
+
+from lightning_deadunits.metrics.kernel_deaths import KernelDeathTracker
+
+__all__ = ["KernelDeathTracker"]

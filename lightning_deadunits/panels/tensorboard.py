@@ -1,0 +1,74 @@
+"""Everything that touches TensorBoard. Scalars go to every logger; panels only to TensorBoard loggers."""
+
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+__all__ = ["TensorBoardPanels"]
+
+_LAYOUT_TAG_CHARTS = dict[str, list[Any]]
+
+
+class TensorBoardPanels:
+    """Writes scalars to all of a trainer's loggers and panels to its TensorBoard loggers, on rank zero.
+
+    With no TensorBoard logger the panel methods do nothing; with no logger at all nothing is written.
+    Custom-scalars layouts from several monitors are merged per writer, so each monitor registers only its
+    own categories.
+
+    Example:
+        >>> panels = TensorBoardPanels()  # then panels.scalars(trainer, {"deadunits/x": 1.0}, step=0)
+    """
+
+    _layouts: "weakref.WeakKeyDictionary[Any, dict[str, _LAYOUT_TAG_CHARTS]]" = weakref.WeakKeyDictionary()
+
+    @staticmethod
+    def writers(trainer: "pl.Trainer") -> list[Any]:
+        """The ``SummaryWriter`` of each TensorBoard logger, or an empty list off rank zero."""
+        if trainer.global_rank != 0:
+            return []
+        return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+    @staticmethod
+    def scalars(trainer: "pl.Trainer", metrics: Mapping[str, float], step: int) -> None:
+        """Log ``metrics`` at ``step`` through every logger (loggers write on rank zero only)."""
+        if not metrics:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(dict(metrics), step=step)
+
+    def layout(self, trainer: "pl.Trainer", category: str, charts: Mapping[str, list[str]]) -> None:
+        """Add (or replace) one custom-scalars category: ``{chart title: [tag regex, ...]}``."""
+        for writer in self.writers(trainer):
+            merged = self._layouts.setdefault(writer, {})
+            merged[category] = {title: ["Multiline", list(tags)] for title, tags in charts.items()}
+            writer.add_custom_scalars(merged)
+
+    def histogram(self, trainer: "pl.Trainer", tag: str, values: torch.Tensor, step: int) -> None:
+        """Add a histogram of ``values`` (moved to CPU only when a TensorBoard logger exists)."""
+        writers = self.writers(trainer)
+        if writers and values.numel() > 0:
+            data = values.detach().float().cpu().numpy()
+            for writer in writers:
+                writer.add_histogram(tag, data, step)
+
+    def image(self, trainer: "pl.Trainer", tag: str, image: np.ndarray, step: int) -> None:
+        """Add an ``(H, W, 3)`` uint8 image."""
+        for writer in self.writers(trainer):
+            writer.add_image(tag, image, step, dataformats="HWC")
+
+    def text(self, trainer: "pl.Trainer", tag: str, text: str, step: int) -> None:
+        """Add a markdown text entry."""
+        for writer in self.writers(trainer):
+            writer.add_text(tag, text, step)
+
+    @staticmethod
+    def flush(trainer: "pl.Trainer") -> None:
+        """Flush every TensorBoard writer so a reader sees the latest panels."""
+        for writer in TensorBoardPanels.writers(trainer):
+            writer.flush()

@@ -1,0 +1,200 @@
+"""What the kernel-norm monitor measures: per-filter norms of the watched layers and BatchNorm gammas."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_deadunits.functional.kernels import (
+    LayerKind,
+    dead_kernel_masks,
+    kernel_norms,
+    layer_kind,
+    median,
+)
+from lightning_deadunits.probes.selection import ModuleSelector
+
+__all__ = ["KernelNormProbe", "LayerKernels"]
+
+DEFAULT_KERNEL_TYPES: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear)
+_BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+@dataclass
+class LayerKernels:
+    """One layer's reading, all tensors on the weights' device.
+
+    Attributes:
+        name: the module name.
+        kind: ``conv``, ``depthwise``, ``grouped``, ``transpose`` or ``linear``.
+        l1: per-filter L1 norms (float32).
+        l2: per-filter L2 norms (float32).
+        norm_median: the median of ``l1``.
+        dead_abs: ``l1 < abs_threshold``.
+        dead_rel: ``l1 < rel_threshold * median``.
+        dead_bn: ``|gamma| < bn_threshold`` of the BatchNorm fed by this layer, or ``None`` when none is paired.
+    """
+
+    name: str
+    kind: str
+    l1: Tensor
+    l2: Tensor
+    norm_median: Tensor
+    dead_abs: Tensor
+    dead_rel: Tensor
+    dead_bn: Tensor | None
+
+    @property
+    def dead(self) -> Tensor:
+        """Filters dead by any rule."""
+        dead = self.dead_abs | self.dead_rel
+        return dead if self.dead_bn is None else dead | self.dead_bn
+
+
+class KernelNormProbe:
+    """Finds the watched layers and their BatchNorms, and reads their per-filter norms on demand.
+
+    BatchNorm pairing comes from data flow: during one forward (:meth:`start_pairing` ... :meth:`finish_pairing`)
+    each BatchNorm whose input *is* the output tensor of a watched layer is paired with it. A BatchNorm fed by
+    anything else (an activation, a sum, a layer that is not watched) stays unpaired and is reported under its own
+    name; a layer with no BatchNorm after it has no ``dead_bn`` reading.
+
+    Args:
+        include: module-name globs to watch (empty: all).
+        exclude: module-name globs to skip.
+        layer_types: the layer classes to watch; convolutions (incl. transposed) and ``nn.Linear`` by default.
+
+    Example:
+        >>> probe = KernelNormProbe()
+        >>> probe.attach(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
+        >>> [layer for layer in probe.layers]
+        ['0']
+    """
+
+    def __init__(
+        self,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        layer_types: Sequence[type] = DEFAULT_KERNEL_TYPES,
+    ) -> None:
+        self._selector = ModuleSelector(layer_types, include, exclude)
+        self._bn_selector = ModuleSelector(_BATCHNORM_TYPES, include, exclude)
+        self.layers: dict[str, nn.Module] = {}
+        self.kinds: dict[str, LayerKind] = {}
+        self.batchnorms: dict[str, nn.Module] = {}
+        self.bn_to_layer: dict[str, str] = {}
+        self._handles: list[RemovableHandle] = []
+        self._outputs: dict[int, tuple[Tensor, str]] = {}
+        self._paired = False
+
+    def attach(self, model: nn.Module) -> None:
+        """Find the watched layers (with a ``weight``) and affine BatchNorms of ``model``."""
+        self.layers = {
+            name: module
+            for name, module in self._selector.select(model)
+            if isinstance(module, DEFAULT_KERNEL_TYPES) and isinstance(getattr(module, "weight", None), Tensor)
+        }
+        self.kinds = {name: layer_kind(module) for name, module in self.layers.items()}
+        self.batchnorms = {
+            name: module for name, module in self._bn_selector.select(model) if getattr(module, "affine", False)
+        }
+        self.bn_to_layer = {bn: layer for bn, layer in self.bn_to_layer.items() if bn in self.batchnorms}
+
+    @property
+    def pairing_pending(self) -> bool:
+        """Whether there are BatchNorms whose producer has not been looked for yet."""
+        return bool(self.batchnorms) and not self._handles and not self._paired
+
+    def start_pairing(self) -> None:
+        """Attach the hooks that record, during the next forward, which layer feeds which BatchNorm."""
+        for name, module in self.layers.items():
+            self._handles.append(module.register_forward_hook(self._remember_output(name)))
+        for name, module in self.batchnorms.items():
+            self._handles.append(module.register_forward_pre_hook(self._pair_input(name)))
+
+    def finish_pairing(self) -> None:
+        """Remove the pairing hooks and drop the references they held. Safe to call at any time."""
+        if self._handles:
+            self._paired = True
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._outputs.clear()
+
+    def _remember_output(self, name: str) -> Any:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if isinstance(output, Tensor):
+                self._outputs[id(output)] = (output, name)
+
+        return hook
+
+    def _pair_input(self, bn_name: str) -> Any:
+        def hook(module: nn.Module, inputs: Any) -> None:
+            if bn_name in self.bn_to_layer or not inputs or not isinstance(inputs[0], Tensor):
+                return
+            found = self._outputs.get(id(inputs[0]))
+            if found is not None and found[0] is inputs[0]:
+                layer = found[1]
+                if filter_count(self.layers[layer]) == module.num_features:
+                    self.bn_to_layer[bn_name] = layer
+
+        return hook
+
+    @property
+    def hooks_attached(self) -> int:
+        """How many hooks this probe currently holds on the model."""
+        return len(self._handles)
+
+    def read(self, abs_threshold: float, rel_threshold: float, bn_threshold: float) -> list[LayerKernels]:
+        """Measure every watched layer now, with BatchNorm channels attributed by the pairing known so far."""
+        readings = []
+        for name, module in self.layers.items():
+            l1, l2 = kernel_norms(module)
+            dead_abs, dead_rel, layer_median = dead_kernel_masks(l1, abs_threshold, rel_threshold)
+            readings.append(LayerKernels(name, self.kinds[name], l1, l2, layer_median, dead_abs, dead_rel, None))
+        for name, bn in self.batchnorms.items():
+            weight: Tensor = bn.weight  # type: ignore[assignment]
+            gamma = weight.detach().float().abs()
+            never = torch.zeros_like(gamma, dtype=torch.bool)
+            readings.append(
+                LayerKernels(name, "batchnorm", gamma, gamma, median(gamma), never, never, gamma < bn_threshold)
+            )
+        return self.attribute(readings)
+
+    def attribute(self, readings: list[LayerKernels]) -> list[LayerKernels]:
+        """Move the ``dead_bn`` mask of every paired BatchNorm reading onto the layer that feeds it.
+
+        Readings taken before the pairing was known (the initial check) are attributed once it is.
+        """
+        paired_masks = {
+            self.bn_to_layer[r.name]: r.dead_bn
+            for r in readings
+            if r.kind == "batchnorm" and r.name in self.bn_to_layer
+        }
+        attributed = []
+        for reading in readings:
+            if reading.kind == "batchnorm" and reading.name in self.bn_to_layer:
+                continue
+            if reading.name in paired_masks:
+                reading = replace(reading, dead_bn=paired_masks[reading.name])
+            attributed.append(reading)
+        return attributed
+
+    def state_dict(self) -> dict[str, Any]:
+        """The pairing found so far."""
+        return {"bn_to_layer": dict(self.bn_to_layer), "paired": self._paired}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the pairing, so a resumed run need not look for it again."""
+        self.bn_to_layer = dict(state_dict.get("bn_to_layer", {}))
+        self._paired = bool(state_dict.get("paired", False))
+
+
+def filter_count(module: nn.Module) -> int:
+    """Output filters (conv) or units (linear) of a layer."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    return int(module.out_channels)  # type: ignore[arg-type]

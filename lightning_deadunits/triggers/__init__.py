@@ -1,0 +1,7 @@
+"""When a reading is alarming: pure, serialisable rules that turn readings into :class:`Alarm` records."""
+
+from lightning_deadunits.triggers.alarm import Alarm, AlarmLevel
+from lightning_deadunits.triggers.rule import Rule
+from lightning_deadunits.triggers.threshold import ThresholdRule
+
+__all__ = ["Alarm", "AlarmLevel", "Rule", "ThresholdRule"]
