@@ -5,6 +5,7 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from torch import Tensor
 
 from lightning_deadunits.actions.alarm_handler import AlarmAction, AlarmHandler
 from lightning_deadunits.panels.tensorboard import TensorBoardPanels
@@ -27,7 +28,8 @@ class MonitorCallback(Callback):
     :class:`~lightning_deadunits.LRWarmup` re-warms on loss spikes), before the actions run.
 
     Monitors that count dead things keep ``dead_counts`` (``{layer: dead count}`` at the latest check) and
-    ``dead_counts_step`` (that check's global step), so that a spike can be related to the units it killed.
+    ``dead_counts_step`` (that check's global step), so that a spike can be related to the units it killed, and
+    ``dead_masks`` (``{layer: bool tensor over units}`` on the device, same check) for actions that repair them.
     """  # noqa: D205
 
     source: ClassVar[str] = ""
@@ -47,6 +49,7 @@ class MonitorCallback(Callback):
         self.alarm_log: list[Alarm] = []
         self.dead_counts: dict[str, float] = {}
         self.dead_counts_step: int | None = None
+        self.dead_masks: dict[str, Tensor] = {}
 
     def key(self, *parts: str) -> str:
         """The logged key ``<prefix>/<source>/<parts...>``."""

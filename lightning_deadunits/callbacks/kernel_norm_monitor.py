@@ -249,6 +249,7 @@ class KernelNormMonitor(MonitorCallback):
             layer.name: layer_counts["dead"] for layer, layer_counts in zip(layers, counts, strict=True)
         }
         self.dead_counts_step = step
+        self.dead_masks = {layer.name: layer.dead for layer in layers if layer.kind != "batchnorm"}
         self.history.append({"step": float(step), **{stat: totals[stat] for stat in ("dead_abs", "dead_rel", "dead")}})
         self._publish(trainer, readings, step)
         if self.panels.writers(trainer):
