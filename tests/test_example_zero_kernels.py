@@ -1,0 +1,20 @@
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_zero_kernels_demo_runs_and_writes_report_and_logs(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "zero_kernels.py"), "--fast", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "report.md").read_text()
+    assert "| model.features.4 | depthwise | 32 |" in report
+    assert "**total**" in report
+    assert list((tmp_path / "adam").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "sgd").glob("events.out.tfevents.*"))
