@@ -1,9 +1,9 @@
 """lightning-deadunits: find dead kernels, dead units and the loss spikes that kill them."""
 
 from lightning_deadunits.actions import AlarmHandler
-from lightning_deadunits.callbacks import KernelNormMonitor
+from lightning_deadunits.callbacks import KernelNormMonitor, LRWarmup
 from lightning_deadunits.errors import DeadUnitsError, DeadUnitsWarning
-from lightning_deadunits.triggers import Alarm, Rule, ThresholdRule
+from lightning_deadunits.triggers import Alarm, Rule, ThresholdRule, TrendRule
 
 __version__ = "0.1.0"
 
@@ -13,7 +13,9 @@ __all__ = [
     "DeadUnitsError",
     "DeadUnitsWarning",
     "KernelNormMonitor",
+    "LRWarmup",
     "Rule",
     "ThresholdRule",
+    "TrendRule",
     "__version__",
 ]

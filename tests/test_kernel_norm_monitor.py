@@ -93,8 +93,12 @@ def test_logged_counts_equal_independent_counts_from_final_weights(tmp_path: Pat
     for name in ("stem", "pw", "dw", "grouped", "up", "conv1d", "head"):
         l1 = np.abs(_rows(getattr(model, name))).sum(1)
         assert scalar_series(events, f"deadunits/kernels/model.{name}/dead_abs")[7] == int((l1 < 1e-6).sum())
-        assert scalar_series(events, f"deadunits/kernels/model.{name}/dead_rel")[7] == int((l1 < 0.3 * np.median(l1)).sum())
-        assert scalar_series(events, f"deadunits/kernels/model.{name}/norm_median")[7] == pytest.approx(np.median(l1), rel=1e-5)
+        assert scalar_series(events, f"deadunits/kernels/model.{name}/dead_rel")[7] == int(
+            (l1 < 0.3 * np.median(l1)).sum()
+        )
+        assert scalar_series(events, f"deadunits/kernels/model.{name}/norm_median")[7] == pytest.approx(
+            np.median(l1), rel=1e-5
+        )
 
 
 def test_panels_are_written_to_tensorboard(tmp_path: Path) -> None:

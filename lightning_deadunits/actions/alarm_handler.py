@@ -26,9 +26,15 @@ class AlarmHandler:
     """Runs the configured actions on each alarm.
 
     Every rank calls :meth:`handle` with the same alarms at the same step (the monitors reduce their
-    readings across ranks first), so ``"stop"`` and ``"raise"`` act on all ranks together. ``"log"`` and
-    ``"warn"`` speak on rank zero only; a user callable runs on every rank (check ``trainer.global_rank``
-    in it to write files once).
+    readings across ranks first and rules are deterministic), so ``"stop"`` and ``"raise"`` act on all ranks
+    together, with no collective call that a rank could miss. ``"log"`` and ``"warn"`` speak on rank zero
+    only; a user callable runs on every rank (check ``trainer.global_rank`` in it to write files once).
+
+    ``"stop"`` sets ``trainer.should_stop``: Lightning then ends ``Trainer.fit`` after the current batch (running
+    validation first if any is configured, as for early stopping), so ``trainer.global_step`` ends at the alarm's
+    step. If ``min_steps`` or ``min_epochs`` is not reached yet, Lightning keeps training until it is; the log
+    says so. The reason (the alarms' messages) and step are kept in :attr:`stop_reason` and :attr:`stop_step`
+    and logged (logger ``lightning_deadunits``, rank zero). ``"raise"`` raises after every other action has run.
 
     Args:
         actions: any of ``"log"`` (Python logging, logger ``lightning_deadunits``), ``"warn"``
@@ -50,6 +56,7 @@ class AlarmHandler:
             action if callable(action) else check_choice("on_alarm", action, _BUILTIN) for action in actions
         ]
         self.stop_reason: str | None = None
+        self.stop_step: int | None = None
 
     def handle(self, alarms: Sequence[Alarm], trainer: "pl.Trainer | None" = None) -> None:
         """Run every action on every alarm, in order; ``"raise"`` goes last so the others still happen.
@@ -67,17 +74,34 @@ class AlarmHandler:
                     _log_alarm(alarm)
                 elif action == "warn":
                     _warn_alarm(alarm)
-                elif action == "stop":
-                    self._stop(alarm, trainer)
+        if "stop" in self.actions:
+            self._stop(alarms, trainer)
         if "raise" in self.actions:
-            raise DeadUnitsError("; ".join(f"[{alarm.rule}] {alarm.message}" for alarm in alarms))
+            raise DeadUnitsError(_describe(alarms))
 
-    def _stop(self, alarm: Alarm, trainer: "pl.Trainer | None") -> None:
-        if self.stop_reason is None:
-            self.stop_reason = f"[{alarm.rule}] {alarm.message}"
-            _log_stop(self.stop_reason)
+    def _stop(self, alarms: Sequence[Alarm], trainer: "pl.Trainer | None") -> None:
+        self.stop_reason = _describe(alarms)
+        self.stop_step = alarms[0].step
+        deferred = ""
         if trainer is not None:
             trainer.should_stop = True
+            deferred = _deferral(trainer)
+        _log_stop(self.stop_step, self.stop_reason, deferred)
+
+
+def _describe(alarms: Sequence[Alarm]) -> str:
+    return "; ".join(f"[{alarm.rule}] {alarm.message}" for alarm in alarms)
+
+
+def _deferral(trainer: "pl.Trainer") -> str:
+    """Why Lightning will train on despite ``should_stop`` (its ``min_steps``/``min_epochs``), or ``""``."""
+    fit_loop = trainer.fit_loop
+    unmet = []
+    if fit_loop.min_steps and trainer.global_step < fit_loop.min_steps:
+        unmet.append(f"min_steps={fit_loop.min_steps}")
+    if fit_loop.min_epochs and trainer.current_epoch < fit_loop.min_epochs:
+        unmet.append(f"min_epochs={fit_loop.min_epochs}")
+    return f" (deferred by Lightning until {' and '.join(unmet)} are reached)" if unmet else ""
 
 
 @rank_zero_only  # type: ignore[untyped-decorator,misc]
@@ -91,5 +115,5 @@ def _warn_alarm(alarm: Alarm) -> None:
 
 
 @rank_zero_only  # type: ignore[untyped-decorator,misc]
-def _log_stop(reason: str) -> None:
-    log.warning("deadunits: stopping training: %s", reason)
+def _log_stop(step: int, reason: str, deferred: str) -> None:
+    log.warning("deadunits: stopping training at step %d%s: %s", step, deferred, reason)

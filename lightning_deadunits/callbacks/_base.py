@@ -35,8 +35,7 @@ class MonitorCallback(Callback):
     source: ClassVar[str] = ""
 
     def __init__(self, prefix: str, alarms: Sequence[Rule], on_alarm: Sequence[AlarmAction] | AlarmAction) -> None:
-        if not isinstance(prefix, str) or not prefix or prefix.startswith("/") or prefix.endswith("/"):
-            raise ValueError(f"`prefix` must be a non-empty string without leading or trailing '/', got {prefix!r}.")
+        check_prefix(prefix)
         if isinstance(alarms, Rule):
             alarms = [alarms]
         for rule in alarms:
@@ -60,6 +59,11 @@ class MonitorCallback(Callback):
         """Why an alarm stopped training, or ``None``."""
         return self.alarm_handler.stop_reason
 
+    @property
+    def stop_step(self) -> int | None:
+        """The global step at which an alarm stopped training, or ``None``."""
+        return self.alarm_handler.stop_step
+
     def _publish(self, trainer: "pl.Trainer", readings: Mapping[str, float], step: int) -> list[Alarm]:
         """Log ``readings`` everywhere, run the alarm rules on them and act on what fires."""
         self.panels.scalars(trainer, readings, step)
@@ -68,7 +72,7 @@ class MonitorCallback(Callback):
         return alarms
 
     def _raise_alarms(self, trainer: "pl.Trainer", alarms: Sequence[Alarm]) -> None:
-        """Record alarms, show them in the TensorBoard alarm panel and run the actions."""
+        """Record alarms, pass them to listeners, show them (and a stop) in the alarm panel and run the actions."""
         if not alarms:
             return
         self.alarm_log.extend(alarms)
@@ -86,12 +90,15 @@ class MonitorCallback(Callback):
                 alarm.step,
             )
         self.alarm_handler.handle(alarms, trainer)
+        if "stop" in self.alarm_handler.actions:
+            self.panels.text(trainer, f"{self.prefix}/alarms", f"**stop**: {self.stop_reason}", alarms[0].step)
 
     def _base_state(self) -> dict[str, Any]:
         return {
             "rules": [rule.state_dict() for rule in self.alarms],
             "alarm_log": [alarm.to_dict() for alarm in self.alarm_log],
             "stop_reason": self.alarm_handler.stop_reason,
+            "stop_step": self.alarm_handler.stop_step,
         }
 
     def _load_base_state(self, state_dict: Mapping[str, Any]) -> None:
@@ -99,6 +106,18 @@ class MonitorCallback(Callback):
             rule.load_state_dict(rule_state)
         self.alarm_log = [Alarm.from_dict(alarm) for alarm in state_dict.get("alarm_log", [])]
         self.alarm_handler.stop_reason = state_dict.get("stop_reason")
+        self.alarm_handler.stop_step = state_dict.get("stop_step")
+
+
+def check_prefix(prefix: Any) -> str:
+    """Return ``prefix`` if it can start logged keys; raise ``ValueError`` otherwise.
+
+    Raises:
+        ValueError: if ``prefix`` is not a non-empty string without leading or trailing ``/``.
+    """
+    if not isinstance(prefix, str) or not prefix or prefix.startswith("/") or prefix.endswith("/"):
+        raise ValueError(f"`prefix` must be a non-empty string without leading or trailing '/', got {prefix!r}.")
+    return prefix
 
 
 def reject_sharded_strategy(trainer: "pl.Trainer", who: str) -> None:

@@ -3,5 +3,6 @@
 from lightning_deadunits.triggers.alarm import Alarm, AlarmLevel
 from lightning_deadunits.triggers.rule import Rule
 from lightning_deadunits.triggers.threshold import ThresholdRule
+from lightning_deadunits.triggers.trend import TrendRule
 
-__all__ = ["Alarm", "AlarmLevel", "Rule", "ThresholdRule"]
+__all__ = ["Alarm", "AlarmLevel", "Rule", "ThresholdRule", "TrendRule"]
