@@ -8,6 +8,8 @@ from lightning_deadunits.functional.kernels import (
     kernel_norms,
     layer_kind,
     median,
+    weight_filter_norms,
+    weight_kind,
 )
 
 __all__ = [
@@ -18,4 +20,6 @@ __all__ = [
     "kernel_norms",
     "layer_kind",
     "median",
+    "weight_filter_norms",
+    "weight_kind",
 ]

@@ -1,5 +1,6 @@
 """Pure tensor math on layer weights: per-filter norms, dead-kernel masks, layer kinds, heat maps."""
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -13,6 +14,8 @@ __all__ = [
     "kernel_norms",
     "layer_kind",
     "median",
+    "weight_filter_norms",
+    "weight_kind",
 ]
 
 LayerKind = Literal["conv", "depthwise", "grouped", "transpose", "linear"]
@@ -28,14 +31,43 @@ def layer_kind(module: nn.Module) -> LayerKind:
         TypeError: if ``module`` is neither a convolution nor a linear layer.
     """  # noqa: D205
     if isinstance(module, _ConvLike):
-        if module.transposed:
-            return "transpose"
-        if module.groups > 1 and module.groups == module.in_channels:
-            return "depthwise"
-        return "grouped" if module.groups > 1 else "conv"
+        return weight_kind(module.weight.shape, groups=module.groups, transposed=module.transposed)
     if isinstance(module, nn.Linear):
         return "linear"
     raise TypeError(f"`module` must be a convolution or nn.Linear, got {type(module).__name__}.")
+
+
+def weight_kind(shape: Sequence[int], groups: int | None = None, transposed: bool = False) -> LayerKind:
+    """Classify a layer from its weight's shape: 2-D is ``linear``, 3-D and more a convolution.
+
+    With ``groups`` known (from a module) the answer is exact, as in :func:`layer_kind`. Without it (a bare
+    state_dict) a weight of shape ``(out > 1, 1, *k)`` is taken for ``depthwise`` and any other for ``conv``: a
+    state_dict does not record ``groups``, so an ordinary convolution on a single input channel looks depthwise,
+    a grouped one looks ordinary, and a ConvTranspose (stored ``(in, out / groups, *k)``) cannot be told apart.
+
+    Args:
+        shape: the weight's shape, ``(out, in / groups, *kernel)`` or ``(out, in)``.
+        groups: the convolution's ``groups``, or ``None`` when unknown.
+        transposed: whether the weight belongs to a ConvTranspose.
+
+    Raises:
+        ValueError: if ``shape`` has fewer than 2 dimensions.
+
+    Example:
+        >>> weight_kind((32, 1, 3, 3)), weight_kind((32, 1, 3, 3), groups=1), weight_kind((10, 64))
+        ('depthwise', 'conv', 'linear')
+    """
+    if len(shape) < 2:
+        raise ValueError(f"`shape` must have at least 2 dimensions (out, in, ...), got {tuple(shape)}.")
+    if len(shape) == 2:
+        return "linear"
+    if transposed:
+        return "transpose"
+    if groups is None:
+        return "depthwise" if shape[1] == 1 and shape[0] > 1 else "conv"
+    if groups > 1:
+        return "depthwise" if shape[1] == 1 else "grouped"
+    return "conv"
 
 
 def filter_matrix(module: nn.Module) -> Tensor:
@@ -45,19 +77,38 @@ def filter_matrix(module: nn.Module) -> Tensor:
     exactly the weights that produce output channel ``o``.
     """
     weight: Tensor = module.weight  # type: ignore[assignment]
-    if isinstance(module, _ConvLike) and module.transposed:
-        groups = module.groups
-        in_per_group = weight.shape[0] // groups
-        out_per_group = weight.shape[1]
-        grouped = weight.reshape(groups, in_per_group, out_per_group, -1).transpose(1, 2)
-        return grouped.reshape(groups * out_per_group, -1)
-    return weight.reshape(weight.shape[0], -1)
+    return _output_major(weight, *_conv_layout(module)).flatten(1)
 
 
 def kernel_norms(module: nn.Module) -> tuple[Tensor, Tensor]:
     """Per-output-filter L1 and L2 norms, in float32, on the weights' device, without autograd."""
+    weight: Tensor = module.weight  # type: ignore[assignment]
+    return weight_filter_norms(weight, *_conv_layout(module))
+
+
+def weight_filter_norms(weight: Tensor, groups: int = 1, transposed: bool = False) -> tuple[Tensor, Tensor]:
+    """Per-output-filter L1 and L2 norms of a bare weight tensor, in float32, on its device, without autograd.
+
+    Filters run along dimension 0 (``(out, in / groups, *k)`` convolutions, ``(out, in)`` linear layers), except
+    for ConvTranspose weights (``transposed=True``), which are regrouped by output channel using ``groups``.
+
+    Args:
+        weight: a convolution or linear weight.
+        groups: the ConvTranspose's ``groups`` (only used with ``transposed``).
+        transposed: whether ``weight`` is stored ``(in, out / groups, *k)``.
+
+    Raises:
+        ValueError: if ``weight`` has fewer than 2 dimensions.
+
+    Example:
+        >>> l1, l2 = weight_filter_norms(torch.ones(4, 2, 3, 3))
+        >>> l1.tolist()
+        [18.0, 18.0, 18.0, 18.0]
+    """
+    if weight.dim() < 2:
+        raise ValueError(f"`weight` must have at least 2 dimensions (out, in, ...), got shape {tuple(weight.shape)}.")
     with torch.no_grad():
-        rows = filter_matrix(module).float()
+        rows = _output_major(weight.detach(), groups, transposed).flatten(1).float()
         return rows.abs().sum(dim=1), torch.linalg.vector_norm(rows, ord=2, dim=1)
 
 
@@ -89,14 +140,26 @@ def filter_heatmaps(module: nn.Module) -> Tensor | None:
     if not isinstance(module, _ConvLike):
         return None
     with torch.no_grad():
-        weight = module.weight.detach().float()
-        if module.transposed:
-            groups = module.groups
-            weight = weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:]).transpose(1, 2)
-            weight = weight.reshape(-1, weight.shape[2], *weight.shape[3:])
+        weight = _output_major(module.weight.detach().float(), module.groups, module.transposed)
         maps = weight.abs().sum(dim=1)
         if maps.dim() == 2:
             maps = maps.unsqueeze(1)
         elif maps.dim() == 4:
             maps = maps.sum(dim=1)
         return maps.cpu()
+
+
+def _conv_layout(module: nn.Module) -> tuple[int, bool]:
+    """``(groups, transposed)`` of a convolution; ``(1, False)`` for anything else."""
+    if isinstance(module, _ConvLike):
+        return module.groups, module.transposed
+    return 1, False
+
+
+def _output_major(weight: Tensor, groups: int, transposed: bool) -> Tensor:
+    """The weight with output channels first: ConvTranspose's ``(in, out / g, *k)`` becomes ``(out, in / g, *k)``."""
+    if not transposed:
+        return weight
+    in_per_group, out_per_group = weight.shape[0] // groups, weight.shape[1]
+    grouped = weight.reshape(groups, in_per_group, out_per_group, *weight.shape[2:]).transpose(1, 2)
+    return grouped.reshape(groups * out_per_group, in_per_group, *weight.shape[2:])

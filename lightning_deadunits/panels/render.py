@@ -2,7 +2,7 @@
 
 import numpy as np
 
-__all__ = ["bar_chart", "heatmap_grid"]
+__all__ = ["band_chart", "bar_chart", "heatmap_grid"]
 
 _BACKGROUND = 255
 _AXIS = (90, 90, 90)
@@ -78,4 +78,55 @@ def heatmap_grid(maps: list[np.ndarray], scale: int = 8, columns: int = 16) -> n
         left = gap + (index % columns) * (tile_w + gap)
         pixels = (np.kron(tile, np.ones((scale, scale))) * 255).astype(np.uint8)
         image[top : top + tile_h, left : left + tile_w] = pixels[..., None]
+    return image
+
+
+def band_chart(mins: np.ndarray, maxs: np.ndarray, height: int = 240, step_width: int = 4) -> np.ndarray:
+    """Draw every channel's ``[min, max]`` range at every time step as an ``(H, W, 3)`` uint8 image.
+
+    ``mins`` and ``maxs`` are ``(T, C)``: ``T`` time steps, left to right, of ``C`` channels. At each step every
+    channel paints its range; the colour deepens with the fraction of channels covering a value, and a value any
+    channel covers is at least faintly coloured, so one exploding channel stays visible. One y scale spans every
+    finite value and 0, where a grey line is drawn: channels collapsing towards 0 show as the band narrowing onto
+    that line, dead ReLU channels as a band on it. Non-finite ranges are left out.
+
+    Args:
+        mins: per-step, per-channel minima.
+        maxs: per-step, per-channel maxima, same shape.
+        height: image height in pixels.
+        step_width: pixels per time step (the last one is a gap when there are two or more).
+
+    Returns:
+        The image.
+    """
+    lows = np.atleast_2d(np.asarray(mins, dtype=np.float64))
+    highs = np.atleast_2d(np.asarray(maxs, dtype=np.float64))
+    steps, channels = lows.shape
+    margin = 8
+    width = max(2 * margin + steps * step_width, 64)
+    image = np.full((height, width, 3), _BACKGROUND, dtype=np.uint8)
+    plot_height = height - 2 * margin
+    finite = np.isfinite(lows) & np.isfinite(highs) & (lows <= highs)
+    bottom_value = min(float(lows[finite].min(initial=0.0)), 0.0)
+    top_value = max(float(highs[finite].max(initial=0.0)), 0.0)
+    span = (top_value - bottom_value) or 1.0
+
+    def rows(values: np.ndarray) -> np.ndarray:
+        return margin + np.round((top_value - values) / span * (plot_height - 1)).astype(np.int64)
+
+    image[rows(np.zeros(1))[0], margin:-margin] = _AXIS
+    image[margin : height - margin, margin] = _AXIS
+    band = np.array(_BAR, dtype=np.float64)
+    drawn = max(step_width - 1, 1)
+    for step in range(steps):
+        kept = finite[step]
+        edges = np.zeros(height + 1, dtype=np.int64)
+        np.add.at(edges, rows(highs[step, kept]), 1)
+        np.add.at(edges, rows(lows[step, kept]) + 1, -1)
+        coverage = np.cumsum(edges)[:height]
+        covered = coverage > 0
+        strength = (0.25 + 0.75 * coverage[covered] / max(channels, 1))[:, None]
+        colours = (_BACKGROUND * (1 - strength) + band * strength).astype(np.uint8)
+        left = margin + 1 + step * step_width
+        image[np.flatnonzero(covered), left : left + drawn] = colours[:, None, :]
     return image

@@ -19,13 +19,14 @@ class TensorBoardPanels:
 
     With no TensorBoard logger the panel methods do nothing; with no logger at all nothing is written.
     Custom-scalars layouts from several monitors are merged per writer, so each monitor registers only its
-    own categories.
+    own categories; so are text entries written to one tag at one step (e.g. several alarms).
 
     Example:
         >>> panels = TensorBoardPanels()  # then panels.scalars(trainer, {"deadunits/x": 1.0}, step=0)
     """
 
     _layouts: "weakref.WeakKeyDictionary[Any, dict[str, _LAYOUT_TAG_CHARTS]]" = weakref.WeakKeyDictionary()
+    _texts: "weakref.WeakKeyDictionary[Any, dict[str, tuple[int, list[str]]]]" = weakref.WeakKeyDictionary()
 
     @staticmethod
     def writers(trainer: "pl.Trainer") -> list[Any]:
@@ -63,9 +64,18 @@ class TensorBoardPanels:
             writer.add_image(tag, image, step, dataformats="HWC")
 
     def text(self, trainer: "pl.Trainer", tag: str, text: str, step: int) -> None:
-        """Add a markdown text entry."""
+        """Add a markdown text entry.
+
+        TensorBoard shows one text per tag and step (the last written), so entries for the same tag at the same
+        step, from any monitor, are joined and written again as one paragraph list.
+        """
         for writer in self.writers(trainer):
-            writer.add_text(tag, text, step)
+            latest = self._texts.setdefault(writer, {})
+            step_texts = latest.get(tag)
+            if step_texts is None or step_texts[0] != step:
+                step_texts = latest[tag] = (step, [])
+            step_texts[1].append(text)
+            writer.add_text(tag, "\n\n".join(step_texts[1]), step)
 
     @staticmethod
     def flush(trainer: "pl.Trainer") -> None:
