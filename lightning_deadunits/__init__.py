@@ -1,13 +1,14 @@
 """lightning-deadunits: find dead kernels, dead units and the loss spikes that kill them."""
 
 from lightning_deadunits.actions import AlarmHandler
-from lightning_deadunits.callbacks import KernelNormMonitor, LRWarmup
+from lightning_deadunits.callbacks import ActivationMonitor, KernelNormMonitor, LRWarmup
 from lightning_deadunits.errors import DeadUnitsError, DeadUnitsWarning
 from lightning_deadunits.triggers import Alarm, Rule, ThresholdRule, TrendRule
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationMonitor",
     "Alarm",
     "AlarmHandler",
     "DeadUnitsError",

@@ -63,16 +63,18 @@ class TensorBoardPanels:
         for writer in self.writers(trainer):
             writer.add_image(tag, image, step, dataformats="HWC")
 
-    def text(self, trainer: "pl.Trainer", tag: str, text: str, step: int) -> None:
+    def text(self, trainer: "pl.Trainer", tag: str, text: str, step: int, replace: bool = False) -> None:
         """Add a markdown text entry.
 
         TensorBoard shows one text per tag and step (the last written), so entries for the same tag at the same
-        step, from any monitor, are joined and written again as one paragraph list.
+        step, from any monitor, are joined (one paragraph each) and written again. A panel that is rewritten
+        whole each time (a table of all events so far) passes ``replace=True``: its text then replaces what the
+        tag holds at that step instead of joining it.
         """
         for writer in self.writers(trainer):
             latest = self._texts.setdefault(writer, {})
             step_texts = latest.get(tag)
-            if step_texts is None or step_texts[0] != step:
+            if replace or step_texts is None or step_texts[0] != step:
                 step_texts = latest[tag] = (step, [])
             step_texts[1].append(text)
             writer.add_text(tag, "\n\n".join(step_texts[1]), step)

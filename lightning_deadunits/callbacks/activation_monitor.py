@@ -1,0 +1,489 @@
+"""Watches activations on sampled steps: zero fractions, ranges and spread per layer, dead and dormant channels."""
+
+import math
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_deadunits._validation import (
+    check_bool,
+    check_callable,
+    check_choice,
+    check_float,
+    check_int,
+    check_optional_float,
+    check_strings,
+    check_types,
+)
+from lightning_deadunits.actions.alarm_handler import AlarmAction
+from lightning_deadunits.callbacks._base import MonitorCallback
+from lightning_deadunits.errors import DeadUnitsWarning
+from lightning_deadunits.metrics.activation_stats import ActivationStats, SiteSummary
+from lightning_deadunits.panels.render import band_chart
+from lightning_deadunits.probes.activations import (
+    DEFAULT_ACTIVATION_TYPES,
+    POOLING_TYPES,
+    PRE_ACTIVATION_TYPES,
+    ActivationProbe,
+    ChannelDim,
+    Watch,
+)
+from lightning_deadunits.triggers.rule import Rule
+from lightning_deadunits.triggers.threshold import ThresholdRule
+
+__all__ = ["ActivationMonitor"]
+
+_WATCH_MODES: tuple[Watch, ...] = ("activations", "pre_activations")
+_CHANNEL_DIMS: tuple[ChannelDim, ...] = ("auto", 1, -1)
+_VALIDATION = "val"
+
+
+class ActivationMonitor(MonitorCallback):
+    r"""Measures what activation layers output, per layer and per channel, on sampled training steps (and,
+    optionally, over each validation pass), and counts dead and dormant channels.
+
+    **Where.** Forward hooks on activation modules (ReLU, ReLU6, LeakyReLU, PReLU, RReLU, ELU, CELU, SELU, GELU,
+    SiLU, Mish, Hardswish, Sigmoid, Tanh, Hardsigmoid, Hardtanh, or ``layer_types``), and on pooling layers with
+    ``pooling=True``. For models that call ``F.relu`` inside ``forward``, ``watch="pre_activations"`` watches
+    convolution, linear and BatchNorm outputs instead and measures ``pre_activation_fn(output)`` (``torch.relu``);
+    a conv/linear feeding a BatchNorm directly is dropped in favour of the BatchNorm, and a layer not followed by
+    the activation (e.g. the classifier head) should be left out with ``exclude``. ``include``/``exclude`` are
+    globs over module names.
+
+    **Call sites.** A module called several times per forward of its parent (one ``relu`` reused two or three
+    times in a torchvision ResNet block) is measured per call, as ``<module>#0``, ``<module>#1``...; a module called
+    once keeps its plain name (a module first seen called more often is named per call from then on). In-place
+    activations are measured after the in-place operation.
+
+    **Channels** are dim 1 of conv-shaped ``(N, C, *spatial)`` outputs and the last dim of ``(N, *, F)`` outputs
+    of linear layers (for ``(N, F)`` both are the same). With ``channel_dim="auto"``, an activation whose input is
+    the output of ``nn.Linear``, ``nn.LayerNorm`` or ``nn.Embedding`` (seen in the first measured forward) uses the
+    last dim; ``channel_dim=1`` or ``-1`` fixes it.
+
+    **Statistics.** A value is *near zero* when ``|x| <= eps``. Default ``eps``: exactly 0 for ReLU, ReLU6 and
+    pooling (and pre-activations through ``torch.relu``); ``1e-6`` for LeakyReLU, PReLU, ELU, GELU, SiLU,
+    Hardswish and other unbounded types, whose dead outputs are tiny but not zero (a collapsed PReLU gives ~1e-7);
+    bounded activations (Sigmoid, Tanh, Hardsigmoid, Hardtanh) die by saturating, not by reaching 0, so they get no
+    zero counting (no ``zero_frac``/``dead`` keys) unless ``eps`` names them. Per channel the monitor sums values,
+    squares, ``|x|``, near-zero counts and counts (float32 per batch, float64 across batches, bf16/fp16 autocast
+    included) and keeps minima and maxima, over the samples of one log period. A channel is
+
+    - **dead** when no value had ``|x| > eps``, on any sample or position, during the last ``window`` samples
+      (all samples so far until ``window`` have been seen): this spans log periods, unlike ``zero_frac``;
+    - **dormant** (Sokar et al., 2023) when its mean ``|x|`` over the log period, divided by the mean of that over
+      the layer's channels, is ``<= dormant_tau``.
+
+    **When.** A *sample* is one sampled optimizer step: the batches where ``trainer.global_step % every_n_steps ==
+    0`` (all micro-batches of that step under gradient accumulation). Hooks are attached at that batch's start
+    and removed at its end (and at teardown and on exceptions); no other step pays anything. Every
+    ``log_every_n_samples`` samples the statistics are reduced across DDP ranks (sums, minima, maxima), moved to
+    the host in one transfer, logged at the global step of the latest sample, and checked by the alarm rules. With
+    ``on_validation=True`` every validation pass (not the sanity check) is measured whole and logged under
+    ``<p>/activations/val/...`` at the current global step, its ``dead`` meaning "never active in the pass".
+
+    Logged keys (``<p>`` is ``prefix``, ``<layer>`` the call-site name):
+
+    ==========================================  ==============================================================
+    ``<p>/activations/<layer>/zero_frac``       fraction of values with ``|x| <= eps`` in the log period
+    ``<p>/activations/<layer>/dead``            channels dead over the window
+    ``<p>/activations/<layer>/dead_frac``       ``dead`` / channels
+    ``<p>/activations/<layer>/dormant``         dormant channels (``dormant_tau``)
+    ``<p>/activations/<layer>/dormant_frac``    ``dormant`` / channels
+    ``<p>/activations/<layer>/mean``            mean value
+    ``<p>/activations/<layer>/std``             standard deviation of the values (population)
+    ``<p>/activations/<layer>/min``, ``max``    smallest and largest value
+    ``<p>/activations/<layer>/max_abs``         largest ``|x|`` (explosions)
+    ``<p>/activations/total/<stat>``            ``zero_frac`` (over every counted value), ``dead``,
+                                                ``dead_frac`` (over layers with zero counting), ``dormant``,
+                                                ``dormant_frac``, ``channels``
+    ``<p>/activations/val/...``                 the same per validation pass (``on_validation=True``)
+    ==========================================  ==============================================================
+
+    With a TensorBoard logger it also writes a custom-scalars layout (totals; zero fraction, dead, dormant, max
+    ``|x|`` and std per layer), histograms of the per-channel zero fraction (``<p>/activations/<layer>/
+    channel_zero_frac``) and the per-channel band chart: every channel's min-max range at each of the last
+    ``band_history`` logs (``<p>/activations/<layer>/channel_range``), which shows ranges collapsing towards 0 or
+    exploding.
+
+    After each training log, ``readings`` holds the logged scalars, ``dead_counts`` maps call sites to dead
+    channels, ``dead_counts_step`` is the step, and ``dead_masks`` maps call sites to boolean device tensors of the
+    window-dead channels; after each measured validation pass, ``validation_readings`` holds its scalars.
+
+    Args:
+        every_n_steps: sample every this many optimizer steps (>= 1); the default keeps the overhead low.
+        log_every_n_samples: log (one host transfer) every this many samples (>= 1).
+        window: samples over which a channel must stay quiet to count as dead (>= 1).
+        eps: near-zero tolerance: a number (>= 0) for every module, or ``{module type: number or None}`` overriding
+            the defaults along each module's MRO (``None``: no zero counting), or ``None`` for the defaults.
+        dormant_tau: dormancy threshold on the normalised mean ``|x|``, in [0, 1].
+        include: module-name globs to watch (default: all).
+        exclude: module-name globs to skip.
+        layer_types: module classes to watch; default: the activations above, or conv/linear/BatchNorm with
+            ``watch="pre_activations"``. Add your own with ``(*DEFAULT_ACTIVATION_TYPES, MyAct)``.
+        watch: ``"activations"`` or ``"pre_activations"``.
+        pre_activation_fn: the activation the model applies to pre-activations (pre-activation mode only).
+        pooling: also watch pooling layers (max, average, adaptive, LP).
+        channel_dim: ``"auto"``, ``1`` or ``-1``.
+        on_validation: also measure each validation pass.
+        log_histograms: write per-channel zero-fraction histograms (TensorBoard only).
+        log_images: write the per-channel band charts (TensorBoard only).
+        band_history: logs kept for the band chart (>= 1).
+        dead_frac_above: alarm when a ``dead_frac`` (a layer's or the total, validation ones included) exceeds
+            this, in [0, 1].
+        max_abs_above: alarm when a layer's ``max_abs`` exceeds this (explosion), >= 0.
+        std_below: alarm when a layer's ``std`` falls below this (collapse), >= 0.
+        alarms: more :class:`~lightning_deadunits.triggers.Rule` objects over the logged keys.
+        on_alarm: actions for fired alarms (``"log"``, ``"warn"``, ``"stop"``, ``"raise"`` or callables).
+        prefix: first part of every logged key.
+
+    Raises:
+        ValueError: on an out-of-range number or an unknown ``watch``, ``channel_dim`` or action.
+        TypeError: on a wrongly typed argument.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> monitor = ActivationMonitor(every_n_steps=50, window=10, dead_frac_above=0.5)
+        >>> trainer = Trainer(callbacks=[monitor])  # doctest: +SKIP
+    """  # noqa: D205
+
+    source = "activations"
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        log_every_n_samples: int = 1,
+        window: int = 10,
+        eps: float | Mapping[type, float | None] | None = None,
+        dormant_tau: float = 0.025,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        layer_types: Sequence[type] | None = None,
+        watch: Watch = "activations",
+        pre_activation_fn: Callable[[Tensor], Tensor] = torch.relu,
+        pooling: bool = False,
+        channel_dim: ChannelDim = "auto",
+        on_validation: bool = False,
+        log_histograms: bool = True,
+        log_images: bool = True,
+        band_history: int = 100,
+        dead_frac_above: float | None = None,
+        max_abs_above: float | None = None,
+        std_below: float | None = None,
+        alarms: Sequence[Rule] = (),
+        on_alarm: Sequence[AlarmAction] = ("log",),
+        prefix: str = "deadunits",
+    ) -> None:
+        super().__init__(prefix=prefix, alarms=alarms, on_alarm=on_alarm)
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
+        self.log_every_n_samples = check_int("log_every_n_samples", log_every_n_samples, minimum=1)
+        self.window = check_int("window", window, minimum=1)
+        self.eps = _check_eps(eps)
+        self.dormant_tau = check_float("dormant_tau", dormant_tau, minimum=0.0, maximum=1.0)
+        self.include = check_strings("include", include)
+        self.exclude = check_strings("exclude", exclude)
+        self.watch: Watch = check_choice("watch", watch, _WATCH_MODES)
+        self.pre_activation_fn = check_callable("pre_activation_fn", pre_activation_fn)
+        self.pooling = check_bool("pooling", pooling)
+        default_types = DEFAULT_ACTIVATION_TYPES if self.watch == "activations" else PRE_ACTIVATION_TYPES
+        self.layer_types = default_types if layer_types is None else check_types("layer_types", layer_types)
+        if self.pooling:
+            self.layer_types = (*self.layer_types, *POOLING_TYPES)
+        self.channel_dim: ChannelDim = check_choice("channel_dim", channel_dim, _CHANNEL_DIMS)
+        self.on_validation = check_bool("on_validation", on_validation)
+        self.log_histograms = check_bool("log_histograms", log_histograms)
+        self.log_images = check_bool("log_images", log_images)
+        self.band_history = check_int("band_history", band_history, minimum=1)
+        self.dead_frac_above = check_optional_float("dead_frac_above", dead_frac_above, 0.0, 1.0)
+        self.max_abs_above = check_optional_float("max_abs_above", max_abs_above, minimum=0.0)
+        self.std_below = check_optional_float("std_below", std_below, minimum=0.0)
+        self.alarms.extend(self._convenience_rules())
+        self.probe = ActivationProbe(
+            self.layer_types,
+            self.include,
+            self.exclude,
+            eps=self.eps,
+            watch=self.watch,
+            pre_activation_fn=self.pre_activation_fn if self.watch == "pre_activations" else None,
+            channel_dim=self.channel_dim,
+        )
+        self.stats = ActivationStats()
+        self.readings: dict[str, float] = {}
+        self.validation_readings: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+        self.channel_ranges: dict[str, list[tuple[int, Tensor, Tensor]]] = {}
+        self.last_log_step: int | None = None
+        self._sample_step: int | None = None
+        self._last_sample_step: int | None = None
+        self._samples_in_period = 0
+        self._validation_stats: ActivationStats | None = None
+        self._layout_names: dict[tuple[str, ...], list[str]] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps,
+            window=self.window,
+            watch=self.watch,
+            include=self.include,
+            exclude=self.exclude,
+            prefix=self.prefix,
+        )
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit" and not (stage == "validate" and self.on_validation):
+            return
+        self.probe.attach(pl_module)
+        if not self.probe.modules:
+            warnings.warn(
+                f"`ActivationMonitor` found no module to watch in {type(pl_module).__name__} (types "
+                f"{[t.__name__ for t in self.layer_types]}, include={list(self.include)}, "
+                f"exclude={list(self.exclude)}); it will log nothing. Models that call F.relu in forward need "
+                f'watch="pre_activations".',
+                DeadUnitsWarning,
+                stacklevel=2,
+            )
+
+    @override
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if not self.probe.modules or step % self.every_n_steps != 0:
+            return
+        if self._sample_step != step:
+            if self._sample_step is not None:
+                self._end_sample(trainer)
+            self._sample_step = step
+            self.stats.begin_sample()
+        self.probe.start(self.stats)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._sample_step is None:
+            return
+        self.probe.stop()
+        if trainer.global_step != self._sample_step:
+            self._end_sample(trainer)
+
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self.probe.stop()
+        if self._sample_step is not None:
+            self._end_sample(trainer)
+        if self._samples_in_period and self._last_sample_step is not None:
+            self.log_training(trainer, self._last_sample_step)
+        self.panels.flush(trainer)
+
+    @override
+    def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self.probe.stop()
+        if not self.on_validation or trainer.sanity_checking or not self.probe.modules:
+            return
+        self._validation_stats = ActivationStats()
+        self._validation_stats.begin_sample()
+        self.probe.start(self._validation_stats)
+
+    @override
+    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._validation_stats is None:
+            return
+        self.probe.stop()
+        stats, self._validation_stats = self._validation_stats, None
+        stats.sync()
+        summaries = self._named(stats.summarise(window=1))
+        readings = self.validation_readings = self._readings(summaries, (_VALIDATION,))
+        self._write_panels(trainer, summaries, trainer.global_step, (_VALIDATION,))
+        self._publish(trainer, readings, trainer.global_step)
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self.probe.stop()
+        self._validation_stats = None
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self.probe.stop()
+        self._validation_stats = None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **self._base_state(),
+            "stats": self.stats.state_dict(),
+            "probe": self.probe.state_dict(),
+            "history": list(self.history),
+            "channel_ranges": {name: list(ranges) for name, ranges in self.channel_ranges.items()},
+            "samples_in_period": self._samples_in_period,
+            "last_sample_step": self._last_sample_step,
+            "last_log_step": self.last_log_step,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._load_base_state(state_dict)
+        self.stats.load_state_dict(state_dict.get("stats", {}))
+        self.probe.load_state_dict(state_dict.get("probe", {}))
+        self.history = list(state_dict.get("history", []))
+        self.channel_ranges = {name: list(ranges) for name, ranges in state_dict.get("channel_ranges", {}).items()}
+        self._samples_in_period = int(state_dict.get("samples_in_period", 0))
+        self._last_sample_step = state_dict.get("last_sample_step")
+        self.last_log_step = state_dict.get("last_log_step")
+
+    def log_training(self, trainer: "pl.Trainer", step: int) -> dict[str, float]:
+        """Reduce, log and check the training statistics of the current period at ``step``; return the readings.
+
+        Every rank must call it at the same step (the sampling schedule guarantees it).
+        """
+        self._samples_in_period = 0
+        self.last_log_step = step
+        self.stats.sync()
+        summaries = self._named(self.stats.summarise(self.window))
+        self.dead_masks = {
+            self.probe.site_name(site): mask for site, mask in self.stats.dead_masks(self.window).items()
+        }
+        self.stats.reset_period()
+        readings = self.readings = self._readings(summaries, ())
+        self.dead_counts = {name: float(s.dead.sum()) for name, s in summaries.items() if s.dead is not None}
+        self.dead_counts_step = step
+        self.history.append(
+            {"step": float(step), **{stat: readings[self.key("total", stat)] for stat in ("dead", "dormant")}}
+        )
+        for name, summary in summaries.items():
+            ranges = self.channel_ranges.setdefault(name, [])
+            ranges.append((step, summary.min.float(), summary.max.float()))
+            del ranges[: -self.band_history]
+        self._write_panels(trainer, summaries, step, ())
+        self._publish(trainer, readings, step)
+        return readings
+
+    def _end_sample(self, trainer: "pl.Trainer") -> None:
+        self._last_sample_step, self._sample_step = self._sample_step, None
+        self._samples_in_period += 1
+        if self._samples_in_period >= self.log_every_n_samples and self._last_sample_step is not None:
+            self.log_training(trainer, self._last_sample_step)
+
+    def _named(self, summaries: Mapping[tuple[str, int], SiteSummary]) -> dict[str, SiteSummary]:
+        return {self.probe.site_name(site): summary for site, summary in summaries.items()}
+
+    def _readings(self, summaries: Mapping[str, SiteSummary], scope: tuple[str, ...]) -> dict[str, float]:
+        readings: dict[str, float] = {}
+        channels = counted_channels = near_zero = counted_values = dead = dormant = 0.0
+        for name, summary in summaries.items():
+            layer = summary.readings(self.dormant_tau)
+            readings.update({self.key(*scope, name, stat): value for stat, value in layer.items()})
+            channels += summary.channels
+            dormant += layer["dormant"]
+            if summary.near_zero is not None:
+                counted_channels += summary.channels
+                counted_values += summary.count * summary.channels
+                near_zero += float(summary.near_zero.sum())
+                dead += layer["dead"]
+        totals = {
+            "zero_frac": near_zero / counted_values if counted_values else 0.0,
+            "dead": dead,
+            "dead_frac": dead / counted_channels if counted_channels else 0.0,
+            "dormant": dormant,
+            "dormant_frac": dormant / channels if channels else 0.0,
+            "channels": channels,
+        }
+        readings.update({self.key(*scope, "total", stat): value for stat, value in totals.items()})
+        return readings
+
+    def _convenience_rules(self) -> list[Rule]:
+        base = f"{self.prefix}/{self.source}"
+        rules: list[Rule] = []
+        if self.dead_frac_above is not None:
+            rules.append(ThresholdRule(f"{base}/*/dead_frac", above=self.dead_frac_above, name="dead_activations"))
+        if self.max_abs_above is not None:
+            rules.append(ThresholdRule(f"{base}/*/max_abs", above=self.max_abs_above, name="activation_explosion"))
+        if self.std_below is not None:
+            rules.append(ThresholdRule(f"{base}/*/std", below=self.std_below, name="activation_collapse"))
+        return rules
+
+    def _write_panels(
+        self, trainer: "pl.Trainer", summaries: Mapping[str, SiteSummary], step: int, scope: tuple[str, ...]
+    ) -> None:
+        if not self.panels.writers(trainer):
+            return
+        self._register_layout(trainer, list(summaries), scope)
+        if self.log_histograms:
+            for name, summary in summaries.items():
+                zero_frac = summary.channel_zero_frac
+                if zero_frac is not None:
+                    self.panels.histogram(trainer, self.key(*scope, name, "channel_zero_frac"), zero_frac, step)
+        if self.log_images and not scope:
+            for name in summaries:
+                ranges = self.channel_ranges.get(name, [])
+                if ranges and len({low.numel() for _, low, _ in ranges}) == 1:
+                    lows = np.stack([low.numpy() for _, low, _ in ranges])
+                    highs = np.stack([high.numpy() for _, _, high in ranges])
+                    self.panels.image(trainer, self.key(name, "channel_range"), band_chart(lows, highs), step)
+
+    def _register_layout(self, trainer: "pl.Trainer", names: list[str], scope: tuple[str, ...]) -> None:
+        if not names or self._layout_names.get(scope) == names:
+            return
+        self._layout_names[scope] = names
+        base = "/".join((self.prefix, self.source, *scope))
+        title = f"{self.prefix}/{self.source}" + (f" ({', '.join(scope)})" if scope else "")
+        alternation = "|".join(re.escape(name) for name in names)
+        self.panels.layout(
+            trainer,
+            f"{title}: totals",
+            {
+                "zero fraction (all layers)": [f"{base}/total/zero_frac$"],
+                "dead and dormant channels": [f"{base}/total/(dead|dormant)$"],
+            },
+        )
+        self.panels.layout(
+            trainer,
+            f"{title}: layers",
+            {
+                f"{label} per layer": [f"{base}/({alternation})/{stat}$"]
+                for label, stat in (
+                    ("zero fraction", "zero_frac"),
+                    ("dead channels", "dead"),
+                    ("dormant channels", "dormant"),
+                    ("max |x|", "max_abs"),
+                    ("std", "std"),
+                )
+            },
+        )
+
+
+def _check_eps(value: Any) -> float | dict[type, float | None] | None:
+    """``eps`` is ``None``, a number >= 0, or ``{module class: number >= 0 or None}``.
+
+    Raises:
+        TypeError: for anything else than numbers, classes and ``None`` in those places.
+        ValueError: for a negative or non-finite number.
+    """
+    message = "`eps` must be None, a number >= 0, or a mapping {{module class: number >= 0 or None}}, got {!r}."
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        table: dict[type, float | None] = {}
+        for cls, eps in value.items():
+            if not isinstance(cls, type):
+                raise TypeError(message.format({cls: eps}))
+            table[cls] = None if eps is None else _tolerance(eps, message.format({cls: eps}))
+        return table
+    return _tolerance(value, message.format(value))
+
+
+def _tolerance(value: Any, message: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(message)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(message)
+    return float(value)

@@ -1,0 +1,124 @@
+"""Pure tensor math on activations: per-channel sufficient statistics of one tensor, and what follows from them.
+
+Channels are dim 1 of conv-shaped ``(N, C, *spatial)`` tensors (and of ``(N, F)`` linear outputs, where dim 1 is
+also the last), and the last dim of ``(N, *, F)`` linear outputs: the caller says which with ``channel_dim``
+(``1`` or ``-1``). A 1-D tensor is one sample: each element is a channel.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["ChannelStats", "channel_stats", "dormant_channels", "moments", "reduction_dims"]
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """Per-channel sufficient statistics of one tensor. Tensors have one entry per channel, on the input's device.
+
+    Attributes:
+        count: values per channel (a host int: the tensor's size over its channel count).
+        near_zero: values with ``|x| <= eps`` (int64), or ``None`` when no ``eps`` was given.
+        sum: sum of the values (float32).
+        sum_sq: sum of the squared values (float32).
+        sum_abs: sum of the absolute values (float32).
+        min: the smallest value (float32).
+        max: the largest value (float32).
+    """
+
+    count: int
+    near_zero: Tensor | None
+    sum: Tensor
+    sum_sq: Tensor
+    sum_abs: Tensor
+    min: Tensor
+    max: Tensor
+
+
+def reduction_dims(ndim: int, channel_dim: int) -> tuple[int, tuple[int, ...]]:
+    """Return ``(channel dim, dims to reduce over)`` for a tensor of ``ndim`` dims; ``channel_dim`` is 1 or -1.
+
+    Raises:
+        ValueError: for a 0-d tensor or a ``channel_dim`` other than 1 and -1.
+
+    Example:
+        >>> reduction_dims(4, 1), reduction_dims(3, -1), reduction_dims(1, 1)
+        ((1, (0, 2, 3)), (2, (0, 1)), (0, ()))
+    """
+    if channel_dim not in (1, -1):
+        raise ValueError(f"`channel_dim` must be 1 or -1, got {channel_dim!r}.")
+    if ndim < 1:
+        raise ValueError(f"an activation needs at least one dim to hold its channels, got a {ndim}-d tensor.")
+    dim = 0 if ndim == 1 else channel_dim % ndim
+    return dim, tuple(d for d in range(ndim) if d != dim)
+
+
+def channel_stats(x: Tensor, channel_dim: int = 1, eps: float | None = 0.0) -> ChannelStats:
+    """Per-channel count, near-zero count, sum, sum of squares, sum of ``|x|``, min and max of ``x``.
+
+    Reduces in float32 whatever ``x``'s dtype (bf16/fp16 under autocast included), on ``x``'s device, without
+    autograd and without a host sync. ``near_zero`` counts ``|x| <= eps``, so ``eps=0`` counts exact zeros (and
+    ``-0.0``); ``eps=None`` skips the count. NaN propagates into ``sum``, ``min`` and ``max``.
+
+    Args:
+        x: an activation tensor with at least one element.
+        channel_dim: ``1`` (conv-shaped and ``(N, F)`` tensors) or ``-1`` (``(N, *, F)`` linear outputs).
+        eps: the near-zero tolerance (>= 0), or ``None``.
+
+    Raises:
+        ValueError: for an empty or 0-d tensor, or a bad ``channel_dim``.
+
+    Example:
+        >>> stats = channel_stats(torch.tensor([[0.0, 2.0], [0.0, -1.0]]))
+        >>> stats.count, stats.near_zero.tolist(), stats.sum.tolist(), stats.max.tolist()
+        (2, [2, 0], [0.0, 1.0], [0.0, 2.0])
+    """
+    dim, dims = reduction_dims(x.dim(), channel_dim)
+    if x.numel() == 0:
+        raise ValueError(f"an activation needs at least one element, got shape {tuple(x.shape)}.")
+    channels = x.shape[dim]
+    with torch.no_grad():
+        values = x.detach().float()
+        if not dims:
+            values, dims = values.unsqueeze(0), (0,)
+        magnitudes = values.abs()
+        return ChannelStats(
+            count=values.numel() // channels,
+            near_zero=None if eps is None else (magnitudes <= eps).sum(dim=dims),
+            sum=values.sum(dim=dims),
+            sum_sq=values.square().sum(dim=dims),
+            sum_abs=magnitudes.sum(dim=dims),
+            min=values.amin(dim=dims),
+            max=values.amax(dim=dims),
+        )
+
+
+def moments(total: Tensor, total_sq: Tensor, count: Tensor | float) -> tuple[Tensor, Tensor]:
+    """Mean and population standard deviation from a sum, a sum of squares and a count (elementwise).
+
+    Example:
+        >>> mean, std = moments(torch.tensor(6.0), torch.tensor(14.0), 3)
+        >>> float(mean), round(float(std), 4)
+        (2.0, 0.8165)
+    """
+    mean = total / count
+    variance = (total_sq / count - mean.square()).clamp(min=0)
+    return mean, variance.sqrt()
+
+
+def dormant_channels(mean_abs: Tensor, tau: float) -> Tensor:
+    """Dormant channels as Sokar et al. (2023) define them: ``mean|x|_c / mean over channels of mean|x| <= tau``.
+
+    Written without a division, so a layer whose channels are all exactly zero is all dormant; a NaN channel is
+    not dormant.
+
+    Args:
+        mean_abs: each channel's mean ``|x|`` over the samples and positions seen.
+        tau: the dormancy threshold (Sokar et al. use 0 to 0.1).
+
+    Example:
+        >>> dormant_channels(torch.tensor([1.0, 1.0, 0.01, 2.0]), tau=0.025).tolist()
+        [False, False, True, False]
+    """
+    return mean_abs <= tau * mean_abs.mean()

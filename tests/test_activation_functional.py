@@ -1,0 +1,113 @@
+import numpy as np
+import pytest
+import torch
+
+from lightning_deadunits.functional.activations import channel_stats, dormant_channels, moments, reduction_dims
+from lightning_deadunits.panels.render import band_chart
+
+
+def _reference(values: np.ndarray, channel_axis: int, eps: float) -> dict[str, np.ndarray]:
+    """Per-channel statistics in float64 numpy, channel moved first."""
+    per_channel = np.moveaxis(values.astype(np.float64), channel_axis, 0).reshape(values.shape[channel_axis], -1)
+    return {
+        "count": np.array(per_channel.shape[1]),
+        "near_zero": (np.abs(per_channel) <= eps).sum(axis=1),
+        "sum": per_channel.sum(axis=1),
+        "sum_sq": (per_channel**2).sum(axis=1),
+        "sum_abs": np.abs(per_channel).sum(axis=1),
+        "min": per_channel.min(axis=1),
+        "max": per_channel.max(axis=1),
+    }
+
+
+@pytest.mark.parametrize(
+    ("shape", "channel_dim", "channel_axis"),
+    [((4, 6, 5, 3), 1, 1), ((4, 6), 1, 1), ((4, 6), -1, 1), ((2, 7, 6), -1, 2), ((2, 6, 7), 1, 1), ((6,), 1, 0)],
+)
+def test_channel_stats_equal_numpy_per_channel(shape: tuple[int, ...], channel_dim: int, channel_axis: int) -> None:
+    values = torch.randn(shape).relu()
+    values[values < 0.3] = 1e-7  # near zero for eps=1e-6, not for eps=0
+    stats = channel_stats(values, channel_dim, eps=1e-6)
+    expected = _reference(values.numpy(), channel_axis, 1e-6)
+    assert stats.count == expected["count"]
+    assert stats.near_zero is not None
+    np.testing.assert_array_equal(stats.near_zero.numpy(), expected["near_zero"])
+    for field in ("sum", "sum_sq", "sum_abs", "min", "max"):
+        np.testing.assert_allclose(getattr(stats, field).numpy(), expected[field], rtol=1e-6, atol=1e-6)
+    exact = channel_stats(values, channel_dim, eps=0.0)
+    assert exact.near_zero is not None and int(exact.near_zero.sum()) == int((values == 0).sum())
+
+
+def test_channel_stats_counts_negative_zero_and_skips_without_eps() -> None:
+    values = torch.tensor([[0.0, -0.0, 1.0], [-0.0, 2.0, -3.0]])
+    stats = channel_stats(values, channel_dim=-1, eps=0.0)
+    assert stats.near_zero is not None
+    assert stats.near_zero.tolist() == [2, 1, 0]
+    assert channel_stats(values, channel_dim=-1, eps=None).near_zero is None
+
+
+def test_channel_stats_reduce_half_precision_in_float32() -> None:
+    values = torch.full((64, 2, 32, 32), 1.0 + 2**-7, dtype=torch.bfloat16)
+    stats = channel_stats(values)
+    assert stats.sum.dtype == torch.float32
+    # 65,536 bf16 values per channel: a bf16 accumulator would stall far below the exact sum.
+    assert stats.sum.tolist() == [65536 * (1.0 + 2**-7)] * 2
+    assert stats.min.dtype == torch.float32
+
+
+def test_channel_stats_keep_no_graph() -> None:
+    values = torch.randn(3, 4, requires_grad=True)
+    stats = channel_stats(values * 2)
+    assert not stats.sum.requires_grad and not stats.max.requires_grad
+
+
+@pytest.mark.parametrize(
+    ("ndim", "channel_dim", "match"),
+    [(0, 1, "at least one dim"), (3, 2, "`channel_dim` must be 1 or -1, got 2")],
+)
+def test_reduction_dims_rejects(ndim: int, channel_dim: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        reduction_dims(ndim, channel_dim)
+
+
+def test_channel_stats_reject_empty_tensor() -> None:
+    with pytest.raises(ValueError, match="at least one element"):
+        channel_stats(torch.zeros(0, 3))
+
+
+def test_moments_equal_numpy() -> None:
+    values = np.random.default_rng(0).normal(3.0, 2.0, size=1000)
+    mean, std = moments(torch.tensor(values.sum()), torch.tensor((values**2).sum()), len(values))
+    assert float(mean) == pytest.approx(values.mean(), rel=1e-12)
+    assert float(std) == pytest.approx(values.std(), rel=1e-9)
+
+
+def test_dormant_channels_follow_sokar_score() -> None:
+    mean_abs = torch.tensor([1.0, 1.0, 1.0, 0.05, 0.0])  # layer mean 0.61: scores 1.64, ..., 0.082, 0
+    assert dormant_channels(mean_abs, tau=0.1).tolist() == [False, False, False, True, True]
+    assert dormant_channels(mean_abs, tau=0.0).tolist() == [False, False, False, False, True]
+    assert dormant_channels(torch.zeros(3), tau=0.0).all()
+    assert not dormant_channels(torch.tensor([float("nan"), 1.0]), tau=0.5)[0]
+
+
+def test_band_chart_draws_ranges_and_zero_line() -> None:
+    steps, channels = 5, 4
+    lows = np.full((steps, channels), -1.0)
+    highs = np.full((steps, channels), 3.0)
+    lows[:, 0] = highs[:, 0] = 0.0  # a dead channel: a band on the zero line
+    lows[2, 1] = np.nan  # left out
+    image = band_chart(lows, highs, height=108, step_width=4)
+    assert image.shape == (108, 64, 3) and image.dtype == np.uint8
+    zero_row = 8 + round(3.0 / 4.0 * 91)
+    first_column = 9
+    assert tuple(image[zero_row, first_column]) != (255, 255, 255)
+    column = image[:, first_column]
+    painted = np.flatnonzero((column != 255).any(axis=1))
+    assert painted.min() == 8 and painted.max() == 8 + 91  # from +3 down to -1
+    # the zero row is covered by all four channels, the rows above zero by three: deeper colour at zero
+    assert column[zero_row].sum() < column[zero_row - 5].sum()
+
+
+def test_band_chart_without_finite_values_is_blank_but_valid() -> None:
+    image = band_chart(np.full((3, 2), np.inf), np.full((3, 2), -np.inf))
+    assert image.shape[2] == 3 and image.dtype == np.uint8
