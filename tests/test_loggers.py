@@ -1,0 +1,127 @@
+import csv
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from typing_extensions import override
+
+from lightning_deadunits import KernelNormMonitor, ThresholdRule
+from lightning_deadunits.panels import TensorBoardPanels
+from lightning_deadunits.triggers import Alarm
+from tests.helpers.events import load_events, scalar_series
+from tests.helpers.tb_helpers import PLANTED_DEAD, fit_planted
+
+TOTAL_DEAD = "deadunits/kernels/total/dead"
+CONV_DEAD_ABS = "deadunits/kernels/model.conv/dead_abs"
+CHECKED_STEPS = [0, 2, 4]
+
+
+class RecordingLogger(Logger):
+    """A logger Lightning knows nothing special about: it keeps what `log_metrics` receives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    @override
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    @override
+    def version(self) -> int:
+        return 0
+
+    @override
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    @override
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def _loggers(kind: str, tmp_path: Path) -> list[Logger]:
+    tensorboard = TensorBoardLogger(tmp_path / "tb", name="", version="")
+    csv_logger = CSVLogger(tmp_path / "csv", name="", version="")
+    return {
+        "tensorboard": [tensorboard],
+        "csv": [csv_logger],
+        "tensorboard+csv": [tensorboard, csv_logger],
+        "other": [RecordingLogger()],
+    }[kind]
+
+
+def _csv_series(path: Path, key: str) -> dict[int, float]:
+    with path.open() as file:
+        return {int(row["step"]): float(row[key]) for row in csv.DictReader(file) if row.get(key)}
+
+
+def _monitor(alarms: list[Alarm]) -> KernelNormMonitor:
+    rule = ThresholdRule(TOTAL_DEAD, above=1)
+    return KernelNormMonitor(every_n_steps=2, alarms=[rule], on_alarm=[alarms.append])
+
+
+@pytest.mark.parametrize("kind", ["tensorboard", "csv", "tensorboard+csv", "other"])
+def test_scalars_reach_every_logger_and_panels_only_tensorboard(tmp_path: Path, kind: str) -> None:
+    loggers = _loggers(kind, tmp_path)
+    alarms: list[Alarm] = []
+    fit_planted(tmp_path, loggers, [_monitor(alarms)], max_steps=4)
+
+    expected = dict.fromkeys(CHECKED_STEPS, float(PLANTED_DEAD))
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            events = load_events(tmp_path / "tb")
+            assert scalar_series(events, TOTAL_DEAD) == expected
+            assert scalar_series(events, CONV_DEAD_ABS) == expected
+            tags = events.Tags()
+            assert "deadunits/kernels/dead_per_layer" in tags["images"]
+            assert "deadunits/kernels/model.conv/l1" in tags["histograms"]
+            assert {"custom_scalars__config__", "deadunits/alarms/text_summary"} <= set(tags["tensors"])
+        elif isinstance(logger, CSVLogger):
+            metrics = tmp_path / "csv" / "metrics.csv"
+            assert _csv_series(metrics, TOTAL_DEAD) == expected
+            assert _csv_series(metrics, CONV_DEAD_ABS) == expected
+        else:
+            assert isinstance(logger, RecordingLogger)
+            logged = {step: metrics[TOTAL_DEAD] for step, metrics in logger.metrics if TOTAL_DEAD in metrics}
+            assert logged == expected
+    if "tensorboard" not in kind:
+        assert not list(tmp_path.rglob("*tfevents*"))
+    assert [alarm.step for alarm in alarms] == CHECKED_STEPS
+
+
+def test_without_logger_alarms_still_reach_callable_actions(tmp_path: Path) -> None:
+    alarms: list[Alarm] = []
+    monitor = _monitor(alarms)
+    fit_planted(tmp_path, False, [monitor], max_steps=4)
+
+    assert [(alarm.step, alarm.key, alarm.value) for alarm in alarms] == [
+        (step, TOTAL_DEAD, float(PLANTED_DEAD)) for step in CHECKED_STEPS
+    ]
+    assert monitor.dead_counts == {"model.conv": PLANTED_DEAD, "model.head": 0}
+    assert [entry["dead"] for entry in monitor.history] == [float(PLANTED_DEAD)] * len(CHECKED_STEPS)
+    assert not list(tmp_path.rglob("*tfevents*")) and not list(tmp_path.rglob("metrics.csv"))
+
+
+def test_tensorboard_text_joins_entries_of_one_step_unless_replaced(tmp_path: Path) -> None:
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    trainer = SimpleNamespace(global_rank=0, loggers=[logger])
+    first, second = TensorBoardPanels(), TensorBoardPanels()  # two monitors share the alarm tag
+    first.text(trainer, "deadunits/alarms", "a", 3)  # type: ignore[arg-type]
+    second.text(trainer, "deadunits/alarms", "b", 3)  # type: ignore[arg-type]
+    first.text(trainer, "deadunits/alarms", "c", 4)  # type: ignore[arg-type]
+    first.text(trainer, "deadunits/table", "| old |", 4)  # type: ignore[arg-type]
+    first.text(trainer, "deadunits/table", "| new |", 4, replace=True)  # type: ignore[arg-type]
+    logger.experiment.flush()
+
+    events = load_events(tmp_path)
+
+    def texts(tag: str) -> list[tuple[int, str]]:
+        return [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors(f"{tag}/text_summary")]
+
+    assert texts("deadunits/alarms") == [(3, "a"), (3, "a\n\nb"), (4, "c")]  # TensorBoard shows the last per step
+    assert texts("deadunits/table") == [(4, "| old |"), (4, "| new |")]
