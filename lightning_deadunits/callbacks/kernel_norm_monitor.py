@@ -124,6 +124,7 @@ class KernelNormMonitor(MonitorCallback):
         self.tracker = KernelDeathTracker()
         self.last_check_step: int | None = None
         self._initial: tuple[int, list[LayerKernels]] | None = None
+        self._layout_registered = False
         self.history: list[dict[str, float]] = []
 
     @property
@@ -143,6 +144,7 @@ class KernelNormMonitor(MonitorCallback):
         if stage != "fit":
             return
         reject_sharded_strategy(trainer, type(self).__name__)
+        self._layout_registered = False
         self.probe.attach(pl_module)
         if not self.probe.layers and not self.probe.batchnorms:
             warnings.warn(
@@ -157,7 +159,6 @@ class KernelNormMonitor(MonitorCallback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not self.probe.layers and not self.probe.batchnorms:
             return
-        self._register_layout(trainer)
         if self.last_check_step is None:
             self._initial = (trainer.global_step, self._read())
             if not self.probe.pairing_pending:
@@ -252,6 +253,8 @@ class KernelNormMonitor(MonitorCallback):
         self.dead_masks = {layer.name: layer.dead for layer in layers if layer.kind != "batchnorm"}
         self.history.append({"step": float(step), **{stat: totals[stat] for stat in ("dead_abs", "dead_rel", "dead")}})
         self._publish(trainer, readings, step)
+        if not self._layout_registered:
+            self._register_layout(trainer, layers)
         if self.panels.writers(trainer):
             self._write_panels(trainer, layers, counts, step)
         return readings
@@ -295,7 +298,8 @@ class KernelNormMonitor(MonitorCallback):
             counts.append(layer_counts)
         return counts
 
-    def _register_layout(self, trainer: "pl.Trainer") -> None:
+    def _register_layout(self, trainer: "pl.Trainer", layers: list[LayerKernels]) -> None:
+        """Totals, then one category per layer kind, from the layers actually reported (after BN pairing)."""
         base = f"{self.prefix}/{self.source}"
         charts = {
             "dead filters (all rules)": [f"{base}/total/dead$"],
@@ -303,12 +307,11 @@ class KernelNormMonitor(MonitorCallback):
             "new dead and revived per check": [f"{base}/total/(newly_dead|revived)$"],
         }
         self.panels.layout(trainer, f"{base}: totals", charts)
-        kinds = sorted({*self.probe.kinds.values(), *(["batchnorm"] if self.probe.batchnorms else [])})
-        for kind in kinds:
-            names = [name for name, k in self.probe.kinds.items() if k == kind]
-            if kind == "batchnorm":
-                names = [name for name in self.probe.batchnorms]
-            alternation = "|".join(_regex_escape(name) for name in names)
+        by_kind: dict[str, list[str]] = {}
+        for layer in layers:
+            by_kind.setdefault(layer.kind, []).append(re.escape(layer.name))
+        for kind, names in sorted(by_kind.items()):
+            alternation = "|".join(names)
             self.panels.layout(
                 trainer,
                 f"{base}: {kind} layers",
@@ -318,6 +321,7 @@ class KernelNormMonitor(MonitorCallback):
                     f"{kind}: median filter L1": [f"{base}/({alternation})/norm_median$"],
                 },
             )
+        self._layout_registered = True
 
     def _write_panels(
         self, trainer: "pl.Trainer", layers: list[LayerKernels], counts: list[dict[str, float]], step: int
@@ -337,7 +341,3 @@ class KernelNormMonitor(MonitorCallback):
             if maps is not None:
                 tiles = list(maps[:_MAX_HEATMAP_FILTERS].numpy())
                 self.panels.image(trainer, self.key("heatmap", layers[index].name), heatmap_grid(tiles), step)
-
-
-def _regex_escape(name: str) -> str:
-    return re.escape(name)
