@@ -1,7 +1,8 @@
 """lightning-deadunits: find dead kernels, dead units and the loss spikes that kill them."""
 
 from lightning_deadunits.actions import AlarmHandler
-from lightning_deadunits.callbacks import ActivationMonitor, KernelNormMonitor, LRWarmup
+from lightning_deadunits.callbacks import ActivationMonitor, DeadUnits, KernelNormMonitor, LossSpikeMonitor, LRWarmup
+from lightning_deadunits.dumps import LoadedDump, load_dump
 from lightning_deadunits.errors import DeadUnitsError, DeadUnitsWarning
 from lightning_deadunits.triggers import Alarm, Rule, ThresholdRule, TrendRule
 
@@ -11,12 +12,16 @@ __all__ = [
     "ActivationMonitor",
     "Alarm",
     "AlarmHandler",
+    "DeadUnits",
     "DeadUnitsError",
     "DeadUnitsWarning",
     "KernelNormMonitor",
     "LRWarmup",
+    "LoadedDump",
+    "LossSpikeMonitor",
     "Rule",
     "ThresholdRule",
     "TrendRule",
     "__version__",
+    "load_dump",
 ]

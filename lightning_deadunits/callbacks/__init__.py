@@ -1,7 +1,9 @@
 """Lightning callbacks: thin wiring of probes, triggers and actions."""
 
 from lightning_deadunits.callbacks.activation_monitor import ActivationMonitor
+from lightning_deadunits.callbacks.dead_units import DeadUnits
 from lightning_deadunits.callbacks.kernel_norm_monitor import KernelNormMonitor
+from lightning_deadunits.callbacks.loss_spike_monitor import LossSpikeMonitor
 from lightning_deadunits.callbacks.lr_warmup import LRWarmup
 
-__all__ = ["ActivationMonitor", "KernelNormMonitor", "LRWarmup"]
+__all__ = ["ActivationMonitor", "DeadUnits", "KernelNormMonitor", "LRWarmup", "LossSpikeMonitor"]

@@ -3,7 +3,7 @@
 import argparse
 from collections.abc import Sequence
 
-from lightning_deadunits.cli import dump, report, scan
+from . import dump, report, scan
 
 __all__ = ["main"]
 

@@ -1,8 +1,9 @@
 """When a reading is alarming: pure, serialisable rules that turn readings into :class:`Alarm` records."""
 
 from lightning_deadunits.triggers.alarm import Alarm, AlarmLevel
+from lightning_deadunits.triggers.loss_spike import SpikeDetector, SpikeVerdict
 from lightning_deadunits.triggers.rule import Rule
 from lightning_deadunits.triggers.threshold import ThresholdRule
 from lightning_deadunits.triggers.trend import TrendRule
 
-__all__ = ["Alarm", "AlarmLevel", "Rule", "ThresholdRule", "TrendRule"]
+__all__ = ["Alarm", "AlarmLevel", "Rule", "SpikeDetector", "SpikeVerdict", "ThresholdRule", "TrendRule"]

@@ -1,0 +1,203 @@
+"""The spike-dump file format: a ``torch.save`` of tensors and plain Python values only, and its loader.
+
+A dump is loadable with ``torch.load(path, weights_only=True)``, which never runs code from the file. Values
+that file format cannot hold are stored as tagged plain dicts (``{"__deadunits__": kind, ...}``) and rebuilt by
+:func:`load_dump`:
+
+==============================  ====================================================================
+saved value                     stored as, and rebuilt as
+==============================  ====================================================================
+tensor (any device, Parameter)  a detached CPU copy; a plain tensor
+None, bool, int, float, str,    themselves
+bytes, complex
+list, tuple, dict               themselves, items converted (dict subclasses become ``dict``)
+namedtuple                      ``namedtuple``: a namedtuple of a new class with the same name and fields
+dataclass instance              ``dataclass``: an instance of a new dataclass with the same name and fields
+numpy array / numpy scalar      ``ndarray``: a numpy array; scalars become Python numbers
+set, frozenset                  ``set``: a set (a list if its items are not hashable after conversion)
+anything else                   ``unsaved``: ``{"__deadunits__": "unsaved", "type": ..., "repr": ...}``
+==============================  ====================================================================
+
+Classes are never imported from the names in a file: rebuilt namedtuples and dataclasses are new classes that
+only share the name and fields, so ``batch.images`` and ``batch[0]`` keep working.
+"""
+
+import collections
+import dataclasses
+import keyword
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["DUMP_FORMAT", "DUMP_VERSION", "LoadedDump", "decode", "encode", "load_dump"]
+
+DUMP_FORMAT = "lightning_deadunits.dump"
+DUMP_VERSION = 1
+
+_TAG = "__deadunits__"
+_PRIMITIVES = (type(None), bool, int, float, complex, str, bytes)
+_MAX_REPR = 200
+_MAX_DEPTH = 64
+
+
+class LoadedDump(NamedTuple):
+    """A dump read back by :func:`load_dump`; unpacks as ``batch, metadata = load_dump(path)``.
+
+    Args:
+        batch: the batch as the module received it, on CPU.
+        metadata: everything else: ``loss``, ``baseline``, ``spread``, ``ratio``, ``spike_score``, ``threshold``,
+            ``reason``, ``global_step``, ``epoch``, ``batch_idx``, ``rank``, ``world_size``, ``skipped_update``,
+            ``per_sample_loss`` (tensor or ``None``), ``sample_ids`` (or ``None``), ``recent_steps`` and
+            ``recent_losses`` (the last window of losses, flagged ones included), ``rng_states`` (``torch``,
+            ``torch.cuda``, ``numpy``, ``python``: their states before the training step), ``unsaved`` (types
+            that could not be stored) and, once a dead-unit monitor checked after the spike,
+            ``dead_after_spike``.
+    """
+
+    batch: Any
+    metadata: dict[str, Any]
+
+
+def encode(value: Any, unsaved: list[str] | None = None) -> Any:
+    """Convert ``value`` into tensors and plain Python values that ``torch.load(weights_only=True)`` accepts.
+
+    Args:
+        value: any nested structure of tensors, numbers, strings, sequences, mappings, namedtuples, dataclasses.
+        unsaved: if given, the type names of values that could not be stored are appended to it.
+
+    Example:
+        >>> from collections import namedtuple
+        >>> encode(namedtuple("Pair", "x y")(torch.ones(1), "a"))["values"]
+        [tensor([1.]), 'a']
+    """
+    return _encode(value, [] if unsaved is None else unsaved, 0)
+
+
+def decode(value: Any) -> Any:
+    """Rebuild what :func:`encode` stored (see the module's table).
+
+    Example:
+        >>> from collections import namedtuple
+        >>> decode(encode(namedtuple("Pair", "x y")(1, "a")))
+        Pair(x=1, y='a')
+    """
+    if isinstance(value, list):
+        return [decode(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(decode(item) for item in value)
+    if not isinstance(value, dict):
+        return value
+    kind = value.get(_TAG)
+    if kind == "namedtuple":
+        cls = collections.namedtuple(_identifier(value["type"]), value["fields"], rename=True)  # type: ignore[misc]
+        return cls(*(decode(item) for item in value["values"]))
+    if kind == "dataclass":
+        fields = {_identifier(name): decode(item) for name, item in value["fields"].items()}
+        return dataclasses.make_dataclass(_identifier(value["type"]), list(fields))(**fields)
+    if kind == "ndarray":
+        return value["data"].numpy()
+    if kind == "set":
+        items = [decode(item) for item in value["items"]]
+        try:
+            return set(items)
+        except TypeError:
+            return items
+    if kind == "unsaved":
+        return value
+    return {key: decode(item) for key, item in value.items()}
+
+
+def load_dump(path: str | Path) -> LoadedDump:
+    """Read a spike dump written by :class:`~lightning_deadunits.LossSpikeMonitor` without unpickling code.
+
+    Args:
+        path: the ``.pt`` file.
+
+    Returns:
+        The batch and its metadata (see :class:`LoadedDump`).
+
+    Raises:
+        OSError: if the file cannot be read.
+        ValueError: if it is not a lightning-deadunits dump (or is corrupt, or holds anything but tensors and
+            plain values).
+
+    Example:
+        >>> batch, metadata = load_dump("logs/deadunits/dumps/step00001800-rank0-batch00012.pt")  # doctest: +SKIP
+        >>> metadata["loss"], metadata["baseline"]  # doctest: +SKIP
+    """
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as error:  # corrupt file, foreign pickle: torch raises many kinds
+        raise ValueError(f"{path} is not a readable lightning-deadunits dump: {error}") from error
+    if not isinstance(record, dict) or record.get("format") != DUMP_FORMAT:
+        raise ValueError(f"{path} is not a lightning-deadunits dump (no `format: {DUMP_FORMAT}` record).")
+    metadata = dict(record.get("metadata", {}))
+    for key, item in record.items():
+        if key not in ("format", "version", "metadata", "batch"):
+            metadata[key] = decode(item)
+    return LoadedDump(decode(record.get("batch")), metadata)
+
+
+def _encode(value: Any, unsaved: list[str], depth: int) -> Any:
+    if depth > _MAX_DEPTH:
+        return _unsaved(value, unsaved)
+    if isinstance(value, Tensor):
+        return value.detach().as_subclass(Tensor).to("cpu", copy=True)
+    if isinstance(value, _PRIMITIVES):
+        return value
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            return _unsaved(value, unsaved)
+        return {_TAG: "ndarray", "data": torch.from_numpy(value.copy())}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return {
+            _TAG: "namedtuple",
+            "type": type(value).__name__,
+            "fields": list(value._fields),
+            "values": [_encode(item, unsaved, depth + 1) for item in value],
+        }
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            _TAG: "dataclass",
+            "type": type(value).__name__,
+            "fields": {f.name: _encode(getattr(value, f.name), unsaved, depth + 1) for f in dataclasses.fields(value)},
+        }
+    if isinstance(value, (list, tuple)):
+        items = [_encode(item, unsaved, depth + 1) for item in value]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, (set, frozenset)):
+        return {_TAG: "set", "items": [_encode(item, unsaved, depth + 1) for item in value]}
+    if isinstance(value, Mapping):
+        return {_key(key): _encode(item, unsaved, depth + 1) for key, item in value.items()}
+    return _unsaved(value, unsaved)
+
+
+def _key(key: Any) -> Any:
+    """Mapping keys stay as they are when ``weights_only`` can load them, else become their ``repr``."""
+    return key if isinstance(key, _PRIMITIVES) else repr(key)
+
+
+def _unsaved(value: Any, unsaved: list[str]) -> dict[str, str]:
+    type_name = f"{type(value).__module__}.{type(value).__qualname__}"
+    unsaved.append(type_name)
+    try:
+        text = repr(value)[:_MAX_REPR]
+    except Exception:  # a broken __repr__ must not stop the dump
+        text = "<repr failed>"
+    return {_TAG: "unsaved", "type": type_name, "repr": text}
+
+
+def _identifier(name: str) -> str:
+    """A valid class or field name close to ``name`` (a file may hold any string)."""
+    cleaned = "".join(char if char.isalnum() or char == "_" else "_" for char in str(name)) or "Record"
+    if cleaned[0].isdigit() or keyword.iskeyword(cleaned):
+        cleaned = f"_{cleaned}"
+    return cleaned

@@ -1,0 +1,78 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_deadunits.functional.loss import MAD_TO_SIGMA, robust_baseline, spike_limit, spike_scores
+
+
+def test_robust_baseline_is_median_and_scaled_mad_for_symmetric_losses() -> None:
+    losses = torch.arange(1.0, 22.0)  # 1..21: median 11, MAD 5; q95 = 20 and (20 - 11) / 1.645 < 1.4826 * 5
+    center, spread = robust_baseline(losses)
+    assert float(center) == 11.0
+    assert float(spread) == pytest.approx(MAD_TO_SIGMA * 5.0)
+
+
+def test_robust_baseline_ignores_an_outlier() -> None:
+    losses = torch.cat([torch.arange(1.0, 22.0), torch.tensor([1000.0])])
+    center, spread = robust_baseline(losses)
+    assert float(center) == 11.5 and float(spread) == pytest.approx(MAD_TO_SIGMA * 5.5)
+
+
+def test_robust_baseline_widens_for_a_heavy_upper_tail() -> None:
+    # 90 batches near 0.05 and 10 hard ones at 0.5: the MAD sees only the former, the 95th percentile the tail
+    losses = torch.tensor([0.05 + 0.001 * (i % 3) for i in range(90)] + [0.5] * 10)
+    center, spread = robust_baseline(losses)
+    assert float(center) == pytest.approx(0.051)
+    assert float(spread) == pytest.approx((0.5 - 0.051) / 1.6449, rel=1e-4)
+
+
+def test_robust_baseline_of_an_empty_window_is_zero() -> None:
+    center, spread = robust_baseline(torch.tensor([]))
+    assert float(center) == 0.0 and float(spread) == 0.0
+
+
+def test_spike_scores_give_ratio_and_robust_z() -> None:
+    ratio, z = spike_scores(torch.tensor([9.0, 3.0]), torch.tensor(3.0), torch.tensor(0.5))
+    assert ratio.tolist() == [3.0, 1.0]
+    assert z.tolist() == [12.0, 0.0]
+
+
+def test_spike_ratio_stays_meaningful_for_negative_and_zero_baselines() -> None:
+    ratio, _ = spike_scores(torch.tensor(-5.0), torch.tensor(-10.0), torch.tensor(1.0))
+    assert float(ratio) == 1.5  # half of |baseline| above it
+    ratio, _ = spike_scores(torch.tensor([0.0, 0.1]), torch.tensor(0.0), torch.tensor(0.0))
+    assert ratio.tolist() == [1.0, math.inf]
+
+
+def test_spike_scores_of_a_flat_window_use_a_floor_not_a_division_by_zero() -> None:
+    _, z = spike_scores(torch.tensor([2.0, 2.0]), torch.tensor(2.0), torch.tensor(0.0))
+    assert z[0].item() == 0.0
+    _, z = spike_scores(torch.tensor(2.1), torch.tensor(2.0), torch.tensor(0.0))
+    assert math.isfinite(float(z)) and float(z) > 1e3
+
+
+def test_spike_scores_of_nan_are_nan() -> None:
+    ratio, z = spike_scores(torch.tensor(math.nan), torch.tensor(1.0), torch.tensor(0.1))
+    assert math.isnan(float(ratio)) and math.isnan(float(z))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    loss=st.floats(-100, 100, width=32),
+    center=st.floats(-50, 50, width=32),
+    spread=st.floats(0, 10, width=32),
+    ratio=st.floats(1.01, 10),
+    z_score=st.floats(0.1, 20),
+)
+def test_spike_limit_is_where_both_thresholds_are_crossed(
+    loss: float, center: float, spread: float, ratio: float, z_score: float
+) -> None:
+    c, m = torch.tensor(center), torch.tensor(spread)
+    limit = float(spike_limit(c, m, ratio, z_score))
+    scores = spike_scores(torch.tensor(loss), c, m)
+    both = float(scores[0]) > ratio and float(scores[1]) > z_score
+    if abs(loss - limit) > 1e-3 * max(1.0, abs(limit)):  # away from the boundary, where rounding decides
+        assert both == (loss > limit)
