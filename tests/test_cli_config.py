@@ -106,3 +106,43 @@ def test_cli_example_fits_in_fast_mode(tmp_path: Path) -> None:
     assert [entry["step"] for entry in monitor.history] == [0.0, 3.0]
     assert _callback(cli, LRWarmup).factor(3) == pytest.approx(0.03**2)
     assert list(tmp_path.rglob("events.out.tfevents.*")) and list(tmp_path.rglob("config.yaml"))
+
+
+def test_cli_config_configures_activation_and_loss_monitors(tmp_path: Path) -> None:
+    from lightning_deadunits import ActivationMonitor, LossSpikeMonitor
+
+    cli = LightningCLI(
+        DigitsClassifier, run=False, args=["--config", str(CONFIG), f"--trainer.default_root_dir={tmp_path}"]
+    )
+    activations = _callback(cli, ActivationMonitor)
+    assert (activations.every_n_steps, activations.window, activations.dormant_tau) == (20, 10, 0.025)
+    assert sorted((rule.name, rule.above, rule.below) for rule in activations.alarms) == [
+        ("activation_collapse", None, 1e-6),
+        ("activation_explosion", 1000.0, None),
+        ("dead_activations", 0.5, None),
+    ]
+    loss = _callback(cli, LossSpikeMonitor)
+    assert (loss.detector.window_size, loss.detector.ratio, loss.skip_update, loss.dumper.max_dumps) == (
+        100,
+        2.0,
+        False,
+        20,
+    )
+
+
+def test_cli_bundle_config_builds_the_parts_and_runs(tmp_path: Path) -> None:
+    from lightning_deadunits import ActivationMonitor, DeadUnits, KernelNormMonitor, LossSpikeMonitor, LRWarmup
+
+    bundle_config = EXAMPLES / "deadunits_bundle.yaml"
+    cli = LightningCLI(
+        DigitsClassifier,
+        run=False,
+        args=["--config", str(bundle_config), f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=3"],
+    )
+    bundle = _callback(cli, DeadUnits)
+    assert [type(part) for part in bundle.parts] == [KernelNormMonitor, ActivationMonitor, LossSpikeMonitor, LRWarmup]
+    assert bundle.activations.every_n_steps == 10
+    assert bundle.kernels.alarms[0].above == 0.25 and bundle.loss.alarms[0].above == 0.25
+    assert bundle.kernels.alarm_handler.actions == ["log", "warn"]
+    cli.trainer.fit(cli.model)
+    assert bundle.kernels.history and bundle.loss.state_dict()

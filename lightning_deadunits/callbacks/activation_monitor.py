@@ -128,7 +128,8 @@ class ActivationMonitor(MonitorCallback):
         layer_types: module classes to watch; default: the activations above, or conv/linear/BatchNorm with
             ``watch="pre_activations"``. Add your own with ``(*DEFAULT_ACTIVATION_TYPES, MyAct)``.
         watch: ``"activations"`` or ``"pre_activations"``.
-        pre_activation_fn: the activation the model applies to pre-activations (pre-activation mode only).
+        pre_activation_fn: the activation the model applies to pre-activations (pre-activation mode only;
+            ``None``: ``torch.relu``).
         pooling: also watch pooling layers (max, average, adaptive, LP).
         channel_dim: ``"auto"``, ``1`` or ``-1``.
         on_validation: also measure each validation pass.
@@ -166,7 +167,7 @@ class ActivationMonitor(MonitorCallback):
         exclude: Sequence[str] = (),
         layer_types: Sequence[type] | None = None,
         watch: Watch = "activations",
-        pre_activation_fn: Callable[[Tensor], Tensor] = torch.relu,
+        pre_activation_fn: Callable[[Tensor], Tensor] | None = None,
         pooling: bool = False,
         channel_dim: ChannelDim = "auto",
         on_validation: bool = False,
@@ -189,7 +190,9 @@ class ActivationMonitor(MonitorCallback):
         self.include = check_strings("include", include)
         self.exclude = check_strings("exclude", exclude)
         self.watch: Watch = check_choice("watch", watch, _WATCH_MODES)
-        self.pre_activation_fn = check_callable("pre_activation_fn", pre_activation_fn)
+        self.pre_activation_fn = (
+            torch.relu if pre_activation_fn is None else check_callable("pre_activation_fn", pre_activation_fn)
+        )
         self.pooling = check_bool("pooling", pooling)
         default_types = DEFAULT_ACTIVATION_TYPES if self.watch == "activations" else PRE_ACTIVATION_TYPES
         self.layer_types = default_types if layer_types is None else check_types("layer_types", layer_types)
