@@ -2,7 +2,8 @@
 
 Adam with coupled L2 weight decay drives many filters (mostly depthwise, mostly deep) to a tiny fraction of
 their layer's typical norm; SGD with momentum on the same model and data leaves none. The run writes
-TensorBoard logs (``tensorboard --logdir runs/zero_kernels``) and ``report.md`` with the per-layer table.
+TensorBoard logs (``tensorboard --logdir runs/zero_kernels``; ``DeadUnits`` also logs activations and the
+loss) and ``report.md`` with the per-layer table.
 
 Run: ``python examples/zero_kernels.py`` (about two minutes on 2 CPU cores); ``--fast`` (or
 ``DEADUNITS_FAST=1``) runs a few batches only, for the tests.
@@ -16,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_deadunits import KernelNormMonitor
+from lightning_deadunits import DeadUnits, KernelNormMonitor
 from lightning_deadunits.demo import DigitsClassifier
 
 RECIPES = {"adam": 5e-3, "sgd": 0.05}
@@ -24,12 +25,12 @@ RECIPES = {"adam": 5e-3, "sgd": 0.05}
 
 def train(optimizer: str, epochs: int, out: Path, fast: bool) -> tuple[KernelNormMonitor, float]:
     pl.seed_everything(0, verbose=False)
-    monitor = KernelNormMonitor(every_n_steps=45)
+    monitor = KernelNormMonitor(every_n_steps=45)  # one check per epoch of 45 batches
     trainer = pl.Trainer(
         max_epochs=epochs,
         limit_train_batches=5 if fast else 1.0,
         limit_val_batches=1 if fast else 1.0,
-        callbacks=[monitor],
+        callbacks=[DeadUnits(kernels=monitor)],
         logger=TensorBoardLogger(out, name=optimizer, version=""),
         enable_progress_bar=False,
         enable_model_summary=False,
