@@ -10,7 +10,9 @@ Run: ``python examples/zero_kernels.py`` (about two minutes on 2 CPU cores); ``-
 """
 
 import argparse
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -50,7 +52,8 @@ def report(results: dict[str, tuple[KernelNormMonitor, float]]) -> str:
     for name, kind in adam.probe.kinds.items():
         filters = adam.probe.layers[name].weight.shape[0] if kind != "transpose" else "?"
         lines.append(
-            f"| {name} | {kind} | {filters} | {adam.dead_counts.get(name, 0):.0f} | {sgd.dead_counts.get(name, 0):.0f} |"
+            f"| {name} | {kind} | {filters} | {adam.dead_counts.get(name, 0):.0f} "
+            f"| {sgd.dead_counts.get(name, 0):.0f} |"
         )
     lines.append(
         f"| **total** | | | **{sum(adam.dead_counts.values()):.0f}** | **{sum(sgd.dead_counts.values()):.0f}** |"
@@ -63,6 +66,8 @@ def report(results: dict[str, tuple[KernelNormMonitor, float]]) -> str:
 
 
 def main() -> None:
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--out", type=Path, default=Path("runs/zero_kernels"))

@@ -1,9 +1,18 @@
 """lightning-deadunits: find dead kernels, dead units and the loss spikes that kill them."""
 
 from lightning_deadunits.actions import AlarmHandler
-from lightning_deadunits.callbacks import ActivationMonitor, DeadUnits, KernelNormMonitor, LossSpikeMonitor, LRWarmup
+from lightning_deadunits.callbacks import (
+    ActivationMonitor,
+    BlockLesion,
+    DeadUnitRecycler,
+    DeadUnits,
+    KernelNormMonitor,
+    LossSpikeMonitor,
+    LRWarmup,
+)
 from lightning_deadunits.dumps import LoadedDump, load_dump
 from lightning_deadunits.errors import DeadUnitsError, DeadUnitsWarning
+from lightning_deadunits.probes.lesion import lesion_blocks
 from lightning_deadunits.triggers import Alarm, Rule, ThresholdRule, TrendRule
 
 __version__ = "0.1.0"
@@ -12,6 +21,8 @@ __all__ = [
     "ActivationMonitor",
     "Alarm",
     "AlarmHandler",
+    "BlockLesion",
+    "DeadUnitRecycler",
     "DeadUnits",
     "DeadUnitsError",
     "DeadUnitsWarning",
@@ -23,5 +34,6 @@ __all__ = [
     "ThresholdRule",
     "TrendRule",
     "__version__",
+    "lesion_blocks",
     "load_dump",
 ]

@@ -45,7 +45,11 @@ def test_default_bundle_logs_all_three_families_on_the_demo_model(tmp_path: Path
     assert "deadunits/loss/value" in scalars
     assert "deadunits/lr/factor" in scalars
     assert [type(cb) for cb in trainer.callbacks[:5]] == [  # type: ignore[attr-defined]
-        DeadUnits, KernelNormMonitor, ActivationMonitor, LossSpikeMonitor, LRWarmup
+        DeadUnits,
+        KernelNormMonitor,
+        ActivationMonitor,
+        LossSpikeMonitor,
+        LRWarmup,
     ]
 
 

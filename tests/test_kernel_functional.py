@@ -26,7 +26,7 @@ def test_layer_kind_classifies(module: nn.Module, kind: str) -> None:
 
 
 def test_layer_kind_rejects_other_modules() -> None:
-    with pytest.raises(TypeError, match="`module` must be a convolution or nn.Linear, got ReLU"):
+    with pytest.raises(TypeError, match=r"`module` must be a convolution or nn\.Linear, got ReLU"):
         layer_kind(nn.ReLU())
 
 

@@ -223,7 +223,7 @@ def test_pairing_hooks_are_removed_after_first_step_and_on_exception(tmp_path: P
 def test_sharded_strategies_are_rejected_at_setup() -> None:
     from lightning.pytorch.strategies import FSDPStrategy
 
-    with pytest.raises(ValueError, match="does not support sharded strategies.*FSDPStrategy"):
+    with pytest.raises(ValueError, match=r"does not support sharded strategies.*FSDPStrategy"):
         reject_sharded_strategy(SimpleNamespace(strategy=FSDPStrategy()), "KernelNormMonitor")  # type: ignore[arg-type]
 
 

@@ -1,9 +1,19 @@
 """Lightning callbacks: thin wiring of probes, triggers and actions."""
 
 from lightning_deadunits.callbacks.activation_monitor import ActivationMonitor
+from lightning_deadunits.callbacks.block_lesion import BlockLesion
+from lightning_deadunits.callbacks.dead_unit_recycler import DeadUnitRecycler
 from lightning_deadunits.callbacks.dead_units import DeadUnits
 from lightning_deadunits.callbacks.kernel_norm_monitor import KernelNormMonitor
 from lightning_deadunits.callbacks.loss_spike_monitor import LossSpikeMonitor
 from lightning_deadunits.callbacks.lr_warmup import LRWarmup
 
-__all__ = ["ActivationMonitor", "DeadUnits", "KernelNormMonitor", "LRWarmup", "LossSpikeMonitor"]
+__all__ = [
+    "ActivationMonitor",
+    "BlockLesion",
+    "DeadUnitRecycler",
+    "DeadUnits",
+    "KernelNormMonitor",
+    "LRWarmup",
+    "LossSpikeMonitor",
+]

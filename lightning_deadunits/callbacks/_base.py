@@ -120,16 +120,34 @@ def check_prefix(prefix: Any) -> str:
     return prefix
 
 
-def reject_sharded_strategy(trainer: "pl.Trainer", who: str) -> None:
-    """Raise at setup when the strategy shards parameters, where per-filter norms would be per-shard.
+SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+"""Lightning's strategies that shard parameters, gradients or (tensor parallelism) activations across ranks."""
+
+
+def reject_sharded_strategy(
+    trainer: "pl.Trainer",
+    who: str,
+    reason: str = "reads whole weight tensors (per-filter norms of a shard are not the filter's)",
+    strategies: Sequence[str] = SHARDED_STRATEGIES,
+    advice: str | None = None,
+) -> None:
+    """Raise at setup when the trainer's strategy is (a subclass of) one of ``strategies``, saying why.
+
+    Args:
+        trainer: the trainer being set up.
+        who: the callback (or option) as the message names it.
+        reason: what it does that those strategies break.
+        strategies: class names from ``lightning.pytorch.strategies``.
+        advice: what to do instead; default: use DDP or drop ``who``.
 
     Raises:
-        ValueError: for FSDP, DeepSpeed and ModelParallel strategies.
+        ValueError: for those strategies (by default FSDP, DeepSpeed and ModelParallel).
     """
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+    from lightning.pytorch import strategies as lightning_strategies
 
-    if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+    classes = tuple(getattr(lightning_strategies, name) for name in strategies)
+    if isinstance(trainer.strategy, classes):
         raise ValueError(
-            f"`{who}` reads whole weight tensors and does not support sharded strategies (FSDP, DeepSpeed, "
-            f"ModelParallel); got strategy {type(trainer.strategy).__name__}. Use DDP, or drop `{who}`."
+            f"`{who}` {reason} and does not support sharded strategies ({', '.join(strategies)}); got strategy "
+            f"{type(trainer.strategy).__name__}. {advice or f'Use DDP, or drop `{who}`.'}"
         )

@@ -23,7 +23,7 @@ from lightning_deadunits._validation import (
     check_types,
 )
 from lightning_deadunits.actions.alarm_handler import AlarmAction
-from lightning_deadunits.callbacks._base import MonitorCallback
+from lightning_deadunits.callbacks._base import MonitorCallback, reject_sharded_strategy
 from lightning_deadunits.errors import DeadUnitsWarning
 from lightning_deadunits.metrics.activation_stats import ActivationStats, SiteSummary
 from lightning_deadunits.panels.render import band_chart
@@ -43,6 +43,7 @@ __all__ = ["ActivationMonitor"]
 _WATCH_MODES: tuple[Watch, ...] = ("activations", "pre_activations")
 _CHANNEL_DIMS: tuple[ChannelDim, ...] = ("auto", 1, -1)
 _VALIDATION = "val"
+_MAX_HISTORY = 1000
 
 
 class ActivationMonitor(MonitorCallback):
@@ -114,7 +115,9 @@ class ActivationMonitor(MonitorCallback):
 
     After each training log, ``readings`` holds the logged scalars, ``dead_counts`` maps call sites to dead
     channels, ``dead_counts_step`` is the step, and ``dead_masks`` maps call sites to boolean device tensors of the
-    window-dead channels; after each measured validation pass, ``validation_readings`` holds its scalars.
+    window-dead channels; after each measured validation pass, ``validation_readings`` holds its scalars. A log
+    period in which nothing was measured (only empty batches) logs nothing. ``history`` keeps the totals (``dead``,
+    ``dormant``) of the last 1000 logs.
 
     Args:
         every_n_steps: sample every this many optimizer steps (>= 1); the default keeps the overhead low.
@@ -145,7 +148,8 @@ class ActivationMonitor(MonitorCallback):
         prefix: first part of every logged key.
 
     Raises:
-        ValueError: on an out-of-range number or an unknown ``watch``, ``channel_dim`` or action.
+        ValueError: on an out-of-range number or an unknown ``watch``, ``channel_dim`` or action, or (at setup)
+            under ``ModelParallelStrategy``, whose tensor parallelism splits activations across ranks.
         TypeError: on a wrongly typed argument.
 
     Example:
@@ -244,6 +248,13 @@ class ActivationMonitor(MonitorCallback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit" and not (stage == "validate" and self.on_validation):
             return
+        reject_sharded_strategy(
+            trainer,
+            type(self).__name__,
+            reason="sums each rank's activations as those of its own samples, which tensor parallelism splits",
+            strategies=("ModelParallelStrategy",),
+            advice="Use DDP or FSDP, or drop `ActivationMonitor` (in `DeadUnits`: `activations=False`).",
+        )
         self.probe.attach(pl_module)
         if not self.probe.modules:
             warnings.warn(
@@ -357,11 +368,14 @@ class ActivationMonitor(MonitorCallback):
         }
         self.stats.reset_period()
         readings = self.readings = self._readings(summaries, ())
+        if not readings:
+            return readings
         self.dead_counts = {name: float(s.dead.sum()) for name, s in summaries.items() if s.dead is not None}
         self.dead_counts_step = step
         self.history.append(
             {"step": float(step), **{stat: readings[self.key("total", stat)] for stat in ("dead", "dormant")}}
         )
+        del self.history[:-_MAX_HISTORY]
         for name, summary in summaries.items():
             ranges = self.channel_ranges.setdefault(name, [])
             ranges.append((step, summary.min.float(), summary.max.float()))
@@ -380,7 +394,10 @@ class ActivationMonitor(MonitorCallback):
         return {self.probe.site_name(site): summary for site, summary in summaries.items()}
 
     def _readings(self, summaries: Mapping[str, SiteSummary], scope: tuple[str, ...]) -> dict[str, float]:
+        """Per-layer and total readings; none when nothing was measured (only empty batches), not zero totals."""
         readings: dict[str, float] = {}
+        if not summaries:
+            return readings
         channels = counted_channels = near_zero = counted_values = dead = dormant = 0.0
         for name, summary in summaries.items():
             layer = summary.readings(self.dormant_tau)

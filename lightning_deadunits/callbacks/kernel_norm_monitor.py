@@ -24,6 +24,7 @@ from lightning_deadunits.triggers.rule import Rule
 __all__ = ["KernelNormMonitor"]
 
 _MAX_HEATMAP_FILTERS = 256
+_MAX_HISTORY = 1000
 
 
 class KernelNormMonitor(MonitorCallback):
@@ -44,7 +45,8 @@ class KernelNormMonitor(MonitorCallback):
 
     The monitor checks at fit start (the initial weights), every ``every_n_steps`` optimizer steps and at
     train end; on other steps it does nothing (no host sync). It keeps, per filter, the step since which it has
-    been dead and counts revivals, so ``newly_dead`` gives the growth between checks.
+    been dead and counts revivals, so ``newly_dead`` gives the growth between checks. ``history`` keeps the totals
+    (``dead_abs``, ``dead_rel``, ``dead``) of the last 1000 checks.
 
     Logged keys (``<p>`` is ``prefix``, ``<layer>`` the module name):
 
@@ -137,13 +139,15 @@ class KernelNormMonitor(MonitorCallback):
             bn_threshold=self.bn_threshold,
             include=self.include,
             exclude=self.exclude,
+            prefix=self.prefix,
         )
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
-        reject_sharded_strategy(trainer, type(self).__name__)
+        advice = "Use DDP, or drop `KernelNormMonitor` (in `DeadUnits`: `kernels=False`)."
+        reject_sharded_strategy(trainer, type(self).__name__, advice=advice)
         self._layout_registered = False
         self.probe.attach(pl_module)
         if not self.probe.layers and not self.probe.batchnorms:
@@ -252,6 +256,7 @@ class KernelNormMonitor(MonitorCallback):
         self.dead_counts_step = step
         self.dead_masks = {layer.name: layer.dead for layer in layers if layer.kind != "batchnorm"}
         self.history.append({"step": float(step), **{stat: totals[stat] for stat in ("dead_abs", "dead_rel", "dead")}})
+        del self.history[:-_MAX_HISTORY]
         self._publish(trainer, readings, step)
         if not self._layout_registered:
             self._register_layout(trainer, layers)

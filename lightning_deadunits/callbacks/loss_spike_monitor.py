@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -21,7 +21,7 @@ from typing_extensions import override
 from lightning_deadunits._validation import check_bool, check_int
 from lightning_deadunits.actions.alarm_handler import AlarmAction
 from lightning_deadunits.actions.batch_dump import BatchDumper, rng_states
-from lightning_deadunits.callbacks._base import MonitorCallback
+from lightning_deadunits.callbacks._base import MonitorCallback, reject_sharded_strategy
 from lightning_deadunits.errors import DeadUnitsWarning
 from lightning_deadunits.triggers.alarm import Alarm
 from lightning_deadunits.triggers.loss_spike import SpikeDetector, SpikeVerdict
@@ -49,6 +49,7 @@ class _Batch:
     loss: Tensor | None = None
     verdict: SpikeVerdict | None = None
     spike: bool = False
+    arrived: Any = None  # the CUDA event after which ``loss``, a pinned host copy, may be read
 
 
 class LossSpikeMonitor(MonitorCallback):
@@ -63,12 +64,17 @@ class LossSpikeMonitor(MonitorCallback):
     row make a spike. A loss belongs to ``trainer.global_step`` as its batch starts (the optimizer steps done
     before it), so the spike of the 1801st batch of a run without accumulation is at step 1800. The loss is read
     from ``on_before_backward`` in automatic optimization, and from what ``training_step`` returns (a tensor or
-    ``{"loss": ...}``) in manual optimization; when there is none, one warning says so.
+    ``{"loss": ...}``) in manual optimization; when there is none, one warning says so. A batch whose
+    ``training_step`` returns ``None`` in automatic optimization (Lightning's way to skip it) is not watched.
 
-    **Cost.** One scalar device-to-host copy per batch (the loss), after backward was queued; under DDP also one
-    all-reduce of a bool per batch (``reduce_boolean_decision``: every rank acts on a spike seen by any rank)
-    and, on logging steps, one all-reduce of three numbers (the logged values are means over ranks). While
-    dumps are enabled, the CPU, numpy and Python RNG states are copied on the host at each batch start.
+    **Cost.** One scalar device-to-host copy per batch (the loss). On CUDA it does not wait for the device: the
+    copy goes to pinned memory as the batch ends and the loss is judged at the end of the *next* batch (or at
+    train end), so a spike's event, dump and alarm come one batch later (still with the spike's own step); with
+    ``skip_update=True`` the decision is needed before the optimizer step, so the loss is read at once, which
+    waits for the forward pass. Under DDP also one all-reduce of a bool per batch (``reduce_boolean_decision``:
+    every rank acts on a spike seen by any rank) and, on logging steps, one all-reduce of three numbers (the
+    logged values are means over ranks). While dumps are enabled, the CPU, numpy and Python RNG states are copied
+    on the host at each batch start.
 
     **Per-sample losses protocol.** ``training_step`` may return
     ``{"loss": loss, "per_sample_loss": tensor[N], "sample_ids": tensor[N] or list}``; both are stored in the
@@ -132,7 +138,7 @@ class LossSpikeMonitor(MonitorCallback):
 
     Raises:
         ValueError: on an out-of-range number, an unknown action, or (at setup) ``skip_update`` with manual
-            optimization.
+            optimization or a sharded strategy (FSDP, DeepSpeed, ModelParallel).
         TypeError: on a wrongly typed argument.
 
     Example:
@@ -141,6 +147,8 @@ class LossSpikeMonitor(MonitorCallback):
     """
 
     source = "loss"
+    # Devices whose loss is read one batch late, so that reading it never waits for the device.
+    _deferred_devices: ClassVar[tuple[str, ...]] = ("cuda",)
 
     def __init__(
         self,
@@ -179,6 +187,7 @@ class LossSpikeMonitor(MonitorCallback):
         self._batch: _Batch | None = None
         self._skip_pending = False
         self._last_logged_step: int | None = None
+        self._deferred: tuple[_Batch, Any, Any] | None = None
 
     @property
     @override
@@ -202,6 +211,14 @@ class LossSpikeMonitor(MonitorCallback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
+        if self.skip_update:
+            reject_sharded_strategy(
+                trainer,
+                "LossSpikeMonitor(skip_update=True)",
+                reason="skips a step by clearing the `param.grad` the optimizer reads, which sharded strategies "
+                "keep in their own buffers or shards",
+                advice="Use DDP, or `skip_update=False` (spikes are still detected, dumped and alarmed).",
+            )
         if self.skip_update and not pl_module.automatic_optimization:
             raise ValueError(
                 "`skip_update=True` needs automatic optimization: with manual optimization the loss is known only "
@@ -270,6 +287,30 @@ class LossSpikeMonitor(MonitorCallback):
             return
         if pending.loss is None and not pl_module.automatic_optimization:
             pending.loss = _loss_from(outputs)
+        if self._deferred is not None:  # the previous loss has had a whole batch to reach the host
+            self._finish_batch(trainer, pl_module, *self._deferred)
+            self._deferred = None
+        if not self.skip_update and pending.loss is not None and pending.loss.device.type in self._deferred_devices:
+            pending.loss, pending.arrived = _start_host_copy(pending.loss)
+            dumping = self.dumper.count < self.dumper.max_dumps
+            self._deferred = (pending, outputs, batch if dumping else None)
+            return
+        self._finish_batch(trainer, pl_module, pending, outputs, batch)
+
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._deferred is not None:
+            self._finish_batch(trainer, pl_module, *self._deferred)
+            self._deferred = None
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._deferred = None
+
+    def _finish_batch(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", pending: _Batch, outputs: Any, batch: Any
+    ) -> None:
+        """Judge a batch's loss, record and dump a spike, log on logging steps and raise the alarm."""
         self._decide(trainer, pending)
         if pending.verdict is None:
             self._warn_no_loss(pl_module, outputs, pending)
@@ -312,6 +353,8 @@ class LossSpikeMonitor(MonitorCallback):
         """Judge the batch's loss once: the one host transfer, then the decision shared by all ranks."""
         if pending.verdict is not None or pending.loss is None:
             return
+        if pending.arrived is not None:
+            pending.arrived.synchronize()  # waits for that copy only; not a device sync
         pending.verdict = self.detector.update(float(pending.loss), pending.step)
         pending.spike = bool(trainer.strategy.reduce_boolean_decision(pending.verdict.spike, all=False))
         if pending.spike and self.skip_update:
@@ -459,13 +502,13 @@ class LossSpikeMonitor(MonitorCallback):
         return readings
 
     def _warn_no_loss(self, pl_module: "pl.LightningModule", outputs: Any, pending: _Batch) -> None:
-        if self._warned_no_loss:
+        # In automatic optimization a batch without a loss is one `training_step` skipped by returning None.
+        if self._warned_no_loss or pl_module.automatic_optimization:
             return
         self._warned_no_loss = True
-        mode = "automatic" if pl_module.automatic_optimization else "manual"
         warnings.warn(
             f"`LossSpikeMonitor` could not read a loss at step {pending.step} (batch {pending.batch_idx}): "
-            f"`{type(pl_module).__name__}.training_step` ({mode} optimization) gave {type(outputs).__name__}. "
+            f"`{type(pl_module).__name__}.training_step` (manual optimization) gave {type(outputs).__name__}. "
             'Return the loss (a tensor or {"loss": ..., "per_sample_loss": ...}) for the monitor to watch it; '
             "batches without a loss are not watched (this warning is not repeated).",
             DeadUnitsWarning,
@@ -485,6 +528,19 @@ class LossSpikeMonitor(MonitorCallback):
                 f"{' (awaiting a check)' if event['dead_pending'] else ''} |"
             )
         self.panels.text(trainer, self.key("spike_events"), "\n".join(rows), trainer.global_step)
+
+
+def _start_host_copy(value: Tensor) -> tuple[Tensor, Any]:
+    """Start copying a CUDA scalar into pinned host memory without waiting; return the copy and the event marking
+    its arrival. Values on other devices are returned as they are (reading them later costs the same as now).
+    """  # noqa: D205
+    if value.device.type != "cuda":
+        return value, None
+    host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+    host.copy_(value, non_blocking=True)
+    arrived = torch.cuda.Event()  # type: ignore[no-untyped-call]
+    arrived.record(torch.cuda.current_stream(value.device))
+    return host, arrived
 
 
 def _loss_from(outputs: Any) -> Tensor | None:

@@ -16,7 +16,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_deadunits._validation import check_choice, check_float, check_int, check_strings
-from lightning_deadunits.callbacks._base import check_prefix
+from lightning_deadunits.callbacks._base import check_prefix, reject_sharded_strategy
 from lightning_deadunits.errors import DeadUnitsWarning
 from lightning_deadunits.functional.warmup import WARMUP_SHAPES, WarmupShape, rewarm_factor, warmup_factor
 from lightning_deadunits.panels.tensorboard import TensorBoardPanels
@@ -83,7 +83,8 @@ class LRWarmup(Callback):
         prefix: first part of every logged key.
 
     Raises:
-        ValueError: on an out-of-range number, an unknown shape or a malformed prefix.
+        ValueError: on an out-of-range number, an unknown shape or a malformed prefix, or (at setup) under
+            DeepSpeed.
         TypeError: if ``rewarm_on`` is not a string or a list of strings.
 
     Example:
@@ -154,6 +155,17 @@ class LRWarmup(Callback):
         # An alarm raised inside an optimizer step (after the pre-hook scaled it) re-warms that step already.
         for index, scheduled in self._scheduled_lrs.items():
             _set_lrs(self._optimizers[index], scheduled, self.factor(step))
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit":
+            reject_sharded_strategy(
+                trainer,
+                type(self).__name__,
+                reason="scales the LR through torch optimizer step hooks, which DeepSpeed's optimizer wrappers lack,",
+                strategies=("DeepSpeedStrategy",),
+                advice="Use DeepSpeed's own warmup scheduler, or DDP or FSDP.",
+            )
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -5,6 +5,8 @@ also the last), and the last dim of ``(N, *, F)`` linear outputs: the caller say
 (``1`` or ``-1``). A 1-D tensor is one sample: each element is a channel.
 """
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,17 +56,23 @@ def reduction_dims(ndim: int, channel_dim: int) -> tuple[int, tuple[int, ...]]:
     return dim, tuple(d for d in range(ndim) if d != dim)
 
 
-def channel_stats(x: Tensor, channel_dim: int = 1, eps: float | None = 0.0) -> ChannelStats:
+def channel_stats(x: Tensor, channel_dim: int = 1, eps: float | None = 0.0, nonnegative: bool = False) -> ChannelStats:
     """Per-channel count, near-zero count, sum, sum of squares, sum of ``|x|``, min and max of ``x``.
 
     Reduces in float32 whatever ``x``'s dtype (bf16/fp16 under autocast included), on ``x``'s device, without
     autograd and without a host sync. ``near_zero`` counts ``|x| <= eps``, so ``eps=0`` counts exact zeros (and
-    ``-0.0``); ``eps=None`` skips the count. NaN propagates into ``sum``, ``min`` and ``max``.
+    ``-0.0``); ``eps=None`` skips the count. NaN propagates into ``sum``, ``min`` and ``max``; a channel holding a
+    NaN counts no near-zero value in ``x`` (it is active).
+
+    Every statistic is a reduction of cheap float passes over ``x``, with at most one temporary of ``x``'s size:
+    comparisons to a bool tensor and reductions over scattered dims are several times slower on CPU, so values
+    are reduced over the contiguous dims after the channel first, and counted as ``sign(max(|x| - eps, 0))``.
 
     Args:
         x: an activation tensor with at least one element.
         channel_dim: ``1`` (conv-shaped and ``(N, F)`` tensors) or ``-1`` (``(N, *, F)`` linear outputs).
         eps: the near-zero tolerance (>= 0), or ``None``.
+        nonnegative: the caller knows ``x >= 0`` (a ReLU's output), so ``|x|`` is ``x`` and is not computed.
 
     Raises:
         ValueError: for an empty or 0-d tensor, or a bad ``channel_dim``.
@@ -74,24 +82,48 @@ def channel_stats(x: Tensor, channel_dim: int = 1, eps: float | None = 0.0) -> C
         >>> stats.count, stats.near_zero.tolist(), stats.sum.tolist(), stats.max.tolist()
         (2, [2, 0], [0.0, 1.0], [0.0, 2.0])
     """
-    dim, dims = reduction_dims(x.dim(), channel_dim)
+    dim, _ = reduction_dims(x.dim(), channel_dim)
     if x.numel() == 0:
         raise ValueError(f"an activation needs at least one element, got shape {tuple(x.shape)}.")
     channels = x.shape[dim]
+    outer = math.prod(x.shape[:dim])
+    count = x.numel() // channels
     with torch.no_grad():
-        values = x.detach().float()
-        if not dims:
-            values, dims = values.unsqueeze(0), (0,)
-        magnitudes = values.abs()
+        grid = x.detach().float().reshape(outer, channels, count // outer)
+        total = _per_channel(grid, torch.sum)
+        scratch: Tensor | None = None
+        if nonnegative:
+            total_abs = total
+        else:
+            scratch = grid.abs()
+            total_abs = _per_channel(scratch, torch.sum)
+        near_zero = None
+        if eps is not None:
+            if scratch is None:
+                scratch = grid.sign() if not eps else (grid - eps).clamp_min_(0).sign_()
+            else:
+                if eps:
+                    scratch.sub_(eps).clamp_min_(0)
+                scratch.sign_()
+            # 0/1 per value, so the count is exact: float32 within a row, float64 across rows.
+            active = _per_channel(scratch, lambda t, d: t.sum(d, dtype=torch.float64 if d == 0 else None))
+            near_zero = (count - active).nan_to_num_(nan=0.0).long()
+        squares = grid.square() if scratch is None else torch.mul(grid, grid, out=scratch)
         return ChannelStats(
-            count=values.numel() // channels,
-            near_zero=None if eps is None else (magnitudes <= eps).sum(dim=dims),
-            sum=values.sum(dim=dims),
-            sum_sq=values.square().sum(dim=dims),
-            sum_abs=magnitudes.sum(dim=dims),
-            min=values.amin(dim=dims),
-            max=values.amax(dim=dims),
+            count=count,
+            near_zero=near_zero,
+            sum=total,
+            sum_sq=_per_channel(squares, torch.sum),
+            sum_abs=total_abs,
+            min=_per_channel(grid, torch.amin),
+            max=_per_channel(grid, torch.amax),
         )
+
+
+def _per_channel(grid: Tensor, reduce: Callable[[Tensor, int], Tensor]) -> Tensor:
+    """Reduce an ``(outer, channels, inner)`` tensor to ``(channels,)``: the contiguous inner dim first."""
+    partial = reduce(grid, 2) if grid.shape[2] > 1 else grid[:, :, 0]
+    return reduce(partial, 0)
 
 
 def moments(total: Tensor, total_sq: Tensor, count: Tensor | float) -> tuple[Tensor, Tensor]:

@@ -3,6 +3,7 @@
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -14,6 +15,7 @@ __all__ = [
     "kernel_norms",
     "layer_kind",
     "median",
+    "sorted_quantile",
     "weight_filter_norms",
     "weight_kind",
 ]
@@ -116,7 +118,29 @@ def median(values: Tensor) -> Tensor:
     """The median as numpy defines it (mean of the two middle values for an even count); 0 when empty."""
     if values.numel() == 0:
         return values.new_zeros(())
-    return torch.quantile(values.float(), 0.5)
+    return sorted_quantile(values.detach().float().flatten().sort().values, 0.5)
+
+
+def sorted_quantile(ordered: Tensor, q: float) -> Tensor:
+    """``torch.quantile(values, q)`` (linear interpolation, NaN if any value is NaN), bit for bit, from the
+    values already sorted ascending as a non-empty 1-D tensor; on the device, without a host sync.
+
+    Several quantiles of one tensor then share one sort, and each costs two lookups instead of
+    ``torch.quantile``'s sort, checks and gathers (several times faster on the small tensors monitors see).
+
+    Example:
+        >>> values = torch.tensor([4.0, 1.0, 3.0, 2.0])
+        >>> float(sorted_quantile(values.sort().values, 0.95)) == float(torch.quantile(values, 0.95))
+        True
+    """  # noqa: D205
+    last = ordered.numel() - 1
+    # torch.quantile computes the rank and the weight in the tensor's float32, so do the same.
+    rank = np.float32(q) * np.float32(last)
+    below = int(rank)
+    weight = float(rank - np.float32(below))
+    above = below + 1 if weight > 0 else below  # torch.quantile's ceil(rank): never lerp towards an inf neighbour
+    value = torch.lerp(ordered[below], ordered[above], weight)
+    return torch.where(ordered[last].isnan(), ordered[last], value)  # sort puts NaN last
 
 
 def dead_kernel_masks(l1: Tensor, abs_threshold: float, rel_threshold: float) -> tuple[Tensor, Tensor, Tensor]:

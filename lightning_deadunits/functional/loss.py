@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor
 
-from lightning_deadunits.functional.kernels import median
+from lightning_deadunits.functional.kernels import median, sorted_quantile
 
 __all__ = ["MAD_TO_SIGMA", "robust_baseline", "spike_limit", "spike_scores"]
 
@@ -36,10 +36,11 @@ def robust_baseline(losses: Tensor) -> tuple[Tensor, Tensor]:
     if losses.numel() == 0:
         zero = losses.new_zeros((), dtype=torch.float32)
         return zero, zero
-    values = losses.float()
-    center = median(values)
+    values = losses.float().flatten()
+    ordered = values.sort().values
+    center = sorted_quantile(ordered, 0.5)
     by_mad = MAD_TO_SIGMA * median((values - center).abs())
-    by_tail = (torch.quantile(values, _UPPER_QUANTILE) - center) / _UPPER_QUANTILE_TO_SIGMA
+    by_tail = (sorted_quantile(ordered, _UPPER_QUANTILE) - center) / _UPPER_QUANTILE_TO_SIGMA
     return center, torch.maximum(by_mad, by_tail)
 
 

@@ -73,11 +73,11 @@ def heatmap_grid(maps: list[np.ndarray], scale: int = 8, columns: int = 16) -> n
     rows = -(-count // columns)
     gap = 2
     image = np.full((rows * (tile_h + gap) + gap, columns * (tile_w + gap) + gap, 3), _BACKGROUND, np.uint8)
-    for index, tile in enumerate(normalised):
+    pixels = (normalised.repeat(scale, axis=1).repeat(scale, axis=2) * 255).astype(np.uint8)
+    for index, tile in enumerate(pixels):
         top = gap + (index // columns) * (tile_h + gap)
         left = gap + (index % columns) * (tile_w + gap)
-        pixels = (np.kron(tile, np.ones((scale, scale))) * 255).astype(np.uint8)
-        image[top : top + tile_h, left : left + tile_w] = pixels[..., None]
+        image[top : top + tile_h, left : left + tile_w] = tile[..., None]
     return image
 
 
@@ -116,17 +116,17 @@ def band_chart(mins: np.ndarray, maxs: np.ndarray, height: int = 240, step_width
 
     image[rows(np.zeros(1))[0], margin:-margin] = _AXIS
     image[margin : height - margin, margin] = _AXIS
-    band = np.array(_BAR, dtype=np.float64)
+    # Coverage of every pixel row at every step at once: +1 where a range starts, -1 below where it ends, summed.
+    columns = height + 1
+    offsets = np.arange(steps)[:, None] * columns
+    weights = finite.astype(np.float64).ravel()
+    starts = np.bincount((offsets + rows(np.where(finite, highs, 0.0))).ravel(), weights, steps * columns)
+    ends = np.bincount((offsets + rows(np.where(finite, lows, 0.0)) + 1).ravel(), weights, steps * columns)
+    coverage = np.cumsum((starts - ends).reshape(steps, columns), axis=1)[:, :height]
+    step_index, row_index = np.nonzero(coverage > 0)
+    strength = (0.25 + 0.75 * coverage[step_index, row_index] / max(channels, 1))[:, None]
+    colours = (_BACKGROUND * (1 - strength) + np.array(_BAR, dtype=np.float64) * strength).astype(np.uint8)
     drawn = max(step_width - 1, 1)
-    for step in range(steps):
-        kept = finite[step]
-        edges = np.zeros(height + 1, dtype=np.int64)
-        np.add.at(edges, rows(highs[step, kept]), 1)
-        np.add.at(edges, rows(lows[step, kept]) + 1, -1)
-        coverage = np.cumsum(edges)[:height]
-        covered = coverage > 0
-        strength = (0.25 + 0.75 * coverage[covered] / max(channels, 1))[:, None]
-        colours = (_BACKGROUND * (1 - strength) + band * strength).astype(np.uint8)
-        left = margin + 1 + step * step_width
-        image[np.flatnonzero(covered), left : left + drawn] = colours[:, None, :]
+    pixel_columns = margin + 1 + step_index[:, None] * step_width + np.arange(drawn)
+    image[row_index[:, None], pixel_columns] = colours[:, None, :]
     return image

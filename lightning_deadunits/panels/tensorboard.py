@@ -7,7 +7,10 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.fabric.utilities.logger import _add_prefix
 from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.compat.proto.summary_pb2 import Summary
+from torch.utils.tensorboard import SummaryWriter
 
 __all__ = ["TensorBoardPanels"]
 
@@ -37,11 +40,23 @@ class TensorBoardPanels:
 
     @staticmethod
     def scalars(trainer: "pl.Trainer", metrics: Mapping[str, float], step: int) -> None:
-        """Log ``metrics`` at ``step`` through every logger (loggers write on rank zero only)."""
+        """Log ``metrics`` at ``step`` through every logger (loggers write on rank zero only).
+
+        A TensorBoard logger gets them as one event holding every value, as its ``log_metrics`` would write them
+        (same tags, prefix included): one event per scalar costs ~0.1 ms each in the writer thread's queue, which
+        for the hundred-odd readings of one check is most of the check's cost.
+        """
         if not metrics:
             return
         for logger in trainer.loggers:
-            logger.log_metrics(dict(metrics), step=step)
+            # Off rank zero `experiment` is a dummy, and `log_metrics` does nothing.
+            if isinstance(logger, TensorBoardLogger) and isinstance(logger.experiment, SummaryWriter):
+                prefixed = _add_prefix(metrics, logger._prefix, logger.LOGGER_JOIN_CHAR)
+                values = [Summary.Value(tag=tag, simple_value=float(value)) for tag, value in prefixed.items()]
+                file_writer = logger.experiment._get_file_writer()  # type: ignore[no-untyped-call]
+                file_writer.add_summary(Summary(value=values), step)
+            else:
+                logger.log_metrics(dict(metrics), step=step)
 
     def layout(self, trainer: "pl.Trainer", category: str, charts: Mapping[str, list[str]]) -> None:
         """Add (or replace) one custom-scalars category: ``{chart title: [tag regex, ...]}``."""

@@ -9,6 +9,8 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -73,6 +75,9 @@ not zero (a PReLU whose slope collapsed outputs ~1e-7; GELU(-6) is -6e-9).
 """
 
 _CHANNELS_LAST_PRODUCERS = (nn.Linear, nn.LayerNorm, nn.Embedding)
+# Outputs known to be >= 0 (exact types: a subclass may change forward), so |x| need not be computed.
+_NONNEGATIVE_TYPES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid)
+_NONNEGATIVE_FNS = (torch.relu, F.relu, torch.sigmoid)
 
 
 class ActivationProbe:
@@ -254,11 +259,12 @@ class ActivationProbe:
             self._track(site, module, inputs, output)
         if name in self.skipped or not output.is_floating_point() or output.numel() == 0:
             return
-        values = output
+        values, nonnegative = output, type(module) in _NONNEGATIVE_TYPES
         if self.pre_activation_fn is not None and isinstance(module, PRE_ACTIVATION_TYPES):
             values = self.pre_activation_fn(output.detach())
+            nonnegative = self.pre_activation_fn in _NONNEGATIVE_FNS
         dim = self.channel_dims.setdefault(site, 1)
-        self._target.update(site, channel_stats(values, dim, self.eps[name]))
+        self._target.update(site, channel_stats(values, dim, self.eps[name], nonnegative))
 
     def _track(self, site: CallSite, module: nn.Module, inputs: Any, output: Tensor) -> None:
         """First measured forward: resolve the site's channel dim and, in pre-activation mode, BatchNorm pairing."""

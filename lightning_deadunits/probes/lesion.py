@@ -15,6 +15,7 @@ from lightning_deadunits.probes.selection import ModuleSelector
 
 __all__ = [
     "BlockLesionProbe",
+    "LesionMetric",
     "LesionResult",
     "LesionStep",
     "default_lesion_step",
@@ -238,7 +239,7 @@ class BlockLesionProbe:
             for metric in self.metrics.values():
                 value = metric(logits, targets).detach().float() if logits is not None and targets is not None else None
                 # a NaN metric means "not counted for this batch", unlike a NaN loss, which must show
-                counted = torch.zeros_like(loss, dtype=torch.bool) if value is None else torch.isfinite(value)
+                counted = torch.zeros_like(loss, dtype=torch.bool) if value is None else ~value.isnan()
                 value = torch.zeros_like(loss) if value is None else value
                 columns += [torch.where(counted, value * size, 0.0), counted.float() * size]
             rows.append(torch.stack(columns))

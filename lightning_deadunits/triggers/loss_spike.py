@@ -130,7 +130,8 @@ class SpikeDetector:
             self.window.append(loss)
             return SpikeVerdict(step, loss, *scores, flagged=False, spike=False, reason="")
         self._streak += 1
-        self._flagged_run.append(loss)
+        if self.rebaseline_after is not None:  # only a re-baseline reads the run; without one it would grow forever
+            self._flagged_run.append(loss)
         spike = self._streak >= self.patience
         if spike:
             self._streak = 0

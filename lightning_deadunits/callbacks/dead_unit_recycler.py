@@ -1,0 +1,325 @@
+"""Recycles the dead units that other monitors report: fresh incoming weights, zero outgoing weights (ReDo)."""
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from typing_extensions import override
+
+from lightning_deadunits._validation import check_bool, check_float, check_int, check_strings
+from lightning_deadunits.actions.alarm_handler import AlarmAction
+from lightning_deadunits.actions.recycle import (
+    RECYCLABLE_TYPES,
+    UnitFlowTracer,
+    cap_units,
+    recycle_seed,
+    recycle_units,
+    unit_count,
+)
+from lightning_deadunits.callbacks._base import MonitorCallback, reject_sharded_strategy
+from lightning_deadunits.probes.selection import ModuleSelector
+from lightning_deadunits.triggers.rule import Rule
+
+__all__ = ["DeadUnitRecycler"]
+
+log = logging.getLogger("lightning_deadunits")
+
+
+class DeadUnitRecycler(MonitorCallback):
+    r"""Re-initialises dead or dormant units reported by the other monitors (ReDo, Sokar et al. 2023).
+
+    It listens to every :class:`~lightning_deadunits.callbacks._base.MonitorCallback` of the trainer (or those
+    whose ``source`` is in ``sources``): each exposes ``dead_masks`` (``{name: bool mask over units}``) from its
+    latest check. A name is either a convolution or linear layer (:class:`~lightning_deadunits.KernelNormMonitor`:
+    dead filters) or an activation call site (``ActivationMonitor``: ``features.3``, ``layer1.0.relu#0``), which is
+    mapped to the layer whose output reaches it through elementwise, normalisation and pooling modules only
+    (:class:`~lightning_deadunits.actions.recycle.UnitFlowTracer`, traced in the first training forward). A site
+    fed by a functional operation (``x + residual``, ``F.relu``) maps to nothing and is noted once in the
+    ``lightning_deadunits`` log. Masks of one layer from several monitors are or-ed.
+
+    When a monitor has a new check and at least ``every_n_steps`` optimizer steps have passed since the last
+    recycling that recycled anything, up to ``floor(max_fraction * units)`` flagged units per layer (chosen at
+    random among the flagged) are recycled with :func:`~lightning_deadunits.actions.recycle.recycle_units`:
+    incoming weights and bias redrawn from the layer's own initialisation, outgoing weights zeroed in the layers
+    that read them (found from data flow), per-unit BatchNorm entries reset, and the optimizer state of exactly
+    those entries zeroed. A layer whose readers are not found (read through a functional op, or the logits) is
+    not recycled unless ``require_consumer=False`` (then its outgoing weights are left as they are); either case
+    is noted once. At the next check that reports on a layer, the recycled units that are not flagged again count
+    as ``still_alive``.
+
+    Zeroing the outgoing weights keeps the network's function exactly for units whose output is 0 (dead ReLU
+    units). A dead *kernel* still emits a constant (its bias, or its BatchNorm's beta through the activation):
+    that constant is lost, which BatchNorm layers downstream absorb at once in training mode but which shifts
+    eval-mode outputs until their running statistics catch up (tens of steps at momentum 0.1), so avoid
+    recycling just before validation or the end of training.
+
+    Under DDP every rank recycles the same units with the same values: the masks are or-ed across ranks (one
+    all-reduce per check) and the fresh weights are drawn on the CPU from a seed of (``seed``, global step, layer
+    index). Sharded strategies are rejected at setup. Put this callback after the monitors in ``callbacks`` to act
+    on the same step as their check; before them it acts one batch later.
+
+    Logged keys (``<p>`` is ``prefix``, ``<layer>`` the module name):
+
+    =========================================  ======================================================
+    ``<p>/recycle/<layer>/flagged``            units flagged dead at this check (recycling steps)
+    ``<p>/recycle/<layer>/recycled``           units recycled now (at most ``max_fraction`` of the layer)
+    ``<p>/recycle/<layer>/still_alive``        units recycled last time and not flagged at this check
+    ``<p>/recycle/total/flagged``              the sum over layers
+    ``<p>/recycle/total/recycled``             the sum over layers
+    ``<p>/recycle/total/recycled_cumulative``  units recycled since the start of training
+    ``<p>/recycle/total/still_alive``          the sum over layers
+    ``<p>/recycle/total/still_alive_frac``     ``still_alive`` / units recycled last time in those layers
+    =========================================  ======================================================
+
+    Args:
+        every_n_steps: recycle at most once per this many optimizer steps (>= 1).
+        max_fraction: at most this fraction of a layer's units per recycling, in (0, 1].
+        sources: ``source`` names of the monitors to listen to (e.g. ``["kernels"]``; empty: all).
+        include: module-name globs of the layers that may be recycled (default: all).
+        exclude: module-name globs of layers never recycled.
+        require_consumer: recycle only layers whose outgoing weights were found (others would change the
+            network's function at once: e.g. a last convolution read through ``x.mean((2, 3))``, or logits).
+        seed: base seed of the fresh weights (>= 0).
+        alarms: :class:`~lightning_deadunits.triggers.Rule` objects over the logged keys.
+        on_alarm: actions for fired alarms (``"log"``, ``"warn"``, ``"stop"``, ``"raise"`` or callables).
+        prefix: first part of every logged key.
+
+    Raises:
+        ValueError: on an out-of-range number, an unknown action, or (at setup) a sharded strategy.
+        TypeError: on a wrongly typed argument.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_deadunits import KernelNormMonitor
+        >>> callbacks = [KernelNormMonitor(every_n_steps=100), DeadUnitRecycler(every_n_steps=100)]
+        >>> trainer = Trainer(callbacks=callbacks)  # doctest: +SKIP
+    """
+
+    source = "recycle"
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        max_fraction: float = 0.1,
+        sources: Sequence[str] = (),
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        require_consumer: bool = True,
+        seed: int = 0,
+        alarms: Sequence[Rule] = (),
+        on_alarm: Sequence[AlarmAction] = ("log",),
+        prefix: str = "deadunits",
+    ) -> None:
+        super().__init__(prefix=prefix, alarms=alarms, on_alarm=on_alarm)
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
+        self.max_fraction = check_float("max_fraction", max_fraction, 0.0, 1.0, min_inclusive=False)
+        self.sources = check_strings("sources", sources)
+        self.include = check_strings("include", include)
+        self.exclude = check_strings("exclude", exclude)
+        self.require_consumer = check_bool("require_consumer", require_consumer)
+        self.seed = check_int("seed", seed, minimum=0)
+        self.tracer = UnitFlowTracer()
+        self.layers: dict[str, nn.Module] = {}
+        self.last_recycle_step: int | None = None
+        self.recycled_total = 0
+        self.history: list[dict[str, float]] = []
+        self._modules: dict[str, nn.Module] = {}
+        self._layer_index: dict[str, int] = {}
+        self._seen: dict[int, int] = {}
+        self._pending: dict[str, tuple[Tensor, int]] = {}
+        self._notes: set[str] = set()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps,
+            max_fraction=self.max_fraction,
+            sources=self.sources,
+            require_consumer=self.require_consumer,
+            include=self.include,
+            exclude=self.exclude,
+        )
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        reject_sharded_strategy(trainer, type(self).__name__)
+        self._modules = dict(pl_module.named_modules())
+        every_layer = [name for name, module in self._modules.items() if isinstance(module, RECYCLABLE_TYPES)]
+        self._layer_index = {name: index for index, name in enumerate(every_layer)}
+        self.layers = {
+            name: module
+            for name, module in ModuleSelector(RECYCLABLE_TYPES, self.include, self.exclude).select(pl_module)
+            if _recyclable(module)
+        }
+
+    @override
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
+        if self.tracer.pending and self.layers:
+            self.tracer.start(pl_module, self.layers)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.tracer.hooks_attached:
+            self.tracer.finish()
+        if self.tracer.traced:
+            flagged = self._collect(trainer)
+            if flagged:
+                self._process(trainer, flagged, trainer.global_step)
+
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self.panels.flush(trainer)
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self.tracer.finish()
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self.tracer.finish()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **self._base_state(),
+            "tracer": self.tracer.state_dict(),
+            "last_recycle_step": self.last_recycle_step,
+            "recycled_total": self.recycled_total,
+            "history": list(self.history),
+            "pending": {name: (units.cpu(), count) for name, (units, count) in self._pending.items()},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._load_base_state(state_dict)
+        self.tracer.load_state_dict(state_dict.get("tracer", {}))
+        self.last_recycle_step = state_dict.get("last_recycle_step")
+        self.recycled_total = int(state_dict.get("recycled_total", 0))
+        self.history = list(state_dict.get("history", []))
+        self._pending = {
+            name: (units.clone(), int(count)) for name, (units, count) in state_dict.get("pending", {}).items()
+        }
+
+    def _collect(self, trainer: "pl.Trainer") -> dict[str, Tensor]:
+        """The masks of every monitor check not seen yet, mapped to layers and or-ed per layer."""
+        flagged: dict[str, Tensor] = {}
+        for monitor in trainer.callbacks:  # type: ignore[attr-defined]
+            if not isinstance(monitor, MonitorCallback) or monitor is self:
+                continue
+            if monitor.dead_counts_step is None or (self.sources and monitor.source not in self.sources):
+                continue
+            if self._seen.get(id(monitor)) == monitor.dead_counts_step:
+                continue
+            self._seen[id(monitor)] = monitor.dead_counts_step
+            for site, mask in monitor.dead_masks.items():
+                layer = site if site in self.layers else self.tracer.sites.get(site)
+                if layer not in self.layers:
+                    self._note(
+                        trainer,
+                        f"cannot recycle {site!r} ({monitor.source}): no recyclable convolution or linear layer "
+                        "reaches it through elementwise, normalisation or pooling modules",
+                    )
+                    continue
+                if mask.shape != (unit_count(self.layers[layer]),):
+                    self._note(
+                        trainer,
+                        f"cannot recycle {site!r} ({monitor.source}): its mask has shape {tuple(mask.shape)}, "
+                        f"layer {layer!r} has {unit_count(self.layers[layer])} units",
+                    )
+                    continue
+                flagged[layer] = flagged[layer] | mask.bool() if layer in flagged else mask.bool()
+        return flagged
+
+    def _process(self, trainer: "pl.Trainer", flagged: Mapping[str, Tensor], step: int) -> None:
+        names = sorted(flagged, key=self._layer_index.__getitem__)
+        masks = dict(zip(names, self._agree(trainer, [flagged[name] for name in names]), strict=True))
+        judged = [name for name in names if name in self._pending]
+        counts = [masks[name].sum() for name in names]
+        survivors = [(self._pending[name][0].to(masks[name].device) & ~masks[name]).sum() for name in judged]
+        host = torch.stack([count.to(counts[0].device) for count in counts + survivors]).cpu().tolist()
+        flagged_counts = dict(zip(names, host[: len(names)], strict=True))
+        still_alive = dict(zip(judged, host[len(names) :], strict=True))
+        totals: dict[str, float] = {}
+        readings: dict[str, float] = {}
+        if judged:
+            recycled_before = sum(self._pending[name][1] for name in judged)
+            for name in judged:
+                readings[self.key(name, "still_alive")] = still_alive[name]
+                del self._pending[name]
+            totals["still_alive"] = sum(still_alive.values())
+            totals["still_alive_frac"] = totals["still_alive"] / recycled_before
+        if self.last_recycle_step is None or step - self.last_recycle_step >= self.every_n_steps:
+            readings.update(self._recycle(trainer, masks, flagged_counts, step))
+            totals["flagged"] = sum(flagged_counts.values())
+            totals["recycled"] = sum(readings[self.key(name, "recycled")] for name in masks)
+            totals["recycled_cumulative"] = float(self.recycled_total)
+        if totals:
+            readings.update({self.key("total", stat): value for stat, value in totals.items()})
+            self.history.append({"step": float(step), **totals})
+            self._publish(trainer, readings, step)
+
+    def _recycle(
+        self, trainer: "pl.Trainer", masks: Mapping[str, Tensor], flagged: Mapping[str, float], step: int
+    ) -> dict[str, float]:
+        readings: dict[str, float] = {}
+        for name, mask in masks.items():
+            consumers = [self._modules[consumer] for consumer in self.tracer.consumers.get(name, [])]
+            recycled = min(int(flagged[name]), math.floor(self.max_fraction * mask.numel()))
+            if recycled and not consumers:
+                if self.require_consumer:
+                    recycled = 0
+                self._note(
+                    trainer,
+                    f"{'does not recycle' if self.require_consumer else 'leaves the outgoing weights of'} {name!r}: "
+                    "no layer reading its units through elementwise, normalisation or pooling modules only was found",
+                )
+            readings[self.key(name, "flagged")] = flagged[name]
+            readings[self.key(name, "recycled")] = float(recycled)
+            if recycled == 0:
+                continue
+            seed = recycle_seed(self.seed, step, self._layer_index[name])
+            chosen = cap_units(mask, recycled, seed)
+            norms = [self._modules[norm] for norm in self.tracer.norms.get(name, [])]
+            recycle_units(self.layers[name], chosen, seed, consumers, norms, trainer.optimizers)
+            self._pending[name] = (chosen, recycled)
+            self.recycled_total += recycled
+            self.last_recycle_step = step
+        return readings
+
+    @staticmethod
+    def _agree(trainer: "pl.Trainer", masks: list[Tensor]) -> list[Tensor]:
+        """Or the masks across ranks, so that every rank recycles the same units (one all-reduce)."""
+        if trainer.world_size <= 1:
+            return masks
+        device = masks[0].device
+        union = trainer.strategy.reduce(torch.cat([mask.to(device).float() for mask in masks]), reduce_op="max")
+        return list((union > 0).split([mask.numel() for mask in masks]))
+
+    def _note(self, trainer: "pl.Trainer", note: str) -> None:
+        if note not in self._notes:
+            self._notes.add(note)
+            if trainer.global_rank == 0:
+                log.info("`DeadUnitRecycler` %s.", note)
+
+
+def _recyclable(module: nn.Module) -> bool:
+    """Trainable, with its own initialisation and plain (not parametrized) weights."""
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(weight, Tensor)
+        and weight.requires_grad
+        and callable(getattr(module, "reset_parameters", None))
+        and not parametrize.is_parametrized(module)
+    )

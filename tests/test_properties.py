@@ -1,0 +1,239 @@
+"""Properties of the pure statistics: what holds for any data, not just the planted cases."""
+
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from lightning_deadunits.functional.activations import ChannelStats, channel_stats, dormant_channels, moments
+from lightning_deadunits.functional.kernels import dead_kernel_masks
+from lightning_deadunits.functional.loss import robust_baseline, spike_scores
+from lightning_deadunits.functional.warmup import WARMUP_SHAPES, rewarm_factor, warmup_factor
+from lightning_deadunits.metrics.activation_stats import ActivationStats
+from lightning_deadunits.triggers.loss_spike import SpikeDetector
+from lightning_deadunits.triggers.threshold import ThresholdRule
+
+SITE = ("relu", 0)
+# Activations with exact zeros (and -0.0) common, as after a ReLU, and values on both sides of small eps.
+VALUES = st.one_of(st.sampled_from([0.0, -0.0, 1e-7, -1e-7]), st.floats(-8, 8, width=32))
+
+
+def activations(min_batch: int = 1) -> st.SearchStrategy[np.ndarray]:
+    shapes = st.tuples(st.integers(min_batch, 6), st.integers(1, 4), st.integers(1, 3))
+    return shapes.flatmap(lambda shape: hnp.arrays(np.float32, shape, elements=VALUES))
+
+
+def cuts(size: int) -> st.SearchStrategy[list[int]]:
+    """Sorted cut points splitting `size` rows into non-empty parts."""
+    return st.sets(st.integers(1, size - 1), max_size=size - 1).map(sorted) if size > 1 else st.just([])
+
+
+def parts_of(array: np.ndarray, points: list[int]) -> list[torch.Tensor]:
+    return [torch.from_numpy(part) for part in np.split(array, points)]
+
+
+def merge(parts: list[ChannelStats]) -> dict[str, torch.Tensor | int]:
+    """How a reduction (across micro-batches or ranks) combines statistics: sums add, extremes take min/max."""
+    assert all(part.near_zero is not None for part in parts)
+    return {
+        "count": sum(part.count for part in parts),
+        "near_zero": sum(part.near_zero for part in parts),  # type: ignore[misc]
+        "sum": torch.stack([part.sum.double() for part in parts]).sum(0),
+        "sum_sq": torch.stack([part.sum_sq.double() for part in parts]).sum(0),
+        "sum_abs": torch.stack([part.sum_abs.double() for part in parts]).sum(0),
+        "min": torch.stack([part.min for part in parts]).amin(0),
+        "max": torch.stack([part.max for part in parts]).amax(0),
+    }
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), eps=st.sampled_from([0.0, 1e-6, 0.5]), channel_dim=st.sampled_from([1, -1]))
+def test_channel_stats_of_batch_parts_merge_to_those_of_the_whole(
+    data: st.DataObject, eps: float, channel_dim: int
+) -> None:
+    array = data.draw(activations(min_batch=2))
+    whole = channel_stats(torch.from_numpy(array), channel_dim, eps)
+    merged = merge([channel_stats(part, channel_dim, eps) for part in parts_of(array, data.draw(cuts(len(array))))])
+    assert merged["count"] == whole.count
+    assert torch.equal(merged["near_zero"], whole.near_zero)  # type: ignore[arg-type]
+    assert torch.equal(merged["min"], whole.min) and torch.equal(merged["max"], whole.max)
+    for field in ("sum", "sum_sq", "sum_abs"):
+        np.testing.assert_allclose(merged[field], getattr(whole, field).double(), rtol=1e-5, atol=1e-4)
+    mean, std = moments(merged["sum"].sum(), merged["sum_sq"].sum(), merged["count"] * whole.sum.numel())  # type: ignore[arg-type]
+    assert float(mean) == pytest.approx(float(array.astype(np.float64).mean()), rel=1e-5, abs=1e-5)
+    # std from float32 sums of squares cancels: it is good to about sqrt(float32 eps) times the largest |x|
+    scale = 1e-3 * (1 + float(np.abs(array).max()))
+    assert float(std) == pytest.approx(float(array.astype(np.float64).std()), rel=1e-3, abs=scale)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    data=st.data(),
+    samples=st.integers(1, 4),
+    window=st.integers(1, 4),
+    reset_after=st.integers(0, 4),
+)
+def test_activation_stats_fed_in_parts_equal_the_whole(
+    data: st.DataObject, samples: int, window: int, reset_after: int
+) -> None:
+    channels = data.draw(st.integers(1, 4))
+    whole, split = ActivationStats(), ActivationStats()
+    for index in range(samples):
+        rows = data.draw(st.integers(2, 6))
+        array = data.draw(hnp.arrays(np.float32, (rows, channels, 2), elements=VALUES))
+        whole.begin_sample()
+        whole.update(SITE, channel_stats(torch.from_numpy(array)))
+        split.begin_sample()  # one sample, several micro-batches (gradient accumulation, or ranks before sync)
+        for part in parts_of(array, data.draw(cuts(rows))):
+            split.update(SITE, channel_stats(part))
+        if index + 1 == reset_after:
+            whole.reset_period()
+            split.reset_period()
+    assume(whole.summarise(window))  # a period reset by the last sample holds nothing to compare
+    expected, got = whole.summarise(window)[SITE], split.summarise(window)[SITE]
+    assert got.count == expected.count
+    for field in ("near_zero", "min", "max", "dead"):
+        assert torch.equal(getattr(got, field), getattr(expected, field)), field
+    for field in ("sum", "sum_sq", "sum_abs"):
+        np.testing.assert_allclose(getattr(got, field), getattr(expected, field), rtol=1e-5, atol=1e-4)
+    assert torch.equal(split.dead_masks(window)[SITE], whole.dead_masks(window)[SITE])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    l1=hnp.arrays(np.float32, st.integers(1, 12), elements=st.one_of(st.just(0.0), st.just(1e-40), st.floats(0, 5))),
+    abs_thresholds=st.tuples(st.floats(0, 2), st.floats(0, 2)).map(sorted),
+    rel_thresholds=st.tuples(st.floats(0, 1), st.floats(0, 1)).map(sorted),
+)
+def test_dead_kernel_masks_only_grow_with_either_threshold(
+    l1: np.ndarray, abs_thresholds: list[float], rel_thresholds: list[float]
+) -> None:
+    norms = torch.from_numpy(l1)
+    low_abs, low_rel, median = dead_kernel_masks(norms, abs_thresholds[0], rel_thresholds[0])
+    high_abs, high_rel, same_median = dead_kernel_masks(norms, abs_thresholds[1], rel_thresholds[1])
+    assert torch.equal(median, same_median)
+    assert not (low_abs & ~high_abs).any() and not (low_rel & ~high_rel).any()
+    # a permutation of the filters permutes the verdicts
+    order = torch.randperm(len(norms))
+    permuted_abs, permuted_rel, _ = dead_kernel_masks(norms[order], abs_thresholds[0], rel_thresholds[0])
+    assert torch.equal(permuted_abs, low_abs[order]) and torch.equal(permuted_rel, low_rel[order])
+    if abs_thresholds[0] == 0 and rel_thresholds[0] == 0:
+        assert not (low_abs | low_rel).any()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    mean_abs=hnp.arrays(np.float32, st.integers(1, 10), elements=st.floats(0, 10, width=32)),
+    taus=st.tuples(st.floats(0, 1), st.floats(0, 1)).map(sorted),
+    array=activations(),
+    eps=st.tuples(st.floats(0, 2), st.floats(0, 2)).map(sorted),
+)
+def test_dormant_and_near_zero_counts_only_grow_with_their_tolerances(
+    mean_abs: np.ndarray, taus: list[float], array: np.ndarray, eps: list[float]
+) -> None:
+    scores = torch.from_numpy(mean_abs)
+    assert not (dormant_channels(scores, taus[0]) & ~dormant_channels(scores, taus[1])).any()
+    low, high = (channel_stats(torch.from_numpy(array), 1, e).near_zero for e in eps)
+    assert low is not None and high is not None and bool((low <= high).all())
+
+
+LOSSES = st.lists(st.floats(0.125, 50, width=32), min_size=1, max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(losses=LOSSES, shift=st.floats(-20, 20, width=32), scale=st.floats(0.125, 8, width=32))
+def test_robust_baseline_ignores_order_and_follows_shifts_and_scales(
+    losses: list[float], shift: float, scale: float
+) -> None:
+    values = torch.tensor(losses, dtype=torch.float64)
+    center, spread = robust_baseline(values)
+    assert float(spread) >= 0
+    permuted = robust_baseline(values[torch.randperm(len(values))])
+    assert float(permuted[0]) == float(center) and float(permuted[1]) == float(spread)
+    tolerance = 1e-4 * (1 + float(values.abs().max()) * max(1.0, scale))
+    shifted = robust_baseline(values + shift)
+    assert float(shifted[0]) == pytest.approx(float(center) + shift, abs=tolerance)
+    assert float(shifted[1]) == pytest.approx(float(spread), abs=tolerance)
+    scaled = robust_baseline(values * scale)
+    assert float(scaled[0]) == pytest.approx(float(center) * scale, abs=tolerance)
+    assert float(scaled[1]) == pytest.approx(float(spread) * scale, abs=tolerance)
+
+
+@settings(max_examples=60, deadline=None)
+@given(losses=st.lists(st.floats(0.125, 50, width=32), min_size=3, max_size=30), data=st.data())
+def test_robust_baseline_median_stays_inside_the_data_under_a_minority_of_outliers(
+    losses: list[float], data: st.DataObject
+) -> None:
+    outliers = data.draw(st.lists(st.floats(1e3, 1e6), max_size=len(losses) - 2))
+    center, _ = robust_baseline(torch.tensor(losses + outliers))
+    assert min(losses) <= float(center) <= max(losses)
+
+
+def _warm_detector(losses: list[float], ratio: float, z_score: float) -> SpikeDetector:
+    detector = SpikeDetector(window=len(losses), warmup=len(losses), ratio=ratio, z_score=z_score)
+    for step, loss in enumerate(losses):
+        detector.update(loss, step)
+    return detector
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    losses=st.lists(st.floats(0.5, 5, width=32), min_size=3, max_size=20),
+    loss=st.floats(0, 200, width=32),
+    excess=st.floats(0, 100, width=32),
+    ratios=st.tuples(st.floats(1.01, 5), st.floats(1.01, 5)).map(sorted),
+    z_scores=st.tuples(st.floats(0.1, 20), st.floats(0.1, 20)).map(sorted),
+)
+def test_spike_verdicts_are_monotone_in_the_loss_and_in_both_thresholds(
+    losses: list[float], loss: float, excess: float, ratios: list[float], z_scores: list[float]
+) -> None:
+    strict = _warm_detector(losses, ratios[1], z_scores[1])
+    lenient = copy.deepcopy(strict)
+    lenient.ratio, lenient.z_score = ratios[0], z_scores[0]
+    flagged = copy.deepcopy(strict).update(loss, len(losses)).flagged
+    assert not flagged or copy.deepcopy(strict).update(loss + excess, len(losses)).flagged
+    assert not flagged or lenient.update(loss, len(losses)).flagged
+    center, spread = robust_baseline(torch.tensor(losses))
+    low, high = spike_scores(torch.tensor([loss, loss + excess]), center, spread)
+    assert low[0] <= low[1] and high[0] <= high[1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    value=st.floats(-100, 100),
+    more=st.floats(0, 100),
+    limits=st.tuples(st.floats(-100, 100), st.floats(-100, 100)).map(sorted),
+)
+def test_threshold_rules_fire_monotonically_in_the_value_and_the_limit(
+    value: float, more: float, limits: list[float]
+) -> None:
+    def fires(rule: ThresholdRule, reading: float) -> bool:
+        return bool(rule.evaluate({"deadunits/x": reading}, 0, "test"))
+
+    low, high = limits
+    if fires(ThresholdRule("deadunits/x", above=high), value):
+        assert fires(ThresholdRule("deadunits/x", above=high), value + more)
+        assert fires(ThresholdRule("deadunits/x", above=low), value)
+    if fires(ThresholdRule("deadunits/x", below=low), value):
+        assert fires(ThresholdRule("deadunits/x", below=low), value - more)
+        assert fires(ThresholdRule("deadunits/x", below=high), value)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.sampled_from(WARMUP_SHAPES),
+    steps=st.integers(1, 50),
+    start=st.integers(0, 30),
+    floor=st.floats(0, 1),
+)
+def test_warmup_factors_rise_from_their_start_to_one(shape: str, steps: int, start: int, floor: float) -> None:
+    warmup = [warmup_factor(step, steps, shape) for step in range(steps + 3)]  # type: ignore[arg-type]
+    assert all(0 <= a <= b <= 1 for a, b in itertools.pairwise(warmup)) and warmup[-1] == 1.0
+    rewarm = [rewarm_factor(step, start, floor, steps, shape) for step in range(start, start + steps + 2)]  # type: ignore[arg-type]
+    assert rewarm[0] == pytest.approx(floor) and rewarm[-1] == 1.0
+    assert all(floor - 1e-12 <= a <= b + 1e-12 <= 1 + 1e-12 for a, b in itertools.pairwise(rewarm))
