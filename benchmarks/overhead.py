@@ -1,20 +1,31 @@
 """Overhead of the monitors against a bare Trainer, measured side by side in one process.
 
 Every configuration trains the same model on the same data for the same number of optimizer steps, with the same
-TensorBoard logger (Lightning's default), so the only difference from the bare run is what is measured. Runs
-are interleaved (each repetition runs every configuration once, in a shuffled order) and each configuration's
-time per step is divided by the bare run's time per step *of the same repetition*; the tables report the median
-of those ratios and their range. The timed window starts at the end of step ``--warmup`` (so one-off costs such
-as the fit-start kernel check, the BatchNorm pairing forward, logger start-up and allocator warm-up are excluded
-from every configuration alike) and ends at the end of the last step; ``--steps - --warmup`` should be a multiple
-of the monitors' 50-step cadence so that periodic checks are amortised exactly.
+TensorBoard logger (Lightning's default), so the only difference from the bare run is what is measured.
 
-Wall time is what the targets are about. Process CPU time is reported beside it: on a busy machine it is much less
-noisy (waiting for a core is not CPU time), so where the two disagree the CPU ratio is the better estimate.
+**Lockstep (CPU).** A shared machine's speed drifts by tens of percent within seconds (other processes, frequency,
+noisy neighbours), which swamps a 3% effect when configurations run one after another. So on CPU every
+configuration of a repetition trains at the same time, each in its own thread of this process, and they take
+turns one optimizer step at a time (a shuffled order per repetition): step ``i`` of every configuration runs
+within a few hundred milliseconds of step ``i`` of the bare run, and any drift hits all of them alike. Each step is
+timed from the moment its run gets the turn to the end of its last ``on_train_batch_end`` hook, so data loading,
+forward, backward, optimizer and every callback hook are in it. Only one thread runs at a time; the TensorBoard
+writer threads still run in the background (the monitors hand them one event per check).
+
+**Sequential (CUDA).** On a GPU, turn-taking would need a device sync per step, which would hide the very syncs
+the monitors must not make, so configurations run one after another (shuffled per repetition), synchronising only
+where the timed window opens and closes.
+
+Each configuration's time per step is divided by the bare run's *of the same repetition*; the tables report the
+median of those ratios and their range over repetitions. The timed window starts at the end of step ``--warmup`` (so
+one-off costs such as the fit-start kernel check, the BatchNorm pairing forward, logger start-up and allocator
+warm-up are excluded from every configuration alike) and ends at the end of the last step; ``--steps - --warmup``
+should be a multiple of the monitors' 50-step cadence so that periodic checks are amortised exactly. The CPU time
+of the training thread is reported beside the wall time.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over the timed window. On CPU, each configuration is run
-once more in a fresh subprocess whose peak RSS is reset when the timed window starts (``/proc/self/clear_refs``)
-and read at its end, against the bare subprocess (``--no-memory`` skips this).
+once more, alone, in a fresh subprocess whose peak RSS is reset when the timed window starts
+(``/proc/self/clear_refs``) and read at its end, against the bare subprocess (``--no-memory`` skips this).
 
 Usage:
     python benchmarks/overhead.py                 # both models, CPU (or CUDA when available), writes results/
@@ -116,34 +127,108 @@ class BenchModule(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
     def train_dataloader(self) -> DataLoader[Any]:
-        return DataLoader(self.data, batch_size=self.batch_size, shuffle=True, drop_last=True)
+        # Its own generator: every run sees the same batches in the same order, whatever runs beside it.
+        order = torch.Generator().manual_seed(0)
+        return DataLoader(self.data, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=order)
+
+
+class Lockstep:
+    """Lets ``runs`` training threads take turns, one optimizer step each, in the order of their numbers."""
+
+    def __init__(self, runs: int) -> None:
+        # Everyone waits until all runs have set up (so no setup runs beside a timed step), then collects garbage
+        # once so that no run starts with another's.
+        self.ready = threading.Barrier(runs, action=gc.collect)
+        self.runs = runs
+        self.turn = 0
+        self.finished: set[int] = set()
+        self.condition = threading.Condition()
+
+    def start(self, run: int) -> None:
+        self.ready.wait()
+        self.wait(run)
+
+    def wait(self, run: int) -> None:
+        with self.condition:
+            self.condition.wait_for(lambda: self.turn == run)
+
+    def hand_on(self, run: int) -> None:
+        with self.condition:
+            self._pass(run)
+
+    def finish(self, run: int) -> None:
+        """``run`` is over (or failed): never wait for it again."""
+        with self.condition:
+            self.finished.add(run)
+            if self.turn == run:
+                self._pass(run)
+        if self.ready.n_waiting:  # a run that failed before the barrier would leave the others waiting forever
+            self.ready.abort()
+
+    def _pass(self, run: int) -> None:
+        following = [(run + offset) % self.runs for offset in range(1, self.runs + 1)]
+        self.turn = next((other for other in following if other not in self.finished), run)
+        self.condition.notify_all()
 
 
 class WindowTimer(pl.Callback):
-    """Wall and CPU seconds of every step from the end of step ``warmup`` to the end of the last step (all
-    callbacks included, as it is the last callback); resets the peak-memory counters when the window opens.
+    """Wall and training-thread CPU seconds of every step after step ``warmup``; resets the peak-memory counters
+    when the window opens. Put last, so that every other callback's hooks are in the step.
 
-    CUDA is synchronised only where the window opens and closes: a sync per step would hide the very syncs the
-    monitors must not make, so per-step times are meaningful on CPU only (their sum is right on both)."""
+    With a ``lockstep``, the run hands the turn on after each step and a step is timed from the moment it gets the
+    turn back. Without, CUDA is synchronised only where the window opens and closes: a sync per step would hide
+    the very syncs the monitors must not make, so per-step times then add up right but mean little one by one.
+    """  # noqa: D205
 
-    def __init__(self, warmup: int) -> None:
+    def __init__(self, warmup: int, lockstep: Lockstep | None = None, run: int = 0) -> None:
         self.warmup = warmup
-        self.last: tuple[float, float] | None = None
+        self.lockstep = lockstep
+        self.run = run
         self.wall: list[float] = []
         self.cpu: list[float] = []
+        self.resumed = (0.0, 0.0)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.lockstep is not None:
+            self.lockstep.start(self.run)
+        self.resumed = _clocks()
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if self.last is None and trainer.global_step != self.warmup:
-            return
         if trainer.global_step in (self.warmup, trainer.max_steps):
             _sync()
-        now = (time.perf_counter(), time.process_time())
-        if self.last is None:
+        now = _clocks()
+        if trainer.global_step == self.warmup:
             reset_peak_memory()
-        else:
-            self.wall.append(now[0] - self.last[0])
-            self.cpu.append(now[1] - self.last[1])
-        self.last = now
+        elif trainer.global_step > self.warmup:
+            self.wall.append(now[0] - self.resumed[0])
+            self.cpu.append(now[1] - self.resumed[1])
+        if self.lockstep is not None:
+            self.lockstep.hand_on(self.run)
+            self.lockstep.wait(self.run)
+            now = _clocks()
+        self.resumed = now
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.lockstep is not None:
+            self.lockstep.finish(self.run)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.on_train_end(trainer, pl_module)
+
+
+def _clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.thread_time()
+
+
+class AnomalyDetection(pl.Callback):
+    """``Trainer(detect_anomaly=True)`` for lockstep runs: the trainer flag sets process-wide state for the whole
+    fit, which would leak into the runs stepping beside it, so this turns it on for this run's steps only."""  # noqa: D205
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        torch.autograd.set_detect_anomaly(True)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        torch.autograd.set_detect_anomaly(False)
 
 
 class ParameterHistograms(pl.Callback):
@@ -164,7 +249,13 @@ class ParameterHistograms(pl.Callback):
 class Config:
     name: str
     callbacks: Callable[[], list[pl.Callback]] = list
-    trainer: dict[str, Any] = field(default_factory=dict)
+    detect_anomaly: bool = False
+
+    def build_callbacks(self, lockstep: bool) -> list[pl.Callback]:
+        return [*self.callbacks(), *([AnomalyDetection()] if self.detect_anomaly and lockstep else [])]
+
+    def trainer_options(self, lockstep: bool) -> dict[str, Any]:
+        return {"detect_anomaly": self.detect_anomaly and not lockstep}
 
 
 def configs(histogram_every: int) -> list[Config]:
@@ -179,7 +270,7 @@ def configs(histogram_every: int) -> list[Config]:
         Config("ActivationMonitor(every_n_steps=1)", lambda: [du.ActivationMonitor(every_n_steps=1)]),
         Config("LossSpikeMonitor()", lambda: [du.LossSpikeMonitor()]),
         Config("DeadUnits()", lambda: [du.DeadUnits()]),
-        Config(ANOMALY, trainer={"detect_anomaly": True}),
+        Config(ANOMALY, detect_anomaly=True),
         Config(f"parameter histograms every {histogram_every} steps", lambda: [ParameterHistograms(histogram_every)]),
     ]
 
@@ -208,34 +299,77 @@ def build_model(kind: str, width: int) -> tuple[nn.Module, TensorDataset, int]:
     raise ValueError(f"unknown model {kind!r}")
 
 
-def run_once(
-    config: Config, model_kind: str, width: int, steps: int, warmup: int, device: str, log_dir: Path
+def train(
+    config: Config,
+    built: tuple[nn.Module, TensorDataset, int],
+    args: argparse.Namespace,
+    log_dir: Path,
+    lockstep: Lockstep | None = None,
+    run: int = 0,
 ) -> dict[str, Any]:
-    """Train one configuration; return wall and CPU seconds per step over the timed window, and peak memory."""
-    pl.seed_everything(0, verbose=False)
-    model, data, batch_size = build_model(model_kind, width)
-    timer = WindowTimer(warmup)
+    """Train one configuration; return its per-step wall and CPU seconds over the timed window, and peak memory."""
+    model, data, batch_size = built
+    timer = WindowTimer(args.warmup, lockstep, run)
     trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator=device,
+        max_steps=args.steps,
+        accelerator=args.device,
         devices=1,
-        callbacks=[*config.callbacks(), timer],
+        callbacks=[*config.build_callbacks(lockstep is not None), timer],
         logger=TensorBoardLogger(log_dir, name=_slug(config.name)),
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
         num_sanity_val_steps=0,
-        **config.trainer,
+        **config.trainer_options(lockstep is not None),
     )
     trainer.fit(BenchModule(model, data, batch_size))
     assert timer.wall, "the run ended before the timed window"
-    return {
-        "wall": statistics.fmean(timer.wall),
-        "cpu": statistics.fmean(timer.cpu),
-        "wall_steps": timer.wall,
-        "cpu_steps": timer.cpu,
-        "peak_memory": read_peak_memory(device),
-    }
+    return {"wall": timer.wall, "cpu": timer.cpu, "peak_memory": read_peak_memory(args.device)}
+
+
+def run_lockstep(jobs: list[tuple[Config, str, int]], args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]:
+    """Train ``(config, model, width)`` jobs at the same time, one thread each, taking turns step by step in the
+    order given; return their results in that order."""  # noqa: D205
+    lockstep = Lockstep(len(jobs))
+    results: list[dict[str, Any] | BaseException | None] = [None] * len(jobs)
+
+    def work(run: int, config: Config, built: tuple[nn.Module, TensorDataset, int]) -> None:
+        try:
+            results[run] = train(config, built, args, log_dir / str(run), lockstep, run)
+        except BaseException as error:
+            results[run] = error
+            lockstep.finish(run)
+
+    # Built here, one after another, so that every run starts from the same initial weights.
+    threads = [
+        threading.Thread(target=work, args=(run, config, seeded_model(model_kind, width)))
+        for run, (config, model_kind, width) in enumerate(jobs)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for result in results:
+        if not isinstance(result, dict):
+            raise RuntimeError(f"a lockstep run failed: {result!r}") from (
+                result if isinstance(result, BaseException) else None
+            )
+    return results  # type: ignore[return-value]
+
+
+def run_repetition(jobs: list[tuple[Config, str, int]], args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]:
+    """One repetition of ``jobs``: in lockstep on CPU, one after another on CUDA."""
+    if args.device == "cpu":
+        return run_lockstep(jobs, args, log_dir)
+    results = []
+    for config, model_kind, width in jobs:
+        results.append(train(config, seeded_model(model_kind, width), args, log_dir))
+    return results
+
+
+def seeded_model(model_kind: str, width: int) -> tuple[nn.Module, TensorDataset, int]:
+    torch.manual_seed(0)
+    return build_model(model_kind, width)
 
 
 def _slug(name: str) -> str:
@@ -307,24 +441,17 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def _best_of(runs: list[dict[str, Any]], key: str) -> float:
-    """Sum over steps of each step's fastest time across repetitions: every repetition runs the same work at step
-    ``i`` (same seed, data order and check schedule), so this drops what other processes took from each step."""
-    return sum(min(steps) for steps in zip(*(run[key] for run in runs), strict=True))
-
-
 def benchmark(model_kind: str, args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]:
     """Every configuration on one model, interleaved; one row per configuration."""
     all_configs = [c for c in configs(args.histogram_every) if c.name == "bare" or _selected(c.name, args.only)]
-    results: dict[str, list[dict[str, float]]] = {c.name: [] for c in all_configs}
+    results: dict[str, list[dict[str, Any]]] = {c.name: [] for c in all_configs}
     order_rng = random.Random(0)
     for repetition in range(args.repeats):
         order = list(all_configs)
         order_rng.shuffle(order)
-        for config in order:
-            results[config.name].append(
-                run_once(config, model_kind, args.width, args.steps, args.warmup, args.device, log_dir)
-            )
+        jobs = [(config, model_kind, args.width) for config in order]
+        for config, result in zip(order, run_repetition(jobs, args, log_dir), strict=True):
+            results[config.name].append(result)
         _progress(f"[{model_kind}] repetition {repetition + 1}/{args.repeats} done")
     memory: dict[str, float] = {}
     if args.device == "cuda":
@@ -337,12 +464,12 @@ def benchmark(model_kind: str, args: argparse.Namespace, log_dir: Path) -> list[
     rows = []
     for config in all_configs:
         runs = results[config.name]
-        wall = _spread([r["wall"] / b["wall"] for r, b in zip(runs, bare, strict=True)])
-        cpu = _spread([r["cpu"] / b["cpu"] for r, b in zip(runs, bare, strict=True)])
+        wall = _spread([_ratio(run, reference, "wall") for run, reference in zip(runs, bare, strict=True)])
+        cpu = _spread([_ratio(run, reference, "cpu") for run, reference in zip(runs, bare, strict=True)])
         row: dict[str, Any] = {
             "model": model_kind,
             "config": config.name,
-            "ms_per_step": 1000 * statistics.median(r["wall"] for r in runs),
+            "ms_per_step": 1000 * statistics.median(statistics.fmean(run["wall"]) for run in runs),
             "time_ratio": wall["median"],
             "time_ratio_min": wall["min"],
             "time_ratio_max": wall["max"],
@@ -351,13 +478,15 @@ def benchmark(model_kind: str, args: argparse.Namespace, log_dir: Path) -> list[
             "cpu_ratio_max": cpu["max"],
             "repeats": len(runs),
         }
-        if args.device == "cpu":
-            row["best_ratio"] = _best_of(runs, "wall_steps") / _best_of(bare, "wall_steps")
         if memory:
             row["peak_memory_mib"] = memory[config.name] / 2**20
             row["memory_ratio"] = memory[config.name] / memory["bare"]
         rows.append(row)
     return rows
+
+
+def _ratio(run: dict[str, Any], reference: dict[str, Any], clock: str) -> float:
+    return sum(run[clock]) / sum(reference[clock])
 
 
 @dataclass
@@ -368,12 +497,6 @@ class Target:
     devices: tuple[str, ...] = ("cpu", "cuda")
 
 
-def primary_ratio(row: dict[str, Any]) -> float:
-    """The ratio the targets are judged on: the per-step best of the repetitions where per-step times mean
-    something (CPU), else the median of the per-repetition ratios (CUDA)."""
-    return float(row.get("best_ratio", row["time_ratio"]))
-
-
 def _percent(ratio: float) -> str:
     return f"{100 * (ratio - 1):+.1f}%"
 
@@ -381,16 +504,16 @@ def _percent(ratio: float) -> str:
 def _time_at_most(config: str, limit: float) -> Callable[[dict[str, dict[str, Any]]], tuple[str, bool]]:
     def check(rows: dict[str, dict[str, Any]]) -> tuple[str, bool]:
         row = rows[config]
-        spread = f"median {_percent(row['time_ratio'])}, range {_percent(row['time_ratio_min'])} to "
-        spread += f"{_percent(row['time_ratio_max'])}, CPU time {_percent(row['cpu_ratio'])}"
-        return f"{_percent(primary_ratio(row))} ({spread})", primary_ratio(row) - 1 <= limit
+        spread = f"range {_percent(row['time_ratio_min'])} to {_percent(row['time_ratio_max'])}, "
+        spread += f"CPU time {_percent(row['cpu_ratio'])}"
+        return f"{_percent(row['time_ratio'])} ({spread})", row["time_ratio"] - 1 <= limit
 
     return check
 
 
 def _cheaper_than_anomaly(rows: dict[str, dict[str, Any]]) -> tuple[str, bool]:
-    anomaly = primary_ratio(rows[ANOMALY]) - 1
-    loss = primary_ratio(rows["LossSpikeMonitor()"]) - 1
+    anomaly = rows[ANOMALY]["time_ratio"] - 1
+    loss = rows["LossSpikeMonitor()"]["time_ratio"] - 1
     both = f"detect_anomaly {100 * anomaly:+.1f}%, LossSpikeMonitor {100 * loss:+.1f}%"
     if loss <= 0:
         return f"{both} (below the noise)", anomaly > 0
