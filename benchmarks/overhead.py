@@ -36,6 +36,7 @@ Usage:
 import argparse
 import contextlib
 import functools
+import gc
 import json
 import logging
 import os
@@ -46,10 +47,11 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +180,7 @@ class WindowTimer(pl.Callback):
     With a ``lockstep``, the run hands the turn on after each step and a step is timed from the moment it gets the
     turn back. Without, CUDA is synchronised only where the window opens and closes: a sync per step would hide
     the very syncs the monitors must not make, so per-step times then add up right but mean little one by one.
-    """  # noqa: D205
+    """
 
     def __init__(self, warmup: int, lockstep: Lockstep | None = None, run: int = 0) -> None:
         self.warmup = warmup
@@ -222,7 +224,7 @@ def _clocks() -> tuple[float, float]:
 
 class AnomalyDetection(pl.Callback):
     """``Trainer(detect_anomaly=True)`` for lockstep runs: the trainer flag sets process-wide state for the whole
-    fit, which would leak into the runs stepping beside it, so this turns it on for this run's steps only."""  # noqa: D205
+    fit, which would leak into the runs stepping beside it, so this turns it on for this run's steps only."""
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         torch.autograd.set_detect_anomaly(True)
@@ -273,6 +275,10 @@ def configs(histogram_every: int) -> list[Config]:
         Config(ANOMALY, detect_anomaly=True),
         Config(f"parameter histograms every {histogram_every} steps", lambda: [ParameterHistograms(histogram_every)]),
     ]
+
+
+Job = tuple[Config, str, int]
+"""A configuration, the model it trains and the model's width."""
 
 
 @functools.cache
@@ -327,9 +333,9 @@ def train(
     return {"wall": timer.wall, "cpu": timer.cpu, "peak_memory": read_peak_memory(args.device)}
 
 
-def run_lockstep(jobs: list[tuple[Config, str, int]], args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]:
+def run_lockstep(jobs: list[Job], args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]:
     """Train ``(config, model, width)`` jobs at the same time, one thread each, taking turns step by step in the
-    order given; return their results in that order."""  # noqa: D205
+    order given; return their results in that order."""
     lockstep = Lockstep(len(jobs))
     results: list[dict[str, Any] | BaseException | None] = [None] * len(jobs)
 
@@ -357,7 +363,9 @@ def run_lockstep(jobs: list[tuple[Config, str, int]], args: argparse.Namespace, 
     return results  # type: ignore[return-value]
 
 
-def run_repetition(jobs: list[tuple[Config, str, int]], args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]:
+def run_repetition(
+    jobs: list[tuple[Config, str, int]], args: argparse.Namespace, log_dir: Path
+) -> list[dict[str, Any]]:
     """One repetition of ``jobs``: in lockstep on CPU, one after another on CUDA."""
     if args.device == "cpu":
         return run_lockstep(jobs, args, log_dir)
@@ -437,10 +445,6 @@ def _selected(name: str, only: list[str] | None) -> bool:
     return not only or any(part in name for part in only)
 
 
-def _spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def benchmark(model_kind: str, args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]:
     """Every configuration on one model, interleaved; one row per configuration."""
     all_configs = [c for c in configs(args.histogram_every) if c.name == "bare" or _selected(c.name, args.only)]
@@ -464,18 +468,15 @@ def benchmark(model_kind: str, args: argparse.Namespace, log_dir: Path) -> list[
     rows = []
     for config in all_configs:
         runs = results[config.name]
-        wall = _spread([_ratio(run, reference, "wall") for run, reference in zip(runs, bare, strict=True)])
-        cpu = _spread([_ratio(run, reference, "cpu") for run, reference in zip(runs, bare, strict=True)])
+        wall = [_ratio(run, reference, "wall") for run, reference in zip(runs, bare, strict=True)]
         row: dict[str, Any] = {
             "model": model_kind,
             "config": config.name,
             "ms_per_step": 1000 * statistics.median(statistics.fmean(run["wall"]) for run in runs),
-            "time_ratio": wall["median"],
-            "time_ratio_min": wall["min"],
-            "time_ratio_max": wall["max"],
-            "cpu_ratio": cpu["median"],
-            "cpu_ratio_min": cpu["min"],
-            "cpu_ratio_max": cpu["max"],
+            "time_ratio": _overhead(runs, bare, "wall", args.device == "cpu")[0],
+            "time_ratio_min": min(wall),
+            "time_ratio_max": max(wall),
+            "cpu_ratio": _overhead(runs, bare, "cpu", args.device == "cpu")[0],
             "repeats": len(runs),
         }
         if memory:
@@ -486,7 +487,29 @@ def benchmark(model_kind: str, args: argparse.Namespace, log_dir: Path) -> list[
 
 
 def _ratio(run: dict[str, Any], reference: dict[str, Any], clock: str) -> float:
+    """One repetition's ratio of total times."""
     return sum(run[clock]) / sum(reference[clock])
+
+
+def _overhead(
+    runs: list[dict[str, Any]], references: list[dict[str, Any]], clock: str, lockstep: bool
+) -> tuple[float, float]:
+    """``(ratio to bare, extra seconds per step)``.
+
+    In lockstep, step ``i`` does the same work in every repetition (same data, same check schedule) and ran right
+    beside the bare run's step ``i``, so the extra time is ``sum_i median_r(t[r, i] - bare[r, i])`` over steps
+    ``i`` and repetitions ``r``: the median over repetitions keeps what the monitor costs at each step, periodic
+    checks included, and drops what another process took from one step of one repetition. Run one after another
+    (CUDA), it is the median over repetitions of the difference of the mean step times.
+    """
+    steps = len(references[0][clock])
+    pairs = list(zip(runs, references, strict=True))
+    if lockstep:
+        extra = sum(statistics.median(run[clock][i] - bare[clock][i] for run, bare in pairs) for i in range(steps))
+        base = sum(statistics.median(bare[clock][i] for bare in references) for i in range(steps))
+        return 1 + extra / base, extra / steps
+    ratio = statistics.median(_ratio(run, bare, clock) for run, bare in pairs)
+    return ratio, statistics.median((sum(run[clock]) - sum(bare[clock])) / steps for run, bare in pairs)
 
 
 @dataclass
@@ -559,56 +582,70 @@ def check_targets(rows: list[dict[str, Any]], device: str) -> list[dict[str, Any
 
 
 def scaling(args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]:
-    """Extra time per step against what is measured: model width (DeadUnits() at defaults, and the activation
-    monitor at every step) and the activation monitor's sampling interval; every point is paired with a bare run
-    of the same model in the same repetition, all points interleaved."""
-    points: list[tuple[str, int, Config, int]] = []
-    for width in args.widths:
-        for config in (
-            Config("DeadUnits()", lambda: [du.DeadUnits()]),
-            Config(EVERY_STEP, lambda: [du.ActivationMonitor(every_n_steps=1, log_every_n_samples=CADENCE)]),
-        ):
-            points.append(("width", width, config, width))
-    for interval in args.intervals:
-        config = Config(
-            f"ActivationMonitor(every_n_steps={interval})",
-            lambda i=interval: [du.ActivationMonitor(every_n_steps=i)],  # type: ignore[misc]
+    """Extra time per step against what is measured, on the ResNet-style CNN: against its width (``DeadUnits()``
+    at defaults, and the activation monitor measuring every step), and against the activation monitor's sampling
+    interval. Each width, and the interval sweep, is one group run in lockstep with its own bare run; groups are
+    shuffled per repetition."""
+    groups: list[tuple[str, int, list[tuple[int, Config]]]] = [
+        (
+            "width",
+            width,
+            [
+                (width, Config("DeadUnits()", lambda: [du.DeadUnits()])),
+                (
+                    width,
+                    Config(EVERY_STEP, lambda: [du.ActivationMonitor(every_n_steps=1, log_every_n_samples=CADENCE)]),
+                ),
+            ],
         )
-        points.append(("every_n_steps", interval, config, args.width))
-    bare = Config("bare")
-    widths = sorted({point[3] for point in points})
-    runs: dict[tuple[str, int, str], list[dict[str, float]]] = {}
+        for width in args.widths
+    ]
+    intervals = [
+        (
+            interval,
+            Config(
+                f"ActivationMonitor(every_n_steps={interval})",
+                lambda i=interval: [du.ActivationMonitor(every_n_steps=i)],  # type: ignore[misc]
+            ),
+        )
+        for interval in args.intervals
+    ]
+    groups.append(("every_n_steps", args.width, intervals))
+    runs: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     order_rng = random.Random(0)
     for repetition in range(args.repeats):
-        jobs = [("bare", width, bare, width) for width in widths] + points
-        order_rng.shuffle(jobs)
-        for sweep, value, config, width in jobs:
-            result = run_once(config, "resnet", width, args.steps, args.warmup, args.device, log_dir)
-            runs.setdefault((sweep, value, config.name), []).append(result)
+        order_rng.shuffle(groups)
+        for sweep, width, points in groups:
+            jobs = [(Config("bare"), "resnet", width), *((config, "resnet", width) for _, config in points)]
+            order_rng.shuffle(jobs)
+            for (config, _, _), result in zip(jobs, run_repetition(jobs, args, log_dir), strict=True):
+                runs.setdefault((sweep, width, config.name), []).append(result)
         _progress(f"[scaling] repetition {repetition + 1}/{args.repeats} done")
     rows = []
-    for sweep, value, config, width in points:
+    for sweep, width, points in sorted(groups, key=lambda group: (group[0] != "width", group[1])):
         model, _, _ = build_model("resnet", width)
-        monitored, reference = runs[(sweep, value, config.name)], runs[("bare", width, "bare")]
-        extra = [1000 * (m["wall"] - b["wall"]) for m, b in zip(monitored, reference, strict=True)]
-        extra_cpu = [1000 * (m["cpu"] - b["cpu"]) for m, b in zip(monitored, reference, strict=True)]
-        ratios = [m["wall"] / b["wall"] for m, b in zip(monitored, reference, strict=True)]
-        rows.append(
-            {
-                "sweep": sweep,
-                "value": value,
-                "config": config.name,
-                "width": width,
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "activation_values": activation_values(model, 32),
-                "bare_ms_per_step": 1000 * statistics.median(b["wall"] for b in reference),
-                "extra_ms_per_step": statistics.median(extra),
-                "extra_cpu_ms_per_step": statistics.median(extra_cpu),
-                "time_ratio": statistics.median(ratios),
-                "time_ratio_min": min(ratios),
-                "time_ratio_max": max(ratios),
-            }
-        )
+        reference = runs[(sweep, width, "bare")]
+        for value, config in points:
+            monitored = runs[(sweep, width, config.name)]
+            ratio, extra = _overhead(monitored, reference, "wall", args.device == "cpu")
+            extra_cpu = _overhead(monitored, reference, "cpu", args.device == "cpu")[1]
+            ratios = [_ratio(m, b, "wall") for m, b in zip(monitored, reference, strict=True)]
+            rows.append(
+                {
+                    "sweep": sweep,
+                    "value": value,
+                    "config": config.name,
+                    "width": width,
+                    "parameters": sum(p.numel() for p in model.parameters()),
+                    "activation_values": activation_values(model, 32),
+                    "bare_ms_per_step": 1000 * statistics.median(statistics.fmean(b["wall"]) for b in reference),
+                    "extra_ms_per_step": 1000 * extra,
+                    "extra_cpu_ms_per_step": 1000 * extra_cpu,
+                    "time_ratio": ratio,
+                    "time_ratio_min": min(ratios),
+                    "time_ratio_max": max(ratios),
+                }
+            )
     return rows
 
 
@@ -635,15 +672,13 @@ def overhead_markdown(rows: list[dict[str, Any]], verdicts: list[dict[str, Any]]
         "Ratios are against the bare Trainer of the same repetition (median, with the range over repetitions); "
         "1.030 means 3% slower.",
         "",
-        "| model | configuration | ms/step | wall-time ratio, per-step best | wall-time ratio, median (min-max) "
-        "| CPU-time ratio | peak memory ratio |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| model | configuration | ms/step | wall-time ratio (min-max) | CPU-time ratio | peak memory ratio |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         memory = f"{row['memory_ratio']:.3f}" if "memory_ratio" in row else "n/a"
-        best = f"{row['best_ratio']:.3f}" if "best_ratio" in row else "n/a"
         lines.append(
-            f"| {row['model']} | {row['config']} | {row['ms_per_step']:.1f} | {best} | {row['time_ratio']:.3f} "
+            f"| {row['model']} | {row['config']} | {row['ms_per_step']:.1f} | {row['time_ratio']:.3f} "
             f"({row['time_ratio_min']:.3f}-{row['time_ratio_max']:.3f}) | {row['cpu_ratio']:.3f} | {memory} |"
         )
     if verdicts:
@@ -745,8 +780,8 @@ def main(argv: list[str] | None = None) -> None:
     log_dir = args.out / "tmp"
     if args.child is not None:
         config = configs(args.histogram_every)[args.child]
-        result = run_once(config, args.model, args.width, args.steps, args.warmup, args.device, log_dir / "child")
-        print(json.dumps(result))
+        result = train(config, seeded_model(args.model, args.width), args, log_dir / "child")
+        print(json.dumps({"peak_memory": result["peak_memory"]}))
         return
     machine = machine_description(args.device, args.threads)
     started = time.perf_counter()

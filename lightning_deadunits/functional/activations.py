@@ -14,6 +14,9 @@ from torch import Tensor
 
 __all__ = ["ChannelStats", "channel_stats", "dormant_channels", "moments", "reduction_dims"]
 
+# From about this many positions per channel and sample, reducing them first is faster than reducing the batch first.
+_LONG_INNER = 64
+
 
 @dataclass(frozen=True)
 class ChannelStats:
@@ -105,8 +108,8 @@ def channel_stats(x: Tensor, channel_dim: int = 1, eps: float | None = 0.0, nonn
                 if eps:
                     scratch.sub_(eps).clamp_min_(0)
                 scratch.sign_()
-            # 0/1 per value, so the count is exact: float32 within a row, float64 across rows.
-            active = _per_channel(scratch, lambda t, d: t.sum(d, dtype=torch.float64 if d == 0 else None))
+            # 0/1 per value, so the count is exact: float32 in the first step (< 2**24 values), float64 in the second.
+            active = _per_channel(scratch, lambda t, d: t.sum(d, dtype=torch.float64 if t.dim() == 2 else None))
             near_zero = (count - active).nan_to_num_(nan=0.0).long()
         squares = grid.square() if scratch is None else torch.mul(grid, grid, out=scratch)
         return ChannelStats(
@@ -121,9 +124,11 @@ def channel_stats(x: Tensor, channel_dim: int = 1, eps: float | None = 0.0, nonn
 
 
 def _per_channel(grid: Tensor, reduce: Callable[[Tensor, int], Tensor]) -> Tensor:
-    """Reduce an ``(outer, channels, inner)`` tensor to ``(channels,)``: the contiguous inner dim first."""
-    partial = reduce(grid, 2) if grid.shape[2] > 1 else grid[:, :, 0]
-    return reduce(partial, 0)
+    """Reduce an ``(outer, channels, inner)`` tensor to ``(channels,)`` in two steps: the contiguous inner dim first
+    when it is long, else the outer dim first (whole rows combined elementwise), whichever vectorises.
+    """  # noqa: D205
+    first, then = (2, 0) if grid.shape[2] >= _LONG_INNER else (0, 1)
+    return reduce(reduce(grid, first), then)
 
 
 def moments(total: Tensor, total_sq: Tensor, count: Tensor | float) -> tuple[Tensor, Tensor]:
