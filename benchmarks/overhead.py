@@ -3,25 +3,30 @@
 Every configuration trains the same model on the same data for the same number of optimizer steps, with the same
 TensorBoard logger (Lightning's default), so the only difference from the bare run is what is measured.
 
-**Lockstep (CPU).** A shared machine's speed drifts by tens of percent within seconds (other processes, frequency,
-noisy neighbours), which swamps a 3% effect when configurations run one after another. So on CPU every
-configuration of a repetition trains at the same time, each in its own thread of this process, and they take
-turns one optimizer step at a time (a shuffled order per repetition): step ``i`` of every configuration runs
-within a few hundred milliseconds of step ``i`` of the bare run, and any drift hits all of them alike. Each step is
-timed from the moment its run gets the turn to the end of its last ``on_train_batch_end`` hook, so data loading,
-forward, backward, optimizer and every callback hook are in it. Only one thread runs at a time; the TensorBoard
-writer threads still run in the background (the monitors hand them one event per check).
+**Twins in lockstep (CPU).** A shared machine's speed drifts by tens of percent within seconds (other processes,
+frequency, noisy neighbours), which swamps a 3% effect when configurations run one after another. So on CPU each
+monitored configuration trains beside a bare twin of its own, at the same time, in two threads of this process that
+take turns one optimizer step at a time (which goes first is drawn per pair): step ``i`` of the monitored run runs
+right after or before step ``i`` of its twin, and any drift hits both alike. Each step is timed from the moment its
+run gets the turn to the end of its last ``on_train_batch_end`` hook, so data loading, forward, backward, optimizer
+and every callback hook are in it. Only one thread runs at a time; the TensorBoard writer threads still run in the
+background (the monitors hand them one event per check). The whole process runs on one CPU core (a thread left on
+a slower virtual core stays slower for a whole run) with glibc's allocator told to keep its memory (otherwise the
+page faults of re-mapped tensors differ from run to run by several percent).
 
 **Sequential (CUDA).** On a GPU, turn-taking would need a device sync per step, which would hide the very syncs
-the monitors must not make, so configurations run one after another (shuffled per repetition), synchronising only
-where the timed window opens and closes.
+the monitors must not make, so the two runs of a pair run one after the other, synchronising only where the timed
+window opens and closes.
 
-Each configuration's time per step is divided by the bare run's *of the same repetition*; the tables report the
-median of those ratios and their range over repetitions. The timed window starts at the end of step ``--warmup`` (so
-one-off costs such as the fit-start kernel check, the BatchNorm pairing forward, logger start-up and allocator
-warm-up are excluded from every configuration alike) and ends at the end of the last step; ``--steps - --warmup``
-should be a multiple of the monitors' 50-step cadence so that periodic checks are amortised exactly. The CPU time
-of the training thread is reported beside the wall time.
+Each configuration's time per step is compared with its twins': on CPU, the extra time of step ``i`` is the median
+over repetitions of the monitored step minus its twin's step, and the ratio adds those up over the timed steps; on
+CUDA it is the median over repetitions of the ratio of total times. The range over repetitions of the total-time
+ratios is reported beside it, and ``bare, again`` (a bare run against its bare twin) shows the noise floor. The
+timed window starts at the end of step ``--warmup`` (so one-off costs such as the fit-start kernel check, the
+BatchNorm pairing forward, logger start-up and allocator warm-up are excluded from every configuration alike) and
+ends at the end of the last step; ``--steps - --warmup`` should be a multiple of the monitors' 100-step cadence
+(``DeadUnits()`` checks kernel norms and logs activations every 100 steps) so that periodic checks are amortised
+exactly. The CPU time of the training thread is reported beside the wall time.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over the timed window. On CPU, each configuration is run
 once more, alone, in a fresh subprocess whose peak RSS is reset when the timed window starts
@@ -35,6 +40,7 @@ Usage:
 
 import argparse
 import contextlib
+import ctypes
 import functools
 import gc
 import json
@@ -70,6 +76,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CADENCE = 50  # the monitors' default every_n_steps, and the hand-written histogram logger's interval
 # The activation monitor measuring every step; it logs (one host transfer, panels) at the default cadence.
 ANOMALY = "Trainer(detect_anomaly=True)"
+# A second bare run, measured like a monitored one: its ratio shows how finely the benchmark resolves an overhead.
+AGAIN = "bare, again (noise floor)"
 EVERY_STEP = f"ActivationMonitor(every_n_steps=1, log_every_n_samples={CADENCE})"
 
 
@@ -263,6 +271,7 @@ class Config:
 def configs(histogram_every: int) -> list[Config]:
     return [
         Config("bare"),
+        Config(AGAIN),
         Config("KernelNormMonitor()", lambda: [du.KernelNormMonitor()]),
         Config("ActivationMonitor()", lambda: [du.ActivationMonitor()]),
         Config(
@@ -446,44 +455,61 @@ def _selected(name: str, only: list[str] | None) -> bool:
 
 
 def benchmark(model_kind: str, args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]:
-    """Every configuration on one model, interleaved; one row per configuration."""
+    """Every configuration on one model, each beside a bare twin of its own; one row per configuration."""
     all_configs = [c for c in configs(args.histogram_every) if c.name == "bare" or _selected(c.name, args.only)]
-    results: dict[str, list[dict[str, Any]]] = {c.name: [] for c in all_configs}
+    bare, monitored = all_configs[0], all_configs[1:]
+    results: dict[str, list[dict[str, Any]]] = {c.name: [] for c in monitored}
+    twins: dict[str, list[dict[str, Any]]] = {c.name: [] for c in monitored}
     order_rng = random.Random(0)
     for repetition in range(args.repeats):
-        order = list(all_configs)
-        order_rng.shuffle(order)
-        jobs = [(config, model_kind, args.width) for config in order]
-        for config, result in zip(order, run_repetition(jobs, args, log_dir), strict=True):
-            results[config.name].append(result)
+        order_rng.shuffle(monitored)
+        for config in monitored:
+            pair = [bare, config]
+            order_rng.shuffle(pair)
+            jobs = [(member, model_kind, args.width) for member in pair]
+            outcome = dict(zip((member is config for member in pair), run_repetition(jobs, args, log_dir), strict=True))
+            results[config.name].append(outcome[True])
+            twins[config.name].append(outcome[False])
         _progress(f"[{model_kind}] repetition {repetition + 1}/{args.repeats} done")
     memory: dict[str, float] = {}
     if args.device == "cuda":
         memory = {name: statistics.median(r["peak_memory"] for r in runs) for name, runs in results.items()}
+        memory[bare.name] = statistics.median(r["peak_memory"] for runs in twins.values() for r in runs)
     elif args.memory:
         indices = {c.name: i for i, c in enumerate(configs(args.histogram_every))}
         memory = {c.name: peak_rss_subprocess(indices[c.name], model_kind, args) for c in all_configs}
         _progress(f"[{model_kind}] memory runs done")
-    bare = results["bare"]
-    rows = []
-    for config in all_configs:
-        runs = results[config.name]
-        wall = [_ratio(run, reference, "wall") for run, reference in zip(runs, bare, strict=True)]
-        row: dict[str, Any] = {
-            "model": model_kind,
-            "config": config.name,
-            "ms_per_step": 1000 * statistics.median(statistics.fmean(run["wall"]) for run in runs),
-            "time_ratio": _overhead(runs, bare, "wall", args.device == "cpu")[0],
-            "time_ratio_min": min(wall),
-            "time_ratio_max": max(wall),
-            "cpu_ratio": _overhead(runs, bare, "cpu", args.device == "cpu")[0],
-            "repeats": len(runs),
-        }
-        if memory:
-            row["peak_memory_mib"] = memory[config.name] / 2**20
-            row["memory_ratio"] = memory[config.name] / memory["bare"]
-        rows.append(row)
+    every_twin = [run for runs in twins.values() for run in runs]
+    rows = [_row(model_kind, bare.name, every_twin, every_twin, memory, args)]
+    rows += [_row(model_kind, c.name, results[c.name], twins[c.name], memory, args) for c in all_configs[1:]]
     return rows
+
+
+def _row(
+    model_kind: str,
+    name: str,
+    runs: list[dict[str, Any]],
+    twins: list[dict[str, Any]],
+    memory: dict[str, float],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """One configuration's row: its runs against their bare twins."""
+    lockstep = args.device == "cpu"
+    wall = [_ratio(run, twin, "wall") for run, twin in zip(runs, twins, strict=True)]
+    row: dict[str, Any] = {
+        "model": model_kind,
+        "config": name,
+        "ms_per_step": 1000 * statistics.median(statistics.fmean(run["wall"]) for run in runs),
+        "time_ratio": _overhead(runs, twins, "wall", lockstep)[0],
+        "time_ratio_min": min(wall),
+        "time_ratio_max": max(wall),
+        "cpu_ratio": _overhead(runs, twins, "cpu", lockstep)[0],
+        "repeats": len(runs),
+    }
+    if memory:
+        row["peak_memory_mib"] = memory[name] / 2**20
+        row["memory_ratio"] = memory[name] / memory["bare"]
+    return row
 
 
 def _ratio(run: dict[str, Any], reference: dict[str, Any], clock: str) -> float:
@@ -497,7 +523,7 @@ def _overhead(
     """``(ratio to bare, extra seconds per step)``.
 
     In lockstep, step ``i`` does the same work in every repetition (same data, same check schedule) and ran right
-    beside the bare run's step ``i``, so the extra time is ``sum_i median_r(t[r, i] - bare[r, i])`` over steps
+    beside its bare twin's step ``i``, so the extra time is ``sum_i median_r(t[r, i] - bare[r, i])`` over steps
     ``i`` and repetitions ``r``: the median over repetitions keeps what the monitor costs at each step, periodic
     checks included, and drops what another process took from one step of one repetition. Run one after another
     (CUDA), it is the median over repetitions of the difference of the mean step times.
@@ -529,6 +555,8 @@ def _time_at_most(config: str, limit: float) -> Callable[[dict[str, dict[str, An
         row = rows[config]
         spread = f"range {_percent(row['time_ratio_min'])} to {_percent(row['time_ratio_max'])}, "
         spread += f"CPU time {_percent(row['cpu_ratio'])}"
+        if AGAIN in rows:
+            spread += f"; noise floor {_percent(rows[AGAIN]['time_ratio'])}"
         return f"{_percent(row['time_ratio'])} ({spread})", row["time_ratio"] - 1 <= limit
 
     return check
@@ -545,7 +573,7 @@ def _cheaper_than_anomaly(rows: dict[str, dict[str, Any]]) -> tuple[str, bool]:
 
 def _memory_growth(rows: dict[str, dict[str, Any]]) -> tuple[str, bool]:
     monitors = [name for name in rows if "Monitor" in name or "DeadUnits" in name]
-    if any("memory_ratio" not in rows[name] for name in monitors):
+    if not monitors or any("memory_ratio" not in rows[name] for name in monitors):
         return "not measured", True
     worst = max(monitors, key=lambda name: rows[name]["memory_ratio"])
     growth = rows[worst]["memory_ratio"] - 1
@@ -669,8 +697,10 @@ def overhead_markdown(rows: list[dict[str, Any]], verdicts: list[dict[str, Any]]
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {machine}.",
         "",
-        "Ratios are against the bare Trainer of the same repetition (median, with the range over repetitions); "
-        "1.030 means 3% slower.",
+        "Wall-time ratio: monitored over bare time per step; 1.030 means 3% slower. Each monitored run trains beside "
+        "a bare twin (on CPU in lockstep, taking turns step by step on one core) and the ratio adds up each step's "
+        "median extra time over the repetitions; in brackets, the range of the repetitions' own ratios; "
+        "`bare, again` is a bare run against its bare twin: the noise floor. ms/step: median over repetitions.",
         "",
         "| model | configuration | ms/step | wall-time ratio (min-max) | CPU-time ratio | peak memory ratio |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
@@ -726,6 +756,36 @@ def _cpu_model() -> str | None:
     return None
 
 
+def one_core() -> None:
+    """Run every thread of this process (and its children) on one CPU core.
+
+    A run whose thread sits on a slower core (a busy hyperthread sibling, a noisy neighbour of a virtual CPU)
+    stays slower for its whole length; on one core, runs that take turns see the same core. Only one training
+    thread runs at a time anyway.
+    """
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+
+
+def steady_allocator() -> None:
+    """Make glibc's malloc keep and reuse freed memory, in one arena, before any run starts.
+
+    By default each thread gets its own arena, and large blocks are mapped and unmapped (or a heap's top trimmed)
+    as they come and go, so the page faults of re-mapping a tensor's memory differ from thread to thread and from
+    run to run by several percent of a step. Every configuration runs under the same settings. Nothing happens
+    where glibc is not the C library.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+    mallopt(m_arena_max, 1)
+    mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's largest
+    mallopt(m_trim_threshold, 2**30)
+
+
 def _progress(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
@@ -745,7 +805,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=["mobilenet", "resnet"], choices=["mobilenet", "resnet", "tiny"])
     parser.add_argument("--steps", type=int, default=110, help="optimizer steps per run (default 110)")
     parser.add_argument("--warmup", type=int, default=10, help="steps before the timed window (default 10)")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved repetitions (default 5)")
+    parser.add_argument("--repeats", type=int, default=4, help="interleaved repetitions (default 4)")
     parser.add_argument("--width", type=int, default=32, help="base width of the ResNet-style CNN (default 32)")
     parser.add_argument("--histogram-every", type=int, default=CADENCE)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -758,7 +818,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--smoke", action="store_true", default=os.environ.get("DEADUNITS_FAST") == "1")
     parser.add_argument("--scaling", action="store_true", help="overhead against model width and sampling interval")
-    parser.add_argument("--widths", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--widths", type=int, nargs="+", default=[8, 16, 32, 48])
     parser.add_argument("--intervals", type=int, nargs="+", default=[1, 2, 5, 10, 50])
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the CPU peak-RSS subprocesses")
     parser.add_argument("--only", nargs="+", help="run only the configurations whose name contains one of these")
@@ -776,6 +836,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     _quiet()
+    one_core()
+    steady_allocator()
     torch.set_num_threads(args.threads)
     log_dir = args.out / "tmp"
     if args.child is not None:

@@ -46,10 +46,10 @@ def test_channel_stats_counts_negative_zero_and_skips_without_eps() -> None:
     assert channel_stats(values, channel_dim=-1, eps=None).near_zero is None
 
 
-def test_channel_stats_reduce_half_precision_in_float32() -> None:
+def test_channel_stats_reduce_half_precision_in_float32_and_wider() -> None:
     values = torch.full((64, 2, 32, 32), 1.0 + 2**-7, dtype=torch.bfloat16)
     stats = channel_stats(values)
-    assert stats.sum.dtype == torch.float32
+    assert stats.sum.dtype == torch.float64
     # 65,536 bf16 values per channel: a bf16 accumulator would stall far below the exact sum.
     assert stats.sum.tolist() == [65536 * (1.0 + 2**-7)] * 2
     assert stats.min.dtype == torch.float32

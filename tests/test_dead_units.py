@@ -110,3 +110,12 @@ def test_bundle_state_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
 def test_bad_arguments_are_rejected(kwargs: dict[str, Any], error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
         DeadUnits(**kwargs)
+
+
+def test_bundle_parts_built_from_true_check_kernels_every_100_steps_and_log_every_second_sample() -> None:
+    bundle = DeadUnits()
+    assert bundle.kernels is not None and bundle.kernels.every_n_steps == 100
+    assert bundle.activations is not None
+    assert (bundle.activations.every_n_steps, bundle.activations.log_every_n_samples) == (50, 2)
+    given = KernelNormMonitor()
+    assert DeadUnits(kernels=given).kernels is given and given.every_n_steps == 50  # an instance is used as it is

@@ -198,9 +198,9 @@ def test_spike_verdicts_are_monotone_in_the_loss_and_in_both_thresholds(
     flagged = copy.deepcopy(strict).update(loss, len(losses)).flagged
     assert not flagged or copy.deepcopy(strict).update(loss + excess, len(losses)).flagged
     assert not flagged or lenient.update(loss, len(losses)).flagged
-    center, spread = robust_baseline(torch.tensor(losses))
-    low, high = spike_scores(torch.tensor([loss, loss + excess]), center, spread)
-    assert low[0] <= low[1] and high[0] <= high[1]
+    center, spread = robust_baseline(losses)
+    (low_ratio, low_z), (high_ratio, high_z) = (spike_scores(value, center, spread) for value in (loss, loss + excess))
+    assert low_ratio <= high_ratio and low_z <= high_z
 
 
 @settings(max_examples=60, deadline=None)

@@ -6,7 +6,6 @@ also the last), and the last dim of ``(N, *, F)`` linear outputs: the caller say
 """
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,25 +19,43 @@ _LONG_INNER = 64
 
 @dataclass(frozen=True)
 class ChannelStats:
-    """Per-channel sufficient statistics of one tensor. Tensors have one entry per channel, on the input's device.
+    """Per-channel sufficient statistics of one tensor, on the input's device.
+
+    The additive statistics are rows of one float64 tensor, so that accumulating them over batches is one
+    addition; ``sum``, ``sum_sq``, ``sum_abs`` and ``near_zero`` read its rows.
 
     Attributes:
         count: values per channel (a host int: the tensor's size over its channel count).
-        near_zero: values with ``|x| <= eps`` (int64), or ``None`` when no ``eps`` was given.
-        sum: sum of the values (float32).
-        sum_sq: sum of the squared values (float32).
-        sum_abs: sum of the absolute values (float32).
-        min: the smallest value (float32).
-        max: the largest value (float32).
+        totals: ``(3, C)`` float64 rows ``sum``, ``sum_sq`` and ``sum_abs``, and a fourth row ``near_zero`` (the
+            values with ``|x| <= eps``, exact integers) when an ``eps`` was given.
+        min: the smallest value per channel (float32).
+        max: the largest value per channel (float32).
     """
 
     count: int
-    near_zero: Tensor | None
-    sum: Tensor
-    sum_sq: Tensor
-    sum_abs: Tensor
+    totals: Tensor
     min: Tensor
     max: Tensor
+
+    @property
+    def sum(self) -> Tensor:
+        """Sum of the values per channel."""
+        return self.totals[0]
+
+    @property
+    def sum_sq(self) -> Tensor:
+        """Sum of the squared values per channel."""
+        return self.totals[1]
+
+    @property
+    def sum_abs(self) -> Tensor:
+        """Sum of the absolute values per channel."""
+        return self.totals[2]
+
+    @property
+    def near_zero(self) -> Tensor | None:
+        """Values with ``|x| <= eps`` per channel (int64), or ``None`` when no ``eps`` was given."""
+        return self.totals[3].long() if len(self.totals) > 3 else None
 
 
 def reduction_dims(ndim: int, channel_dim: int) -> tuple[int, tuple[int, ...]]:
@@ -67,9 +84,10 @@ def channel_stats(x: Tensor, channel_dim: int = 1, eps: float | None = 0.0, nonn
     ``-0.0``); ``eps=None`` skips the count. NaN propagates into ``sum``, ``min`` and ``max``; a channel holding a
     NaN counts no near-zero value in ``x`` (it is active).
 
-    Every statistic is a reduction of cheap float passes over ``x``, with at most one temporary of ``x``'s size:
+    Every statistic is a reduction of cheap float passes over ``x``, with one temporary of ``x``'s size:
     comparisons to a bool tensor and reductions over scattered dims are several times slower on CPU, so values
     are reduced over the contiguous dims after the channel first, and counted as ``sign(max(|x| - eps, 0))``.
+    Partial sums are combined in float64.
 
     Args:
         x: an activation tensor with at least one element.
@@ -93,42 +111,34 @@ def channel_stats(x: Tensor, channel_dim: int = 1, eps: float | None = 0.0, nonn
     count = x.numel() // channels
     with torch.no_grad():
         grid = x.detach().float().reshape(outer, channels, count // outer)
-        total = _per_channel(grid, torch.sum)
-        scratch: Tensor | None = None
+        # The contiguous inner dim first when it is long, else the outer dim first (whole rows combined
+        # elementwise): whichever vectorises. The partial results are small; their second step is one reduction.
+        first, then = (2, 0) if grid.shape[2] >= _LONG_INNER else (0, 1)
+        partials = [grid.sum(first)]
+        scratch = grid.square()
+        partials.append(scratch.sum(first))
         if nonnegative:
-            total_abs = total
+            partials.append(partials[0])
         else:
-            scratch = grid.abs()
-            total_abs = _per_channel(scratch, torch.sum)
-        near_zero = None
+            torch.abs(grid, out=scratch)
+            partials.append(scratch.sum(first))
         if eps is not None:
-            if scratch is None:
-                scratch = grid.sign() if not eps else (grid - eps).clamp_min_(0).sign_()
+            if nonnegative:
+                torch.sub(grid, eps, out=scratch).clamp_min_(0).sign_() if eps else torch.sign(grid, out=scratch)
             else:
-                if eps:
-                    scratch.sub_(eps).clamp_min_(0)
-                scratch.sign_()
-            # 0/1 per value, so the count is exact: float32 in the first step (< 2**24 values), float64 in the second.
-            active = _per_channel(scratch, lambda t, d: t.sum(d, dtype=torch.float64 if t.dim() == 2 else None))
-            near_zero = (count - active).nan_to_num_(nan=0.0).long()
-        squares = grid.square() if scratch is None else torch.mul(grid, grid, out=scratch)
+                (scratch.sub_(eps).clamp_min_(0) if eps else scratch).sign_()
+            partials.append(scratch.sum(first))
+        # float64 from here: exact counts, and precise sums over many positions.
+        totals = torch.stack(partials).sum(then + 1, dtype=torch.float64)
+        if eps is not None:
+            # 0/1 per value, so the active count is exact; a channel holding a NaN counts as active.
+            totals[3].neg_().add_(count).nan_to_num_(nan=0.0)
         return ChannelStats(
             count=count,
-            near_zero=near_zero,
-            sum=total,
-            sum_sq=_per_channel(squares, torch.sum),
-            sum_abs=total_abs,
-            min=_per_channel(grid, torch.amin),
-            max=_per_channel(grid, torch.amax),
+            totals=totals,
+            min=grid.amin(first).amin(then),
+            max=grid.amax(first).amax(then),
         )
-
-
-def _per_channel(grid: Tensor, reduce: Callable[[Tensor, int], Tensor]) -> Tensor:
-    """Reduce an ``(outer, channels, inner)`` tensor to ``(channels,)`` in two steps: the contiguous inner dim first
-    when it is long, else the outer dim first (whole rows combined elementwise), whichever vectorises.
-    """  # noqa: D205
-    first, then = (2, 0) if grid.shape[2] >= _LONG_INNER else (0, 1)
-    return reduce(reduce(grid, first), then)
 
 
 def moments(total: Tensor, total_sq: Tensor, count: Tensor | float) -> tuple[Tensor, Tensor]:

@@ -86,28 +86,23 @@ class SiteSummary:
 
 @dataclass
 class _SiteState:
-    """Device tensors of one call site: float64 sums (count included), float32 extremes, int64 last-active."""
+    """Device tensors of one call site: float64 count and totals, float32 extremes, int64 last-active samples.
+
+    ``totals`` has the rows of :class:`~lightning_deadunits.functional.ChannelStats`: ``sum``, ``sum_sq``,
+    ``sum_abs`` and, for a site with an ``eps``, ``near_zero``.
+    """
 
     count: Tensor
-    near_zero: Tensor | None
-    sum: Tensor
-    sum_sq: Tensor
-    sum_abs: Tensor
+    totals: Tensor
     min: Tensor
     max: Tensor
     last_active: Tensor | None
 
     @classmethod
     def empty(cls, channels: int, device: torch.device, counts_zeros: bool) -> "_SiteState":
-        def zeros() -> Tensor:
-            return torch.zeros(channels, dtype=torch.float64, device=device)
-
         return cls(
             count=torch.zeros((), dtype=torch.float64, device=device),
-            near_zero=zeros() if counts_zeros else None,
-            sum=zeros(),
-            sum_sq=zeros(),
-            sum_abs=zeros(),
+            totals=torch.zeros(4 if counts_zeros else 3, channels, dtype=torch.float64, device=device),
             min=torch.full((channels,), float("inf"), device=device),
             max=torch.full((channels,), float("-inf"), device=device),
             last_active=torch.full((channels,), _NEVER, dtype=torch.long, device=device) if counts_zeros else None,
@@ -116,14 +111,12 @@ class _SiteState:
     @property
     def additive(self) -> list[Tensor]:
         """The states reduced by sum across ranks, ``count`` first."""
-        sums = [self.count.reshape(1), self.sum, self.sum_sq, self.sum_abs]
-        return sums if self.near_zero is None else [*sums, self.near_zero]
+        return [self.count.reshape(1), self.totals.flatten()]
 
     def set_additive(self, values: list[Tensor]) -> None:
-        count, self.sum, self.sum_sq, self.sum_abs, *near_zero = values
+        count, totals = values
         self.count = count.reshape(())
-        if near_zero:
-            self.near_zero = near_zero[0]
+        self.totals = totals.reshape(self.totals.shape)
 
     def to(self, device: torch.device) -> None:
         for field, value in vars(self).items():
@@ -135,6 +128,10 @@ class _SiteState:
             tensor.zero_()
         self.min.fill_(float("inf"))
         self.max.fill_(float("-inf"))
+
+
+_TOTALS_ROWS = ("sum", "sum_sq", "sum_abs", "near_zero")
+"""The names of ``totals``' rows, as checkpoints store them."""
 
 
 def _split(flat: Tensor, sizes: list[int]) -> list[Tensor]:
@@ -176,21 +173,17 @@ class ActivationStats:
         """Add one tensor's statistics to ``site``; a new site, or one whose channel count changed, starts afresh."""
         if self.samples == 0:
             self.samples = 1
-        device = stats.sum.device
+        device = stats.totals.device
         state = self.sites.get(site)
-        counts_zeros = stats.near_zero is not None
-        if state is None or state.sum.numel() != stats.sum.numel() or (state.near_zero is not None) != counts_zeros:
-            state = self.sites[site] = _SiteState.empty(stats.sum.numel(), device, counts_zeros)
+        if state is None or state.totals.shape != stats.totals.shape:
+            state = self.sites[site] = _SiteState.empty(stats.totals.shape[1], device, len(stats.totals) > 3)
         state.to(device)
         state.count += stats.count
-        state.sum += stats.sum
-        state.sum_sq += stats.sum_sq
-        state.sum_abs += stats.sum_abs
-        state.min = torch.minimum(state.min, stats.min)
-        state.max = torch.maximum(state.max, stats.max)
-        if state.near_zero is not None and state.last_active is not None and stats.near_zero is not None:
-            state.near_zero += stats.near_zero
-            state.last_active.masked_fill_(stats.near_zero < stats.count, self.samples - 1)
+        state.totals += stats.totals
+        torch.minimum(state.min, stats.min, out=state.min)
+        torch.maximum(state.max, stats.max, out=state.max)
+        if state.last_active is not None:
+            state.last_active.masked_fill_(stats.totals[3] < stats.count, self.samples - 1)
 
     def sync(self) -> None:
         """Reduce every state across DDP ranks (sum, min, max); nothing happens outside a process group."""
@@ -246,16 +239,15 @@ class ActivationStats:
         pieces = iter(_split(host, [t.numel() for tensors in parts for t in tensors]))
         summaries = {}
         for site, tensors in zip(sites, parts, strict=True):
-            count, total, total_sq, total_abs, *rest = (next(pieces) for _ in tensors)
-            near_zero = rest.pop(0) if self.sites[site].near_zero is not None else None
-            low, high, *mask = rest
+            count, totals, low, high, *mask = (next(pieces) for _ in tensors)
             if float(count) > 0:
+                rows = totals.reshape(-1, len(low))
                 summaries[site] = SiteSummary(
                     count=float(count),
-                    near_zero=near_zero,
-                    sum=total,
-                    sum_sq=total_sq,
-                    sum_abs=total_abs,
+                    near_zero=rows[3] if len(rows) > 3 else None,
+                    sum=rows[0],
+                    sum_sq=rows[1],
+                    sum_abs=rows[2],
                     min=low,
                     max=high,
                     dead=mask[0].bool() if mask else None,
@@ -273,21 +265,24 @@ class ActivationStats:
 
     def state_dict(self) -> dict[str, Any]:
         """CPU copies of every state, the window included."""
-        return {
-            "samples": self.samples,
-            "sites": [
-                {"name": name, "call": call, **{f: t.cpu() for f, t in vars(state).items() if isinstance(t, Tensor)}}
-                for (name, call), state in self.sites.items()
-            ],
-        }
+        sites = []
+        for (name, call), state in self.sites.items():
+            rows = dict(zip(_TOTALS_ROWS, state.totals.to("cpu", copy=True), strict=False))
+            extremes = {"count": state.count.cpu(), "min": state.min.cpu(), "max": state.max.cpu()}
+            last_active = {} if state.last_active is None else {"last_active": state.last_active.cpu()}
+            sites.append({"name": name, "call": call, **extremes, **rows, **last_active})
+        return {"samples": self.samples, "sites": sites}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; the next :meth:`update` moves each site to the activations' device."""
         self.samples = int(state_dict.get("samples", 0))
         self.sites = {}
         for entry in state_dict.get("sites", []):
-            tensors = {f: entry.get(f) for f in ("count", "near_zero", "sum", "sum_sq", "sum_abs", "min", "max")}
+            rows = [entry[row] for row in _TOTALS_ROWS if entry.get(row) is not None]
             self.sites[(entry["name"], int(entry["call"]))] = _SiteState(
-                **{f: None if t is None else t.clone() for f, t in tensors.items()},  # type: ignore[arg-type]
+                count=entry["count"].clone(),
+                totals=torch.stack(rows).double(),
+                min=entry["min"].clone(),
+                max=entry["max"].clone(),
                 last_active=None if entry.get("last_active") is None else entry["last_active"].clone(),
             )

@@ -6,8 +6,6 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
-
 from lightning_deadunits._validation import check_float, check_int
 from lightning_deadunits.functional.loss import robust_baseline, spike_limit, spike_scores
 
@@ -149,8 +147,7 @@ class SpikeDetector:
         """``(median, spread)`` of the accepted losses, or ``None`` when none has been accepted."""
         if not self.window:
             return None
-        center, spread = robust_baseline(torch.tensor(list(self.window)))
-        return float(center), float(spread)
+        return robust_baseline(self.window)
 
     def state_dict(self) -> dict[str, Any]:
         """The window, the recent losses and the counters, as plain Python values."""
@@ -174,7 +171,6 @@ class SpikeDetector:
         """``(baseline, spread, ratio, score, limit)`` of ``loss`` against the window, all ``None`` if it is empty."""
         if not self.window:
             return None, None, None, None, None
-        center, spread = robust_baseline(torch.tensor(list(self.window)))
-        ratio, score = spike_scores(torch.tensor(loss), center, spread)
-        limit = spike_limit(center, spread, self.ratio, self.z_score)
-        return float(center), float(spread), float(ratio), float(score), float(limit)
+        center, spread = robust_baseline(self.window)
+        ratio, score = spike_scores(loss, center, spread)
+        return center, spread, ratio, score, spike_limit(center, spread, self.ratio, self.z_score)
