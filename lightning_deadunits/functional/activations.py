@@ -11,7 +11,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ChannelStats", "channel_stats", "dormant_channels", "moments", "reduction_dims"]
+__all__ = [
+    "NEAR_ZERO_ROW",
+    "TOTALS_ROWS",
+    "ChannelStats",
+    "channel_stats",
+    "dormant_channels",
+    "moments",
+    "reduction_dims",
+]
+
+TOTALS_ROWS = ("sum", "sum_sq", "sum_abs", "near_zero")
+"""The rows of :attr:`ChannelStats.totals`, in order; the last only when an ``eps`` was given."""
+
+NEAR_ZERO_ROW = TOTALS_ROWS.index("near_zero")
 
 # From about this many positions per channel and sample, reducing them first is faster than reducing the batch first.
 _LONG_INNER = 64
@@ -55,7 +68,7 @@ class ChannelStats:
     @property
     def near_zero(self) -> Tensor | None:
         """Values with ``|x| <= eps`` per channel (int64), or ``None`` when no ``eps`` was given."""
-        return self.totals[3].long() if len(self.totals) > 3 else None
+        return self.totals[NEAR_ZERO_ROW].long() if len(self.totals) > NEAR_ZERO_ROW else None
 
 
 def reduction_dims(ndim: int, channel_dim: int) -> tuple[int, tuple[int, ...]]:
@@ -123,16 +136,15 @@ def channel_stats(x: Tensor, channel_dim: int = 1, eps: float | None = 0.0, nonn
             torch.abs(grid, out=scratch)
             partials.append(scratch.sum(first))
         if eps is not None:
-            if nonnegative:
-                torch.sub(grid, eps, out=scratch).clamp_min_(0).sign_() if eps else torch.sign(grid, out=scratch)
-            else:
-                (scratch.sub_(eps).clamp_min_(0) if eps else scratch).sign_()
-            partials.append(scratch.sum(first))
+            magnitude = grid if nonnegative else scratch  # |x|, which `scratch` holds for signed values
+            if eps:
+                magnitude = torch.sub(magnitude, eps, out=scratch).clamp_min_(0)
+            partials.append(torch.sign(magnitude, out=scratch).sum(first))
         # float64 from here: exact counts, and precise sums over many positions.
         totals = torch.stack(partials).sum(then + 1, dtype=torch.float64)
         if eps is not None:
             # 0/1 per value, so the active count is exact; a channel holding a NaN counts as active.
-            totals[3].neg_().add_(count).nan_to_num_(nan=0.0)
+            totals[NEAR_ZERO_ROW].neg_().add_(count).nan_to_num_(nan=0.0)
         return ChannelStats(
             count=count,
             totals=totals,

@@ -14,7 +14,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_deadunits.functional.activations import ChannelStats, dormant_channels, moments
+from lightning_deadunits.functional.activations import (
+    NEAR_ZERO_ROW,
+    TOTALS_ROWS,
+    ChannelStats,
+    dormant_channels,
+    moments,
+)
 
 __all__ = ["ActivationStats", "CallSite", "SiteSummary"]
 
@@ -102,7 +108,9 @@ class _SiteState:
     def empty(cls, channels: int, device: torch.device, counts_zeros: bool) -> "_SiteState":
         return cls(
             count=torch.zeros((), dtype=torch.float64, device=device),
-            totals=torch.zeros(4 if counts_zeros else 3, channels, dtype=torch.float64, device=device),
+            totals=torch.zeros(
+                len(TOTALS_ROWS) if counts_zeros else NEAR_ZERO_ROW, channels, dtype=torch.float64, device=device
+            ),
             min=torch.full((channels,), float("inf"), device=device),
             max=torch.full((channels,), float("-inf"), device=device),
             last_active=torch.full((channels,), _NEVER, dtype=torch.long, device=device) if counts_zeros else None,
@@ -128,10 +136,6 @@ class _SiteState:
             tensor.zero_()
         self.min.fill_(float("inf"))
         self.max.fill_(float("-inf"))
-
-
-_TOTALS_ROWS = ("sum", "sum_sq", "sum_abs", "near_zero")
-"""The names of ``totals``' rows, as checkpoints store them."""
 
 
 def _split(flat: Tensor, sizes: list[int]) -> list[Tensor]:
@@ -176,14 +180,16 @@ class ActivationStats:
         device = stats.totals.device
         state = self.sites.get(site)
         if state is None or state.totals.shape != stats.totals.shape:
-            state = self.sites[site] = _SiteState.empty(stats.totals.shape[1], device, len(stats.totals) > 3)
+            state = self.sites[site] = _SiteState.empty(
+                stats.totals.shape[1], device, len(stats.totals) > NEAR_ZERO_ROW
+            )
         state.to(device)
         state.count += stats.count
         state.totals += stats.totals
         torch.minimum(state.min, stats.min, out=state.min)
         torch.maximum(state.max, stats.max, out=state.max)
         if state.last_active is not None:
-            state.last_active.masked_fill_(stats.totals[3] < stats.count, self.samples - 1)
+            state.last_active.masked_fill_(stats.totals[NEAR_ZERO_ROW] < stats.count, self.samples - 1)
 
     def sync(self) -> None:
         """Reduce every state across DDP ranks (sum, min, max); nothing happens outside a process group."""
@@ -244,7 +250,7 @@ class ActivationStats:
                 rows = totals.reshape(-1, len(low))
                 summaries[site] = SiteSummary(
                     count=float(count),
-                    near_zero=rows[3] if len(rows) > 3 else None,
+                    near_zero=rows[NEAR_ZERO_ROW] if len(rows) > NEAR_ZERO_ROW else None,
                     sum=rows[0],
                     sum_sq=rows[1],
                     sum_abs=rows[2],
@@ -267,7 +273,7 @@ class ActivationStats:
         """CPU copies of every state, the window included."""
         sites = []
         for (name, call), state in self.sites.items():
-            rows = dict(zip(_TOTALS_ROWS, state.totals.to("cpu", copy=True), strict=False))
+            rows = dict(zip(TOTALS_ROWS, state.totals.to("cpu", copy=True), strict=False))
             extremes = {"count": state.count.cpu(), "min": state.min.cpu(), "max": state.max.cpu()}
             last_active = {} if state.last_active is None else {"last_active": state.last_active.cpu()}
             sites.append({"name": name, "call": call, **extremes, **rows, **last_active})
@@ -278,7 +284,7 @@ class ActivationStats:
         self.samples = int(state_dict.get("samples", 0))
         self.sites = {}
         for entry in state_dict.get("sites", []):
-            rows = [entry[row] for row in _TOTALS_ROWS if entry.get(row) is not None]
+            rows = [entry[row] for row in TOTALS_ROWS if entry.get(row) is not None]
             self.sites[(entry["name"], int(entry["call"]))] = _SiteState(
                 count=entry["count"].clone(),
                 totals=torch.stack(rows).double(),
