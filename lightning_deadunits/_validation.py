@@ -1,7 +1,7 @@
 """Argument checks shared by every public class: one message shape for every bad value."""
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 __all__: list[str] = []
@@ -87,3 +87,42 @@ def check_callable(name: str, value: Any) -> Callable[..., Any]:
     if not callable(value):
         raise TypeError(f"`{name}` must be callable, got {value!r}.")
     return value  # type: ignore[no-any-return]
+
+
+def check_prefix(prefix: Any) -> str:
+    """Return ``prefix`` if it can start logged keys; raise ``ValueError`` otherwise.
+
+    Raises:
+        ValueError: if ``prefix`` is not a non-empty string without leading or trailing ``/``.
+    """
+    if not isinstance(prefix, str) or not prefix or prefix.startswith("/") or prefix.endswith("/"):
+        raise ValueError(f"`prefix` must be a non-empty string without leading or trailing '/', got {prefix!r}.")
+    return prefix
+
+
+def check_eps(value: Any) -> float | dict[type, float | None] | None:
+    """``eps`` is ``None``, a number >= 0, or ``{module class: number >= 0 or None}``.
+
+    Raises:
+        TypeError: for anything else than numbers, classes and ``None`` in those places.
+        ValueError: for a negative or non-finite number.
+    """
+    message = "`eps` must be None, a number >= 0, or a mapping {{module class: number >= 0 or None}}, got {!r}."
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        table: dict[type, float | None] = {}
+        for cls, eps in value.items():
+            if not isinstance(cls, type):
+                raise TypeError(message.format({cls: eps}))
+            table[cls] = None if eps is None else _tolerance(eps, message.format({cls: eps}))
+        return table
+    return _tolerance(value, message.format(value))
+
+
+def _tolerance(value: Any, message: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(message)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(message)
+    return float(value)

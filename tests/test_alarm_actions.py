@@ -113,7 +113,7 @@ def test_alarm_stop_state_round_trip() -> None:
     monitor = _spike_monitor(["stop"])
     monitor.alarm_handler.handle([_alarm(step=7)])
     restored = _spike_monitor(["stop"])
-    restored._load_base_state(json.loads(json.dumps(monitor._base_state())))
+    restored.load_base_state(json.loads(json.dumps(monitor.base_state())))
     assert (restored.stop_step, restored.stop_reason) == (7, "[dead] 12 dead")
 
 

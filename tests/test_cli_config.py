@@ -48,7 +48,7 @@ def test_cli_config_puts_every_threshold_into_the_callbacks(tmp_path: Path) -> N
         0.1,
         1e-3,
     )
-    assert monitor.alarm_handler.actions == ["log"]
+    assert monitor.alarm_handler.specs == ["log"]
     band, projection, rises = monitor.alarms
     assert isinstance(band, ThresholdRule) and (band.keys, band.above, band.patience, band.level) == (
         ("deadunits/kernels/total/dead_frac",),
@@ -80,7 +80,7 @@ def test_cli_config_accepts_callables_by_dotted_path(tmp_path: Path) -> None:
     cli = LightningCLI(
         DigitsClassifier, run=False, args=["--config", str(config), f"--trainer.default_root_dir={tmp_path}"]
     )
-    assert _callback(cli, KernelNormMonitor).alarm_handler.actions == ["log", "stop", print]
+    assert _callback(cli, KernelNormMonitor).alarm_handler.specs == ["log", "stop", print]
 
 
 def test_cli_config_rejects_a_bad_threshold(tmp_path: Path) -> None:
@@ -143,6 +143,6 @@ def test_cli_bundle_config_builds_the_parts_and_runs(tmp_path: Path) -> None:
     assert [type(part) for part in bundle.parts] == [KernelNormMonitor, ActivationMonitor, LossSpikeMonitor, LRWarmup]
     assert bundle.activations.every_n_steps == 10
     assert bundle.kernels.alarms[0].above == 0.25 and bundle.loss.alarms[0].above == 0.25
-    assert bundle.kernels.alarm_handler.actions == ["log", "warn"]
+    assert bundle.kernels.alarm_handler.specs == ["log", "warn"]
     cli.trainer.fit(cli.model)
     assert bundle.kernels.history and bundle.loss.state_dict()

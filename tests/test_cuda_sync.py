@@ -13,6 +13,7 @@ from lightning_deadunits import DeadUnits
 from lightning_deadunits.callbacks.loss_spike_monitor import LossSpikeMonitor
 from lightning_deadunits.demo import MobileNetLike, digits_dataset
 from lightning_deadunits.dumps import load_dump
+from lightning_deadunits.probes.loss import LossProbe
 from tests.helpers.spike_models import DigitsMLP, digits_with_dirty_batches
 
 STEPS = 12  # sampling points at step 0 only (every_n_steps=50); the checks at train end come after the guard
@@ -109,7 +110,7 @@ def test_loss_read_one_batch_late_gives_the_same_spikes_dumps_and_baseline(
 ) -> None:
     # On CUDA the loss is read one batch late so that reading it never waits for the device; run that path on CPU.
     at_once, _ = _spike_run(tmp_path / "at_once")
-    monkeypatch.setattr(LossSpikeMonitor, "_deferred_devices", ("cpu",))
+    monkeypatch.setattr(LossProbe, "deferred_devices", ("cpu",))
     late, _ = _spike_run(tmp_path / "late")
     assert at_once.spike_steps == late.spike_steps == [40, 59]  # the last one judged at train end
     for expected, event in zip(at_once.events, late.events, strict=True):
@@ -121,6 +122,6 @@ def test_loss_read_one_batch_late_gives_the_same_spikes_dumps_and_baseline(
 
 
 def test_loss_read_one_batch_late_stops_one_batch_later(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(LossSpikeMonitor, "_deferred_devices", ("cpu",))
+    monkeypatch.setattr(LossProbe, "deferred_devices", ("cpu",))
     late, trainer = _spike_run(tmp_path, on_alarm=["stop"])
     assert late.spike_steps == [40] and late.stop_step == 40 and trainer.global_step == 42

@@ -19,7 +19,7 @@ from lightning_deadunits import (
     LRWarmup,
     ThresholdRule,
 )
-from lightning_deadunits.callbacks._base import SHARDED_STRATEGIES
+from lightning_deadunits._strategies import SHARDED_STRATEGIES
 from tests.helpers.activation_models import MemoryLogger
 from tests.helpers.alarm_helpers import LRRecorder
 from tests.helpers.ddp import DDP_OPTIONS, RecordOnEachRank, read_ranks

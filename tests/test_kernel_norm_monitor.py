@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from lightning_deadunits import DeadUnitsWarning, KernelNormMonitor, ThresholdRule
-from lightning_deadunits.callbacks._base import reject_sharded_strategy
+from lightning_deadunits._strategies import reject_sharded_strategy
 from tests.helpers.events import load_events, scalar_series
 from tests.helpers.kernel_models import AllKinds, LitWrapper
 

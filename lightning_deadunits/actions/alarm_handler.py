@@ -1,46 +1,49 @@
-"""What to do with alarms: log, warn, call the user, stop the run, or raise."""
+"""Runs a monitor's actions on its alarms: the built-in ones by name, user actions and plain functions."""
 
-import logging
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_deadunits._validation import check_choice
-from lightning_deadunits.errors import DeadUnitsError, DeadUnitsWarning
+from lightning_deadunits.actions.action import Action
+from lightning_deadunits.actions.call_function import CallFunction
+from lightning_deadunits.actions.log_alarm import LogAlarm
+from lightning_deadunits.actions.raise_alarm import RaiseAlarm
+from lightning_deadunits.actions.stop_training import StopTraining
+from lightning_deadunits.actions.warn_alarm import WarnAlarm
 from lightning_deadunits.triggers.alarm import Alarm
 
-__all__ = ["AlarmAction", "AlarmHandler"]
-
-log = logging.getLogger("lightning_deadunits")
+__all__ = ["BUILTIN_ACTIONS", "AlarmAction", "AlarmHandler"]
 
 AlarmAction = Literal["log", "warn", "stop", "raise"] | Callable[[Alarm], Any]
+"""How an action is given: a built-in name, an :class:`~lightning_deadunits.actions.action.Action`, or a function
+of the alarm."""
 
-_BUILTIN: tuple[AlarmAction, ...] = ("log", "warn", "stop", "raise")
-_LOG_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+BUILTIN_ACTIONS: dict[str, type[Action]] = {
+    action.name: action for action in (LogAlarm, WarnAlarm, StopTraining, RaiseAlarm)
+}
+"""The actions that can be named in ``on_alarm``."""
 
 
 class AlarmHandler:
     """Runs the configured actions on each alarm.
 
-    Every rank calls :meth:`handle` with the same alarms at the same step (the monitors reduce their
-    readings across ranks first and rules are deterministic), so ``"stop"`` and ``"raise"`` act on all ranks
-    together, with no collective call that a rank could miss. ``"log"`` and ``"warn"`` speak on rank zero
-    only; a user callable runs on every rank (check ``trainer.global_rank`` in it to write files once).
+    Every rank calls :meth:`handle` with the same alarms at the same step (the monitors reduce their readings
+    across ranks first and rules are deterministic), so actions that change training act on all ranks together,
+    with no collective call that a rank could miss; actions with ``all_ranks = False`` (``"log"``, ``"warn"``) run
+    on rank zero only. Each action sees each alarm in the order given, then each action settles the alarms raised
+    together; ``"raise"`` settles last, so the others still happen.
 
-    ``"stop"`` sets ``trainer.should_stop``: Lightning then ends ``Trainer.fit`` after the current batch (running
-    validation first if any is configured, as for early stopping), so ``trainer.global_step`` ends at the alarm's
-    step. If ``min_steps`` or ``min_epochs`` is not reached yet, Lightning keeps training until it is; the log
-    says so. The reason (the alarms' messages) and step are kept in :attr:`stop_reason` and :attr:`stop_step`
-    and logged (logger ``lightning_deadunits``, rank zero). ``"raise"`` raises after every other action has run.
+    ``"stop"`` (:class:`~lightning_deadunits.actions.stop_training.StopTraining`) sets ``trainer.should_stop``;
+    the reason and step are kept in :attr:`stop_reason` and :attr:`stop_step`. ``"raise"`` raises
+    :class:`~lightning_deadunits.errors.DeadUnitsError`.
 
     Args:
         actions: any of ``"log"`` (Python logging, logger ``lightning_deadunits``), ``"warn"``
-            (:class:`~lightning_deadunits.errors.DeadUnitsWarning`), ``"stop"`` (``trainer.should_stop``),
-            ``"raise"`` (:class:`~lightning_deadunits.errors.DeadUnitsError`) and callables taking the
-            :class:`~lightning_deadunits.triggers.Alarm`.
+            (:class:`~lightning_deadunits.errors.DeadUnitsWarning`), ``"stop"``, ``"raise"``,
+            :class:`~lightning_deadunits.actions.action.Action` instances (called with the trainer, the module and
+            the alarm) and functions (called with the :class:`~lightning_deadunits.Alarm`, on every rank).
 
     Raises:
         ValueError: if a string action is not one of the built-in ones.
@@ -49,71 +52,45 @@ class AlarmHandler:
         >>> handler = AlarmHandler(["log", print])
     """
 
-    def __init__(self, actions: Sequence[AlarmAction] = ("log",)) -> None:
+    def __init__(self, actions: Sequence[AlarmAction] | AlarmAction = ("log",)) -> None:
         if isinstance(actions, str) or callable(actions):
             actions = [actions]
-        self.actions: list[AlarmAction] = [
-            action if callable(action) else check_choice("on_alarm", action, _BUILTIN) for action in actions
-        ]
+        self.specs: list[AlarmAction] = list(actions)
+        self.actions: list[Action] = [_resolve(spec) for spec in self.specs]
+        self._stop = next((action for action in self.actions if isinstance(action, StopTraining)), None)
         self.stop_reason: str | None = None
         self.stop_step: int | None = None
 
-    def handle(self, alarms: Sequence[Alarm], trainer: "pl.Trainer | None" = None) -> None:
-        """Run every action on every alarm, in order; ``"raise"`` goes last so the others still happen.
+    def handle(
+        self,
+        alarms: Sequence[Alarm],
+        trainer: "pl.Trainer | None" = None,
+        pl_module: "pl.LightningModule | None" = None,
+    ) -> None:
+        """Run every action on every alarm, then let each settle them (``"raise"`` last).
 
         Raises:
             DeadUnitsError: if ``"raise"`` is configured and there is at least one alarm.
         """
         if not alarms:
             return
+        here = [action for action in self.actions if action.all_ranks or _rank(trainer) == 0]
         for alarm in alarms:
-            for action in self.actions:
-                if callable(action):
-                    action(alarm)
-                elif action == "log":
-                    _log_alarm(alarm)
-                elif action == "warn":
-                    _warn_alarm(alarm)
-        if "stop" in self.actions:
-            self._stop(alarms, trainer)
-        if "raise" in self.actions:
-            raise DeadUnitsError(_describe(alarms))
-
-    def _stop(self, alarms: Sequence[Alarm], trainer: "pl.Trainer | None") -> None:
-        self.stop_reason = _describe(alarms)
-        self.stop_step = alarms[0].step
-        deferred = ""
-        if trainer is not None:
-            trainer.should_stop = True
-            deferred = _deferral(trainer)
-        _log_stop(self.stop_step, self.stop_reason, deferred)
+            for action in here:
+                action(trainer, pl_module, alarm)
+        for action in sorted(here, key=lambda action: isinstance(action, RaiseAlarm)):
+            action.settle(trainer, pl_module, alarms)
+            if action is self._stop:
+                self.stop_reason, self.stop_step = self._stop.reason, self._stop.step
 
 
-def _describe(alarms: Sequence[Alarm]) -> str:
-    return "; ".join(f"[{alarm.rule}] {alarm.message}" for alarm in alarms)
+def _resolve(spec: Any) -> Action:
+    if isinstance(spec, Action):
+        return spec
+    if callable(spec):
+        return CallFunction(spec)
+    return BUILTIN_ACTIONS[check_choice("on_alarm", spec, tuple(BUILTIN_ACTIONS))]()
 
 
-def _deferral(trainer: "pl.Trainer") -> str:
-    """Why Lightning will train on despite ``should_stop`` (its ``min_steps``/``min_epochs``), or ``""``."""
-    fit_loop = trainer.fit_loop
-    unmet = []
-    if fit_loop.min_steps and trainer.global_step < fit_loop.min_steps:
-        unmet.append(f"min_steps={fit_loop.min_steps}")
-    if fit_loop.min_epochs and trainer.current_epoch < fit_loop.min_epochs:
-        unmet.append(f"min_epochs={fit_loop.min_epochs}")
-    return f" (deferred by Lightning until {' and '.join(unmet)} are reached)" if unmet else ""
-
-
-@rank_zero_only  # type: ignore[untyped-decorator,misc]
-def _log_alarm(alarm: Alarm) -> None:
-    log.log(_LOG_LEVELS[alarm.level], "deadunits alarm [%s]: %s", alarm.rule, alarm.message)
-
-
-@rank_zero_only  # type: ignore[untyped-decorator,misc]
-def _warn_alarm(alarm: Alarm) -> None:
-    warnings.warn(f"deadunits alarm [{alarm.rule}]: {alarm.message}", DeadUnitsWarning, stacklevel=2)
-
-
-@rank_zero_only  # type: ignore[untyped-decorator,misc]
-def _log_stop(step: int, reason: str, deferred: str) -> None:
-    log.warning("deadunits: stopping training at step %d%s: %s", step, deferred, reason)
+def _rank(trainer: "pl.Trainer | None") -> int:
+    return 0 if trainer is None else trainer.global_rank

@@ -7,6 +7,7 @@ from lightning_deadunits.callbacks.dead_units import DeadUnits
 from lightning_deadunits.callbacks.kernel_norm_monitor import KernelNormMonitor
 from lightning_deadunits.callbacks.loss_spike_monitor import LossSpikeMonitor
 from lightning_deadunits.callbacks.lr_warmup import LRWarmup
+from lightning_deadunits.callbacks.monitor import MonitorCallback
 
 __all__ = [
     "ActivationMonitor",
@@ -16,4 +17,5 @@ __all__ = [
     "KernelNormMonitor",
     "LRWarmup",
     "LossSpikeMonitor",
+    "MonitorCallback",
 ]

@@ -1,21 +1,21 @@
 """Watches activations on sampled steps: zero fractions, ranges and spread per layer, dead and dormant channels."""
 
-import math
-import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_deadunits import schedules
+from lightning_deadunits._strategies import reject_sharded_strategy
 from lightning_deadunits._validation import (
     check_bool,
     check_callable,
     check_choice,
+    check_eps,
     check_float,
     check_int,
     check_optional_float,
@@ -23,10 +23,11 @@ from lightning_deadunits._validation import (
     check_types,
 )
 from lightning_deadunits.actions.alarm_handler import AlarmAction
-from lightning_deadunits.callbacks._base import MonitorCallback, reject_sharded_strategy
+from lightning_deadunits.callbacks.monitor import MonitorCallback
 from lightning_deadunits.errors import DeadUnitsWarning
+from lightning_deadunits.metrics.activation_readings import activation_scalars
 from lightning_deadunits.metrics.activation_stats import ActivationStats, SiteSummary
-from lightning_deadunits.panels.render import band_chart
+from lightning_deadunits.panels.activation_panels import ACTIVATION_LAYOUT, ActivationPanels
 from lightning_deadunits.probes.activations import (
     DEFAULT_ACTIVATION_TYPES,
     POOLING_TYPES,
@@ -189,7 +190,7 @@ class ActivationMonitor(MonitorCallback):
         self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
         self.log_every_n_samples = check_int("log_every_n_samples", log_every_n_samples, minimum=1)
         self.window = check_int("window", window, minimum=1)
-        self.eps = _check_eps(eps)
+        self.eps = check_eps(eps)
         self.dormant_tau = check_float("dormant_tau", dormant_tau, minimum=0.0, maximum=1.0)
         self.include = check_strings("include", include)
         self.exclude = check_strings("exclude", exclude)
@@ -221,16 +222,16 @@ class ActivationMonitor(MonitorCallback):
             channel_dim=self.channel_dim,
         )
         self.stats = ActivationStats()
+        self.sampled = schedules.every_n_steps(self.every_n_steps)
+        self.drawing = ActivationPanels(self.key, self.log_histograms, self.log_images, self.band_history)
         self.readings: dict[str, float] = {}
         self.validation_readings: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
-        self.channel_ranges: dict[str, list[tuple[int, Tensor, Tensor]]] = {}
         self.last_log_step: int | None = None
         self._sample_step: int | None = None
         self._last_sample_step: int | None = None
         self._samples_in_period = 0
         self._validation_stats: ActivationStats | None = None
-        self._layout_names: dict[tuple[str, ...], list[str]] = {}
 
     @property
     @override
@@ -266,12 +267,17 @@ class ActivationMonitor(MonitorCallback):
                 stacklevel=2,
             )
 
+    @property
+    def channel_ranges(self) -> dict[str, list[tuple[int, Tensor, Tensor]]]:
+        """Per call site, ``(step, per-channel min, per-channel max)`` of the last ``band_history`` training logs."""
+        return self.drawing.channel_ranges
+
     @override
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if not self.probe.modules or step % self.every_n_steps != 0:
+        if not self.probe.modules or not self.sampled(step):
             return
         if self._sample_step != step:
             if self._sample_step is not None:
@@ -297,7 +303,6 @@ class ActivationMonitor(MonitorCallback):
             self._end_sample(trainer)
         if self._samples_in_period and self._last_sample_step is not None:
             self.log_training(trainer, self._last_sample_step)
-        self.panels.flush(trainer)
 
     @override
     def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -316,28 +321,23 @@ class ActivationMonitor(MonitorCallback):
         stats, self._validation_stats = self._validation_stats, None
         stats.sync()
         summaries = self._named(stats.summarise(window=1))
-        readings = self.validation_readings = self._readings(summaries, (_VALIDATION,))
-        self._write_panels(trainer, summaries, trainer.global_step, (_VALIDATION,))
-        self._publish(trainer, readings, trainer.global_step)
+        scalars = self.validation_readings = activation_scalars(summaries, self.dormant_tau, self._validation_key)
+        self._show(trainer, summaries, trainer.global_step, (_VALIDATION,))
+        self.publish(trainer, self.reading(trainer.global_step, scalars))
 
     @override
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        self.probe.stop()
-        self._validation_stats = None
-
-    @override
-    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+    def release(self) -> None:
         self.probe.stop()
         self._validation_stats = None
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            **self._base_state(),
+            **self.base_state(),
+            **self.drawing.state_dict(),
             "stats": self.stats.state_dict(),
             "probe": self.probe.state_dict(),
             "history": list(self.history),
-            "channel_ranges": {name: list(ranges) for name, ranges in self.channel_ranges.items()},
             "samples_in_period": self._samples_in_period,
             "last_sample_step": self._last_sample_step,
             "last_log_step": self.last_log_step,
@@ -345,11 +345,11 @@ class ActivationMonitor(MonitorCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._load_base_state(state_dict)
+        self.load_base_state(state_dict)
+        self.drawing.load_state_dict(state_dict)
         self.stats.load_state_dict(state_dict.get("stats", {}))
         self.probe.load_state_dict(state_dict.get("probe", {}))
         self.history = list(state_dict.get("history", []))
-        self.channel_ranges = {name: list(ranges) for name, ranges in state_dict.get("channel_ranges", {}).items()}
         self._samples_in_period = int(state_dict.get("samples_in_period", 0))
         self._last_sample_step = state_dict.get("last_sample_step")
         self.last_log_step = state_dict.get("last_log_step")
@@ -363,26 +363,20 @@ class ActivationMonitor(MonitorCallback):
         self.last_log_step = step
         self.stats.sync()
         summaries = self._named(self.stats.summarise(self.window))
-        self.dead_masks = {
-            self.probe.site_name(site): mask for site, mask in self.stats.dead_masks(self.window).items()
-        }
+        dead_masks = {self.probe.site_name(site): mask for site, mask in self.stats.dead_masks(self.window).items()}
         self.stats.reset_period()
-        readings = self.readings = self._readings(summaries, ())
-        if not readings:
-            return readings
-        self.dead_counts = {name: float(s.dead.sum()) for name, s in summaries.items() if s.dead is not None}
-        self.dead_counts_step = step
+        scalars = self.readings = activation_scalars(summaries, self.dormant_tau, self.key)
+        if not scalars:
+            return scalars
         self.history.append(
-            {"step": float(step), **{stat: readings[self.key("total", stat)] for stat in ("dead", "dormant")}}
+            {"step": float(step), **{stat: scalars[self.key("total", stat)] for stat in ("dead", "dormant")}}
         )
         del self.history[:-_MAX_HISTORY]
-        for name, summary in summaries.items():
-            ranges = self.channel_ranges.setdefault(name, [])
-            ranges.append((step, summary.min.float(), summary.max.float()))
-            del ranges[: -self.band_history]
-        self._write_panels(trainer, summaries, step, ())
-        self._publish(trainer, readings, step)
-        return readings
+        self.drawing.remember(summaries, step)
+        self._show(trainer, summaries, step, ())
+        dead_counts = {name: float(s.dead.sum()) for name, s in summaries.items() if s.dead is not None}
+        self.publish(trainer, self.reading(step, scalars, dead_counts=dead_counts, dead_masks=dead_masks))
+        return scalars
 
     def _end_sample(self, trainer: "pl.Trainer") -> None:
         self._last_sample_step, self._sample_step = self._sample_step, None
@@ -393,32 +387,15 @@ class ActivationMonitor(MonitorCallback):
     def _named(self, summaries: Mapping[tuple[str, int], SiteSummary]) -> dict[str, SiteSummary]:
         return {self.probe.site_name(site): summary for site, summary in summaries.items()}
 
-    def _readings(self, summaries: Mapping[str, SiteSummary], scope: tuple[str, ...]) -> dict[str, float]:
-        """Per-layer and total readings; none when nothing was measured (only empty batches), not zero totals."""
-        readings: dict[str, float] = {}
-        if not summaries:
-            return readings
-        channels = counted_channels = near_zero = counted_values = dead = dormant = 0.0
-        for name, summary in summaries.items():
-            layer = summary.readings(self.dormant_tau)
-            readings.update({self.key(*scope, name, stat): value for stat, value in layer.items()})
-            channels += summary.channels
-            dormant += layer["dormant"]
-            if summary.near_zero is not None:
-                counted_channels += summary.channels
-                counted_values += summary.count * summary.channels
-                near_zero += float(summary.near_zero.sum())
-                dead += layer["dead"]
-        totals = {
-            "zero_frac": near_zero / counted_values if counted_values else 0.0,
-            "dead": dead,
-            "dead_frac": dead / counted_channels if counted_channels else 0.0,
-            "dormant": dormant,
-            "dormant_frac": dormant / channels if channels else 0.0,
-            "channels": channels,
-        }
-        readings.update({self.key(*scope, "total", stat): value for stat, value in totals.items()})
-        return readings
+    def _validation_key(self, *parts: str) -> str:
+        return self.key(_VALIDATION, *parts)
+
+    def _show(
+        self, trainer: "pl.Trainer", summaries: Mapping[str, SiteSummary], step: int, scope: tuple[str, ...]
+    ) -> None:
+        if summaries:
+            self.show_layout(trainer, ACTIVATION_LAYOUT, {"": list(summaries)}, scope)
+        self.drawing.write(self.panels, trainer, summaries, step, scope)
 
     def _convenience_rules(self) -> list[Rule]:
         base = f"{self.prefix}/{self.source}"
@@ -430,80 +407,3 @@ class ActivationMonitor(MonitorCallback):
         if self.std_below is not None:
             rules.append(ThresholdRule(f"{base}/*/std", below=self.std_below, name="activation_collapse"))
         return rules
-
-    def _write_panels(
-        self, trainer: "pl.Trainer", summaries: Mapping[str, SiteSummary], step: int, scope: tuple[str, ...]
-    ) -> None:
-        if not self.panels.writers(trainer):
-            return
-        self._register_layout(trainer, list(summaries), scope)
-        if self.log_histograms:
-            for name, summary in summaries.items():
-                zero_frac = summary.channel_zero_frac
-                if zero_frac is not None:
-                    self.panels.histogram(trainer, self.key(*scope, name, "channel_zero_frac"), zero_frac, step)
-        if self.log_images and not scope:
-            for name in summaries:
-                ranges = self.channel_ranges.get(name, [])
-                if ranges and len({low.numel() for _, low, _ in ranges}) == 1:
-                    lows = np.stack([low.numpy() for _, low, _ in ranges])
-                    highs = np.stack([high.numpy() for _, _, high in ranges])
-                    self.panels.image(trainer, self.key(name, "channel_range"), band_chart(lows, highs), step)
-
-    def _register_layout(self, trainer: "pl.Trainer", names: list[str], scope: tuple[str, ...]) -> None:
-        if not names or self._layout_names.get(scope) == names:
-            return
-        self._layout_names[scope] = names
-        base = "/".join((self.prefix, self.source, *scope))
-        title = f"{self.prefix}/{self.source}" + (f" ({', '.join(scope)})" if scope else "")
-        alternation = "|".join(re.escape(name) for name in names)
-        self.panels.layout(
-            trainer,
-            f"{title}: totals",
-            {
-                "zero fraction (all layers)": [f"{base}/total/zero_frac$"],
-                "dead and dormant channels": [f"{base}/total/(dead|dormant)$"],
-            },
-        )
-        self.panels.layout(
-            trainer,
-            f"{title}: layers",
-            {
-                f"{label} per layer": [f"{base}/({alternation})/{stat}$"]
-                for label, stat in (
-                    ("zero fraction", "zero_frac"),
-                    ("dead channels", "dead"),
-                    ("dormant channels", "dormant"),
-                    ("max |x|", "max_abs"),
-                    ("std", "std"),
-                )
-            },
-        )
-
-
-def _check_eps(value: Any) -> float | dict[type, float | None] | None:
-    """``eps`` is ``None``, a number >= 0, or ``{module class: number >= 0 or None}``.
-
-    Raises:
-        TypeError: for anything else than numbers, classes and ``None`` in those places.
-        ValueError: for a negative or non-finite number.
-    """
-    message = "`eps` must be None, a number >= 0, or a mapping {{module class: number >= 0 or None}}, got {!r}."
-    if value is None:
-        return None
-    if isinstance(value, Mapping):
-        table: dict[type, float | None] = {}
-        for cls, eps in value.items():
-            if not isinstance(cls, type):
-                raise TypeError(message.format({cls: eps}))
-            table[cls] = None if eps is None else _tolerance(eps, message.format({cls: eps}))
-        return table
-    return _tolerance(value, message.format(value))
-
-
-def _tolerance(value: Any, message: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(message)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(message)
-    return float(value)

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from lightning_deadunits._strategies import reject_sharded_strategy
 from lightning_deadunits._validation import check_bool, check_int
 from lightning_deadunits.actions.alarm_handler import AlarmAction
-from lightning_deadunits.callbacks._base import MonitorCallback, reject_sharded_strategy
+from lightning_deadunits.callbacks.monitor import MonitorCallback
 from lightning_deadunits.errors import DeadUnitsWarning
 from lightning_deadunits.panels.render import bar_chart
 from lightning_deadunits.probes.lesion import (
@@ -115,7 +116,6 @@ class BlockLesion(MonitorCallback):
         self._batches: list[Any] = []
         self._candidates: dict[str, nn.Module] = {}
         self._noted_skips: dict[str, str] = {}
-        self._layout_registered = False
 
     @property
     @override
@@ -160,24 +160,20 @@ class BlockLesion(MonitorCallback):
             self.lesion(trainer, pl_module, batches)
 
     @override
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        self._batches = []
-
-    @override
-    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+    def release(self) -> None:
         self._batches = []
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            **self._base_state(),
+            **self.base_state(),
             "history": list(self.history),
             "last_result": None if self.last_result is None else self.last_result.to_dict(),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._load_base_state(state_dict)
+        self.load_base_state(state_dict)
         self.history = list(state_dict.get("history", []))
         last = state_dict.get("last_result")
         self.last_result = None if last is None else LesionResult.from_dict(last)
@@ -205,7 +201,7 @@ class BlockLesion(MonitorCallback):
             readings.update({self.key(block, f"delta_{stat}"): value for stat, value in deltas.items()})
         self.last_result = result
         self.history.append({"step": float(trainer.global_step), "epoch": float(trainer.current_epoch), **readings})
-        self._publish(trainer, readings, trainer.global_step)
+        self.publish(trainer, self.reading(trainer.global_step, readings))
         self._write_panels(trainer, result)
         return readings
 
@@ -237,18 +233,16 @@ class BlockLesion(MonitorCallback):
             self.panels.text(
                 trainer, self.key("skipped"), "Blocks not lesioned:\n\n" + "\n".join(notes), trainer.global_step
             )
-        if not self.panels.writers(trainer):
+        if not self.panels.active(trainer):
             return
-        if not self._layout_registered:
-            self._register_layout(trainer)
+        self._show_layout(trainer)
         if self.log_images and result.deltas:
             delta_loss = np.array([deltas.get("loss", 0.0) for deltas in result.deltas.values()])
             image = bar_chart(np.abs(delta_loss), highlight=delta_loss < 0)
             self.panels.image(trainer, self.key("delta_loss_per_block"), image, trainer.global_step)
 
-    def _register_layout(self, trainer: "pl.Trainer") -> None:
-        self._layout_registered = True
+    def _show_layout(self, trainer: "pl.Trainer") -> None:
         base = re.escape(f"{self.prefix}/{self.source}")
         charts = {f"delta {stat} per block": [f"{base}/.*/delta_{re.escape(stat)}$"] for stat in self.probe.stats}
         charts["intact model"] = [f"{base}/baseline/.*"]
-        self.panels.layout(trainer, f"{self.prefix}/{self.source}: block lesions", charts)
+        self.panels.layout(trainer, {f"{self.prefix}/{self.source}: block lesions": charts})

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from typing_extensions import override
 
+from lightning_deadunits._strategies import reject_sharded_strategy
 from lightning_deadunits._validation import check_bool, check_float, check_int, check_strings
 from lightning_deadunits.actions.alarm_handler import AlarmAction
 from lightning_deadunits.actions.recycle import (
@@ -21,47 +22,50 @@ from lightning_deadunits.actions.recycle import (
     recycle_units,
     unit_count,
 )
-from lightning_deadunits.callbacks._base import MonitorCallback, reject_sharded_strategy
+from lightning_deadunits.callbacks.monitor import MonitorCallback
 from lightning_deadunits.probes.selection import ModuleSelector
+from lightning_deadunits.readings import Reading
 from lightning_deadunits.triggers.rule import Rule
 
 __all__ = ["DeadUnitRecycler"]
 
 log = logging.getLogger("lightning_deadunits")
 
+_MAX_HISTORY = 1000
+
 
 class DeadUnitRecycler(MonitorCallback):
     r"""Re-initialises dead or dormant units reported by the other monitors (ReDo, Sokar et al. 2023).
 
-    It listens to every :class:`~lightning_deadunits.callbacks._base.MonitorCallback` of the trainer (or those
-    whose ``source`` is in ``sources``): each exposes ``dead_masks`` (``{name: bool mask over units}``) from its
-    latest check. A name is either a convolution or linear layer (:class:`~lightning_deadunits.KernelNormMonitor`:
-    dead filters) or an activation call site (``ActivationMonitor``: ``features.3``, ``layer1.0.relu#0``), which is
-    mapped to the layer whose output reaches it through elementwise, normalisation and pooling modules only
-    (:class:`~lightning_deadunits.actions.recycle.UnitFlowTracer`, traced in the first training forward). A site
-    fed by a functional operation (``x + residual``, ``F.relu``) maps to nothing and is noted once in the
+    It listens to the readings every monitor of the trainer pushes (or those whose ``source`` is in ``sources``)
+    that carry ``dead_masks`` (``{name: bool mask over units}``), and acts on them at the start of the next batch,
+    once every callback has ended the batch: so the order of ``callbacks=[...]`` does not matter. A name is either a
+    convolution or linear layer (:class:`~lightning_deadunits.KernelNormMonitor`: dead filters) or an activation
+    call site (``ActivationMonitor``: ``features.3``, ``layer1.0.relu#0``), which is mapped to the layer whose
+    output reaches it through elementwise, normalisation and pooling modules only
+    (:class:`~lightning_deadunits.actions.recycle.UnitFlowTracer`, traced in the first training forward). A site fed
+    by a functional operation (``x + residual``, ``F.relu``) maps to nothing and is noted once in the
     ``lightning_deadunits`` log. Masks of one layer from several monitors are or-ed.
 
     When a monitor has a new check and at least ``every_n_steps`` optimizer steps have passed since the last
-    recycling that recycled anything, up to ``floor(max_fraction * units)`` flagged units per layer (chosen at
-    random among the flagged) are recycled with :func:`~lightning_deadunits.actions.recycle.recycle_units`:
-    incoming weights and bias redrawn from the layer's own initialisation, outgoing weights zeroed in the layers
-    that read them (found from data flow), per-unit BatchNorm entries reset, and the optimizer state of exactly
-    those entries zeroed. A layer whose readers are not found (read through a functional op, or the logits) is
-    not recycled unless ``require_consumer=False`` (then its outgoing weights are left as they are); either case
-    is noted once. At the next check that reports on a layer, the recycled units that are not flagged again count
-    as ``still_alive``.
+    recycling that recycled anything, up to ``ceil(max_fraction * units)`` flagged units per layer (at least one, so
+    small layers are recycled too; chosen at random among the flagged) are recycled with
+    :func:`~lightning_deadunits.actions.recycle.recycle_units`: incoming weights and bias redrawn from the layer's
+    own initialisation, outgoing weights zeroed in the layers that read them (found from data flow), per-unit
+    BatchNorm entries reset, and the optimizer state of exactly those entries zeroed. A layer whose readers are not
+    found (read through a functional op, or the logits) is not recycled unless ``require_consumer=False`` (then its
+    outgoing weights are left as they are); either case is noted once. At the next check that reports on a layer,
+    the recycled units that are not flagged again count as ``still_alive``.
 
-    Zeroing the outgoing weights keeps the network's function exactly for units whose output is 0 (dead ReLU
-    units). A dead *kernel* still emits a constant (its bias, or its BatchNorm's beta through the activation):
-    that constant is lost, which BatchNorm layers downstream absorb at once in training mode but which shifts
-    eval-mode outputs until their running statistics catch up (tens of steps at momentum 0.1), so avoid
-    recycling just before validation or the end of training.
+    Zeroing the outgoing weights keeps the network's function exactly for units whose output is 0 (dead ReLU units).
+    A dead *kernel* still emits a constant (its bias, or its BatchNorm's beta through the activation): that constant
+    is lost, which BatchNorm layers downstream absorb at once in training mode but which shifts eval-mode outputs
+    until their running statistics catch up (tens of steps at momentum 0.1), so avoid recycling just before
+    validation or the end of training.
 
     Under DDP every rank recycles the same units with the same values: the masks are or-ed across ranks (one
     all-reduce per check) and the fresh weights are drawn on the CPU from a seed of (``seed``, global step, layer
-    index). Sharded strategies are rejected at setup. Put this callback after the monitors in ``callbacks`` to act
-    on the same step as their check; before them it acts one batch later.
+    index). Sharded strategies are rejected at setup. ``history`` keeps the totals of the last 1000 recyclings.
 
     Logged keys (``<p>`` is ``prefix``, ``<layer>`` the module name):
 
@@ -130,7 +134,7 @@ class DeadUnitRecycler(MonitorCallback):
         self.history: list[dict[str, float]] = []
         self._modules: dict[str, nn.Module] = {}
         self._layer_index: dict[str, int] = {}
-        self._seen: dict[int, int] = {}
+        self._heard: list[Reading] = []
         self._pending: dict[str, tuple[Tensor, int]] = {}
         self._notes: set[str] = set()
 
@@ -160,10 +164,24 @@ class DeadUnitRecycler(MonitorCallback):
             if _recyclable(module)
         }
 
+    def on_deadunits_reading(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", reading: Reading) -> None:
+        """Keep readings with dead masks from the monitors listened to, to act on at the next batch start."""
+        if (
+            reading.dead_masks
+            and reading.source != self.source
+            and (not self.sources or reading.source in self.sources)
+        ):
+            self._heard.append(reading)
+
     @override
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
+        if self.tracer.traced and self._heard:
+            flagged = self._collect(trainer, self._heard)
+            self._heard = []
+            if flagged:
+                self._process(trainer, flagged, trainer.global_step)
         if self.tracer.pending and self.layers:
             self.tracer.start(pl_module, self.layers)
 
@@ -171,29 +189,20 @@ class DeadUnitRecycler(MonitorCallback):
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.tracer.hooks_attached:
-            self.tracer.finish()
-        if self.tracer.traced:
-            flagged = self._collect(trainer)
-            if flagged:
-                self._process(trainer, flagged, trainer.global_step)
-
-    @override
-    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self.panels.flush(trainer)
-
-    @override
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self.tracer.finish()
 
     @override
-    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._heard = []
+
+    @override
+    def release(self) -> None:
         self.tracer.finish()
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            **self._base_state(),
+            **self.base_state(),
             "tracer": self.tracer.state_dict(),
             "last_recycle_step": self.last_recycle_step,
             "recycled_total": self.recycled_total,
@@ -203,7 +212,7 @@ class DeadUnitRecycler(MonitorCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._load_base_state(state_dict)
+        self.load_base_state(state_dict)
         self.tracer.load_state_dict(state_dict.get("tracer", {}))
         self.last_recycle_step = state_dict.get("last_recycle_step")
         self.recycled_total = int(state_dict.get("recycled_total", 0))
@@ -212,17 +221,10 @@ class DeadUnitRecycler(MonitorCallback):
             name: (units.clone(), int(count)) for name, (units, count) in state_dict.get("pending", {}).items()
         }
 
-    def _collect(self, trainer: "pl.Trainer") -> dict[str, Tensor]:
-        """The masks of every monitor check not seen yet, mapped to layers and or-ed per layer."""
+    def _collect(self, trainer: "pl.Trainer", readings: Sequence[Reading]) -> dict[str, Tensor]:
+        """The masks of the readings heard, mapped to layers and or-ed per layer."""
         flagged: dict[str, Tensor] = {}
-        for monitor in trainer.callbacks:  # type: ignore[attr-defined]
-            if not isinstance(monitor, MonitorCallback) or monitor is self:
-                continue
-            if monitor.dead_counts_step is None or (self.sources and monitor.source not in self.sources):
-                continue
-            if self._seen.get(id(monitor)) == monitor.dead_counts_step:
-                continue
-            self._seen[id(monitor)] = monitor.dead_counts_step
+        for monitor in readings:
             for site, mask in monitor.dead_masks.items():
                 layer = site if site in self.layers else self.tracer.sites.get(site)
                 if layer not in self.layers:
@@ -268,7 +270,8 @@ class DeadUnitRecycler(MonitorCallback):
         if totals:
             readings.update({self.key("total", stat): value for stat, value in totals.items()})
             self.history.append({"step": float(step), **totals})
-            self._publish(trainer, readings, step)
+            del self.history[:-_MAX_HISTORY]
+            self.publish(trainer, self.reading(step, readings))
 
     def _recycle(
         self, trainer: "pl.Trainer", masks: Mapping[str, Tensor], flagged: Mapping[str, float], step: int
@@ -276,7 +279,7 @@ class DeadUnitRecycler(MonitorCallback):
         readings: dict[str, float] = {}
         for name, mask in masks.items():
             consumers = [self._modules[consumer] for consumer in self.tracer.consumers.get(name, [])]
-            recycled = min(int(flagged[name]), math.floor(self.max_fraction * mask.numel()))
+            recycled = min(int(flagged[name]), math.ceil(self.max_fraction * mask.numel()))
             if recycled and not consumers:
                 if self.require_consumer:
                     recycled = 0

@@ -8,8 +8,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_deadunits._validation import check_prefix
 from lightning_deadunits.actions.alarm_handler import AlarmAction, AlarmHandler
-from lightning_deadunits.callbacks._base import check_prefix
 from lightning_deadunits.callbacks.activation_monitor import ActivationMonitor
 from lightning_deadunits.callbacks.kernel_norm_monitor import KernelNormMonitor
 from lightning_deadunits.callbacks.loss_spike_monitor import LossSpikeMonitor

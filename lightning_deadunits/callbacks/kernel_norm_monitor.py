@@ -1,29 +1,26 @@
 """Watches per-filter kernel norms and counts collapsed ("zero") kernels per layer during training."""
 
-import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
-import torch
-from torch import Tensor
 from typing_extensions import override
 
+from lightning_deadunits import schedules
+from lightning_deadunits._strategies import reject_sharded_strategy
 from lightning_deadunits._validation import check_bool, check_float, check_int, check_strings, check_types
 from lightning_deadunits.actions.alarm_handler import AlarmAction
-from lightning_deadunits.callbacks._base import MonitorCallback, reject_sharded_strategy
+from lightning_deadunits.callbacks.monitor import MonitorCallback
 from lightning_deadunits.errors import DeadUnitsWarning
-from lightning_deadunits.functional.kernels import filter_heatmaps
 from lightning_deadunits.metrics.kernel_deaths import KernelDeathTracker
-from lightning_deadunits.panels.render import bar_chart, heatmap_grid
+from lightning_deadunits.panels.kernel_panels import KERNEL_LAYOUT, KernelPanels
 from lightning_deadunits.probes.kernel_norms import DEFAULT_KERNEL_TYPES, KernelNormProbe, LayerKernels
+from lightning_deadunits.schedules import StepGate
 from lightning_deadunits.triggers.rule import Rule
 
 __all__ = ["KernelNormMonitor"]
 
-_MAX_HEATMAP_FILTERS = 256
 _MAX_HISTORY = 1000
 
 
@@ -94,6 +91,7 @@ class KernelNormMonitor(MonitorCallback):
     """
 
     source = "kernels"
+    unit = "kernels"
 
     def __init__(
         self,
@@ -124,10 +122,10 @@ class KernelNormMonitor(MonitorCallback):
         self.heatmap_layers = check_int("heatmap_layers", heatmap_layers, minimum=0)
         self.probe = KernelNormProbe(self.include, self.exclude, self.layer_types)
         self.tracker = KernelDeathTracker()
-        self.last_check_step: int | None = None
-        self._initial: tuple[int, list[LayerKernels]] | None = None
-        self._layout_registered = False
+        self.checks = StepGate(schedules.every_n_steps(self.every_n_steps))
+        self.drawing = KernelPanels(self.key, self.log_histograms, self.log_images, self.heatmap_layers)
         self.history: list[dict[str, float]] = []
+        self._initial: tuple[int, list[LayerKernels]] | None = None
 
     @property
     @override
@@ -142,13 +140,17 @@ class KernelNormMonitor(MonitorCallback):
             prefix=self.prefix,
         )
 
+    @property
+    def last_check_step(self) -> int | None:
+        """The global step of the latest check, or ``None`` before the first."""
+        return self.checks.last_step
+
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
         advice = "Use DDP, or drop `KernelNormMonitor` (in `DeadUnits`: `kernels=False`)."
         reject_sharded_strategy(trainer, type(self).__name__, advice=advice)
-        self._layout_registered = False
         self.probe.attach(pl_module)
         if not self.probe.layers and not self.probe.batchnorms:
             warnings.warn(
@@ -161,9 +163,7 @@ class KernelNormMonitor(MonitorCallback):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if not self.probe.layers and not self.probe.batchnorms:
-            return
-        if self.last_check_step is None:
+        if (self.probe.layers or self.probe.batchnorms) and self.last_check_step is None:
             self._initial = (trainer.global_step, self._read())
             if not self.probe.pairing_pending:
                 self._publish_initial(trainer)
@@ -179,13 +179,11 @@ class KernelNormMonitor(MonitorCallback):
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.probe.hooks_attached:
-            self.probe.finish_pairing()
+        self.probe.finish_pairing()
         if self._initial is not None:
             self._publish_initial(trainer)
-        step = trainer.global_step
-        if self.last_check_step is not None and step % self.every_n_steps == 0 and step != self.last_check_step:
-            self.check(trainer, step)
+        if self.last_check_step is not None and self.checks.due(trainer.global_step):
+            self.check(trainer, trainer.global_step)
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -193,20 +191,15 @@ class KernelNormMonitor(MonitorCallback):
             self._publish_initial(trainer)
         if self.last_check_step is not None and trainer.global_step != self.last_check_step:
             self.check(trainer, trainer.global_step)
-        self.panels.flush(trainer)
 
     @override
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        self.probe.finish_pairing()
-
-    @override
-    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+    def release(self) -> None:
         self.probe.finish_pairing()
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            **self._base_state(),
+            **self.base_state(),
             "tracker": self.tracker.state_dict(),
             "probe": self.probe.state_dict(),
             "last_check_step": self.last_check_step,
@@ -215,10 +208,10 @@ class KernelNormMonitor(MonitorCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._load_base_state(state_dict)
+        self.load_base_state(state_dict)
         self.tracker.load_state_dict(state_dict.get("tracker", {}))
         self.probe.load_state_dict(state_dict.get("probe", {}))
-        self.last_check_step = state_dict.get("last_check_step")
+        self.checks.mark(state_dict.get("last_check_step"))  # type: ignore[arg-type]
         self.history = list(state_dict.get("history", []))
 
     def check(self, trainer: "pl.Trainer", step: int) -> dict[str, float]:
@@ -236,113 +229,26 @@ class KernelNormMonitor(MonitorCallback):
         self._process(trainer, self.probe.attribute(readings), step)
 
     def _process(self, trainer: "pl.Trainer", layers: list[LayerKernels], step: int) -> dict[str, float]:
-        self.last_check_step = step
+        self.checks.mark(step)
         if not layers:
             return {}
-        counts = self._counts_on_host(layers, step)
-        readings: dict[str, float] = {}
-        totals = dict.fromkeys(("filters", "dead_abs", "dead_rel", "dead_bn", "dead", "newly_dead", "revived"), 0.0)
-        for layer, layer_counts in zip(layers, counts, strict=True):
-            for stat, value in layer_counts.items():
-                if stat != "filters":
-                    readings[self.key(layer.name, stat)] = value
-                if stat in totals:
-                    totals[stat] += value
-        totals["dead_frac"] = totals["dead"] / totals["filters"] if totals["filters"] else 0.0
-        readings.update({self.key("total", stat): value for stat, value in totals.items()})
-        self.dead_counts = {
-            layer.name: layer_counts["dead"] for layer, layer_counts in zip(layers, counts, strict=True)
+        counts, totals = self.tracker.count(layers, step)
+        scalars = {
+            self.key(layer.name, stat): value
+            for layer, layer_counts in zip(layers, counts, strict=True)
+            for stat, value in layer_counts.items()
+            if stat != "filters"
         }
-        self.dead_counts_step = step
-        self.dead_masks = {layer.name: layer.dead for layer in layers if layer.kind != "batchnorm"}
+        scalars.update({self.key("total", stat): value for stat, value in totals.items()})
         self.history.append({"step": float(step), **{stat: totals[stat] for stat in ("dead_abs", "dead_rel", "dead")}})
         del self.history[:-_MAX_HISTORY]
-        self._publish(trainer, readings, step)
-        if not self._layout_registered:
-            self._register_layout(trainer, layers)
-        if self.panels.writers(trainer):
-            self._write_panels(trainer, layers, counts, step)
-        return readings
-
-    def _counts_on_host(self, layers: list[LayerKernels], step: int) -> list[dict[str, float]]:
-        """All per-layer counts in one device-to-host transfer."""
-        stats: list[Tensor] = []
+        dead_counts = {layer.name: layer_counts["dead"] for layer, layer_counts in zip(layers, counts, strict=True)}
+        dead_masks = {layer.name: layer.dead for layer in layers if layer.kind != "batchnorm"}
+        self.publish(trainer, self.reading(step, scalars, dead_counts=dead_counts, dead_masks=dead_masks))
+        groups: dict[str, list[str]] = {}
         for layer in layers:
-            newly_dead, revived = self.tracker.update(layer.name, layer.dead, step)
-            dead_bn = layer.dead_bn.sum() if layer.dead_bn is not None else layer.dead.new_zeros((), dtype=torch.long)
-            stats.append(
-                torch.stack(
-                    [
-                        layer.dead_abs.sum().float(),
-                        layer.dead_rel.sum().float(),
-                        dead_bn.float(),
-                        layer.dead.sum().float(),
-                        layer.norm_median.float(),
-                        newly_dead.float(),
-                        revived.float(),
-                    ]
-                )
-            )
-        host = torch.stack([s.to(stats[0].device) for s in stats]).cpu().tolist()
-        counts = []
-        for layer, (dead_abs, dead_rel, dead_bn, dead, norm_median, newly_dead, revived) in zip(
-            layers, host, strict=True
-        ):
-            filters = float(layer.l1.numel())
-            layer_counts = {"filters": filters}
-            if layer.kind != "batchnorm":
-                layer_counts.update(dead_abs=dead_abs, dead_rel=dead_rel, norm_median=norm_median)
-            if layer.dead_bn is not None:
-                layer_counts["dead_bn"] = dead_bn
-            layer_counts.update(
-                dead=dead,
-                dead_frac=dead / filters if filters else 0.0,
-                newly_dead=newly_dead,
-                revived=revived,
-            )
-            counts.append(layer_counts)
-        return counts
-
-    def _register_layout(self, trainer: "pl.Trainer", layers: list[LayerKernels]) -> None:
-        """Totals, then one category per layer kind, from the layers actually reported (after BN pairing)."""
-        base = f"{self.prefix}/{self.source}"
-        charts = {
-            "dead filters (all rules)": [f"{base}/total/dead$"],
-            "dead filters by rule": [f"{base}/total/dead_(abs|rel|bn)$"],
-            "new dead and revived per check": [f"{base}/total/(newly_dead|revived)$"],
-        }
-        self.panels.layout(trainer, f"{base}: totals", charts)
-        by_kind: dict[str, list[str]] = {}
-        for layer in layers:
-            by_kind.setdefault(layer.kind, []).append(re.escape(layer.name))
-        for kind, names in sorted(by_kind.items()):
-            alternation = "|".join(names)
-            self.panels.layout(
-                trainer,
-                f"{base}: {kind} layers",
-                {
-                    f"{kind}: dead filters": [f"{base}/({alternation})/dead$"],
-                    f"{kind}: dead fraction": [f"{base}/({alternation})/dead_frac$"],
-                    f"{kind}: median filter L1": [f"{base}/({alternation})/norm_median$"],
-                },
-            )
-        self._layout_registered = True
-
-    def _write_panels(
-        self, trainer: "pl.Trainer", layers: list[LayerKernels], counts: list[dict[str, float]], step: int
-    ) -> None:
-        if self.log_histograms:
-            for layer in layers:
-                self.panels.histogram(trainer, self.key(layer.name, "l1"), layer.l1, step)
-        if not self.log_images:
-            return
-        dead = np.array([c["dead"] for c in counts])
-        depthwise = np.array([layer.kind == "depthwise" for layer in layers])
-        self.panels.image(trainer, self.key("dead_per_layer"), bar_chart(dead, highlight=depthwise), step)
-        worst = sorted(range(len(layers)), key=lambda i: -dead[i])[: self.heatmap_layers]
-        for index in worst:
-            module = self.probe.layers.get(layers[index].name)
-            maps = filter_heatmaps(module) if module is not None else None
-            if maps is not None:
-                tiles = list(maps[:_MAX_HEATMAP_FILTERS].numpy())
-                self.panels.image(trainer, self.key("heatmap", layers[index].name), heatmap_grid(tiles), step)
+            groups.setdefault(layer.kind, []).append(layer.name)
+        self.show_layout(trainer, KERNEL_LAYOUT, groups)
+        shown = [(layer.name, layer.kind, layer.l1) for layer in layers]
+        self.drawing.write(self.panels, trainer, shown, list(dead_counts.values()), self.probe.layers, step)
+        return scalars

@@ -4,26 +4,31 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_deadunits._strategies import reject_sharded_strategy
 from lightning_deadunits._validation import check_bool, check_int
 from lightning_deadunits.actions.alarm_handler import AlarmAction
 from lightning_deadunits.actions.batch_dump import BatchDumper, rng_states
-from lightning_deadunits.callbacks._base import MonitorCallback, reject_sharded_strategy
+from lightning_deadunits.actions.skip_update import SkipUpdate
+from lightning_deadunits.actions.spike_dump import SpikeDump
+from lightning_deadunits.callbacks.monitor import MonitorCallback
 from lightning_deadunits.errors import DeadUnitsWarning
-from lightning_deadunits.triggers.alarm import Alarm
+from lightning_deadunits.metrics.spike_deaths import SpikeDeathLedger
+from lightning_deadunits.panels.spike_text import deaths_message, spike_events_table, spike_message
+from lightning_deadunits.probes.loss import BatchLoss, LossProbe
+from lightning_deadunits.readings import Reading
+from lightning_deadunits.schedules import StepGate, every_n_steps
+from lightning_deadunits.triggers.alarm import Alarm, AlarmLevel
 from lightning_deadunits.triggers.loss_spike import SpikeDetector, SpikeVerdict
 from lightning_deadunits.triggers.rule import Rule
 
@@ -32,24 +37,6 @@ __all__ = ["LossSpikeMonitor"]
 log = logging.getLogger("lightning_deadunits")
 
 _MAX_EVENTS = 1000
-_MAX_TABLE_ROWS = 50
-# How a dead-unit monitor's `source` is said in a sentence ("37 kernels of layer4.1 died").
-_UNIT_WORDS = {"kernels": "kernels", "activations": "units"}
-
-
-@dataclass
-class _Batch:
-    """What the monitor knows about the batch in flight, from ``on_train_batch_start`` to its end."""
-
-    step: int
-    epoch: int
-    batch_idx: int
-    rng: dict[str, Any] | None
-    dead_before: dict[str, tuple[int, dict[str, float]]]
-    loss: Tensor | None = None
-    verdict: SpikeVerdict | None = None
-    spike: bool = False
-    arrived: Any = None  # the CUDA event after which ``loss``, a pinned host copy, may be read
 
 
 class LossSpikeMonitor(MonitorCallback):
@@ -95,10 +82,11 @@ class LossSpikeMonitor(MonitorCallback):
     schedulers of both intervals (``"step"``: once per global step, skipped or not; ``"epoch"``: unchanged) and
     ``ReduceLROnPlateau`` sees only its monitored metric; gradient clipping sees no gradients.
 
-    **Spikes and dead units.** With a :class:`~lightning_deadunits.KernelNormMonitor` (or any monitor that
-    exposes ``dead_counts``) in the trainer, each spike event records, per layer, how many kernels or units died
+    **Spikes and dead units.** With a :class:`~lightning_deadunits.KernelNormMonitor` (or any monitor that pushes
+    dead counts in its readings) in the trainer, each spike event records, per layer, how many kernels or units died
     between that monitor's last check before the spike and its first check after it: in ``events``, in the
-    TensorBoard text panel, in the log ("spike at step 1800: 37 kernels of layer4.1 died") and in the dump.
+    TensorBoard text panel, in the events file, in the log ("spike at step 1800: 37 kernels of layer4.1 died") and
+    in the dump. The monitors' order in ``callbacks=[...]`` does not matter.
 
     **Alarms.** Every spike raises an :class:`~lightning_deadunits.Alarm` with source ``"loss"`` and key
     ``<p>/loss/spike`` (value: the loss; threshold: the limit it crossed; level ``"error"`` for a non-finite
@@ -113,7 +101,9 @@ class LossSpikeMonitor(MonitorCallback):
     ``<p>/loss/spikes``         spike events so far
     ==========================  ========================================================================
 
-    With TensorBoard, the text panel ``<p>/loss/spike_events`` lists the events with their dump paths.
+    With TensorBoard, the text panel ``<p>/loss/spike_events`` lists the events with their dump paths. Every event
+    is also written as data to the run's events file (``<log_dir>/deadunits/events.jsonl``, see
+    :mod:`lightning_deadunits.events`), which ``deadunits report`` reads.
 
     ``events`` holds one dict per spike: ``step``, ``epoch``, ``batch_idx``, ``rank``, ``loss``, ``baseline``,
     ``spread``, ``ratio``, ``spike_score``, ``threshold``, ``reason``, ``local`` (this rank's loss spiked),
@@ -147,8 +137,6 @@ class LossSpikeMonitor(MonitorCallback):
     """
 
     source = "loss"
-    # Devices whose loss is read one batch late, so that reading it never waits for the device.
-    _deferred_devices: ClassVar[tuple[str, ...]] = ("cuda",)
 
     def __init__(
         self,
@@ -177,17 +165,19 @@ class LossSpikeMonitor(MonitorCallback):
         self.log_every_n_steps = (
             None if log_every_n_steps is None else check_int("log_every_n_steps", log_every_n_steps, 1)
         )
+        self.probe = LossProbe()
+        self.dump = SpikeDump(self.dumper)
+        self.skip = SkipUpdate()
+        self.deaths = SpikeDeathLedger()
         self.events: list[dict[str, Any]] = []
         self.spike_count = 0
-        self.skipped_updates = 0
-        self._log_every = self.log_every_n_steps or 50
+        self.logs = StepGate(every_n_steps(self.log_every_n_steps or 50))
         self._warned_no_loss = False
-        self._peers: dict[str, MonitorCallback] = {}
-        self._peer_steps: dict[str, int | None] = {}
-        self._batch: _Batch | None = None
+        self._batch: BatchLoss | None = None
+        self._deaths_before: dict[str, dict[str, Any]] = {}
         self._skip_pending = False
-        self._last_logged_step: int | None = None
-        self._deferred: tuple[_Batch, Any, Any] | None = None
+        self._deferred: tuple[BatchLoss, dict[str, dict[str, Any]], Any, Any] | None = None
+        self._judged: tuple[BatchLoss, SpikeVerdict, bool] | None = None
 
     @property
     @override
@@ -206,6 +196,11 @@ class LossSpikeMonitor(MonitorCallback):
     def spike_steps(self) -> list[int]:
         """The global step of every spike event, in order."""
         return [event["step"] for event in self.events]
+
+    @property
+    def skipped_updates(self) -> int:
+        """Optimizer steps skipped so far."""
+        return self.skip.count
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -227,44 +222,26 @@ class LossSpikeMonitor(MonitorCallback):
             )
         if self.dump_dir is None:
             self.dumper.directory = Path(trainer.log_dir or trainer.default_root_dir, "deadunits", "dumps")
-        self._log_every = self.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", self._log_every))
+        self.logs.schedule = every_n_steps(self.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50)))
 
-    @override
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._peers = {
-            f"{callback.prefix}/{callback.source}": callback
-            for callback in trainer.callbacks  # type: ignore[attr-defined]
-            if isinstance(callback, MonitorCallback) and callback is not self
-        }
+    def on_deadunits_reading(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", reading: Reading) -> None:
+        """Keep the dead counts of other monitors, and resolve the deaths of spikes they have checked after."""
+        if reading.origin != f"{self.prefix}/{self.source}":
+            self.deaths.hear(reading)
+            self._resolve_deaths(trainer)
 
     @override
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
-        dumping = self.dumper.count < self.dumper.max_dumps
-        self._batch = _Batch(
-            step=trainer.global_step,
-            epoch=trainer.current_epoch,
-            batch_idx=batch_idx,
-            rng=rng_states() if dumping else None,
-            dead_before={
-                key: (monitor.dead_counts_step, monitor.dead_counts)
-                for key, monitor in self._peers.items()
-                if monitor.dead_counts_step is not None
-            },
-        )
+        rng = rng_states() if self.dump.open else None
+        self._batch = BatchLoss(trainer.global_step, trainer.current_epoch, batch_idx, rng)
+        self._deaths_before = self.deaths.snapshot()
 
     @override
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Tensor) -> None:
-        if self._batch is None or not pl_module.automatic_optimization:
-            return
-        # Lightning hands over the loss divided by `accumulate_grad_batches` and, under fp16 AMP, multiplied by
-        # the GradScaler's scale (a power of two, so dividing it out is exact); undo both, on the device.
-        value = loss.detach().float()
-        scale = getattr(getattr(trainer.precision_plugin, "scaler", None), "_scale", None)
-        if isinstance(scale, Tensor):
-            value = value / scale.to(value.device)
-        self._batch.loss = value * trainer.accumulate_grad_batches
+        if self._batch is not None and pl_module.automatic_optimization:
+            self.probe.from_backward(trainer, self._batch, loss)
 
     @override
     def on_before_optimizer_step(
@@ -276,7 +253,7 @@ class LossSpikeMonitor(MonitorCallback):
             self._decide(trainer, self._batch)
         if self._skip_pending:
             self._skip_pending = False
-            self._drop_gradients(trainer, optimizer)
+            self.skip(trainer, pl_module, self._skip_alarm(trainer.global_step))
 
     @override
     def on_train_batch_end(
@@ -285,17 +262,15 @@ class LossSpikeMonitor(MonitorCallback):
         pending, self._batch = self._batch, None
         if pending is None:
             return
-        if pending.loss is None and not pl_module.automatic_optimization:
-            pending.loss = _loss_from(outputs)
-        if self._deferred is not None:  # the previous loss has had a whole batch to reach the host
+        if not pl_module.automatic_optimization:
+            self.probe.from_outputs(pending, outputs)
+        if self._deferred is not None:
             self._finish_batch(trainer, pl_module, *self._deferred)
             self._deferred = None
-        if not self.skip_update and pending.loss is not None and pending.loss.device.type in self._deferred_devices:
-            pending.loss, pending.arrived = _start_host_copy(pending.loss)
-            dumping = self.dumper.count < self.dumper.max_dumps
-            self._deferred = (pending, outputs, batch if dumping else None)
+        if not self.skip_update and self.probe.start_host_copy(pending):
+            self._deferred = (pending, self._deaths_before, outputs, batch if self.dump.open else None)
             return
-        self._finish_batch(trainer, pl_module, pending, outputs, batch)
+        self._finish_batch(trainer, pl_module, pending, self._deaths_before, outputs, batch)
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -304,82 +279,78 @@ class LossSpikeMonitor(MonitorCallback):
             self._deferred = None
 
     @override
-    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+    def release(self) -> None:
         self._deferred = None
-
-    def _finish_batch(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", pending: _Batch, outputs: Any, batch: Any
-    ) -> None:
-        """Judge a batch's loss, record and dump a spike, log on logging steps and raise the alarm."""
-        self._decide(trainer, pending)
-        if pending.verdict is None:
-            self._warn_no_loss(pl_module, outputs, pending)
-            return
-        alarm = self._record_spike(trainer, pl_module, pending, outputs, batch) if pending.spike else None
-        self._resolve_deaths(trainer)
-        if pending.spike or (pending.step % self._log_every == 0 and pending.step != self._last_logged_step):
-            self._last_logged_step = pending.step
-            self._publish(trainer, self._readings(trainer, pl_module, pending.verdict), pending.step)
-        if alarm is not None:
-            self._raise_alarms(trainer, [alarm])
-
-    @override
-    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # Monitors check once more at train end, possibly after this callback's own on_train_end.
-        self._resolve_deaths(trainer)
-        self.panels.flush(trainer)
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            **self._base_state(),
+            **self.base_state(),
             "detector": self.detector.state_dict(),
             "dumper": self.dumper.state_dict(),
             "events": [dict(event) for event in self.events],
             "spike_count": self.spike_count,
-            "skipped_updates": self.skipped_updates,
+            "skipped_updates": self.skip.count,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._load_base_state(state_dict)
+        self.load_base_state(state_dict)
         self.detector.load_state_dict(state_dict.get("detector", {}))
         self.dumper.load_state_dict(state_dict.get("dumper", {}))
         self.events = [dict(event) for event in state_dict.get("events", [])]
         self.spike_count = int(state_dict.get("spike_count", 0))
-        self.skipped_updates = int(state_dict.get("skipped_updates", 0))
+        self.skip.count = int(state_dict.get("skipped_updates", 0))
 
-    def _decide(self, trainer: "pl.Trainer", pending: _Batch) -> None:
-        """Judge the batch's loss once: the one host transfer, then the decision shared by all ranks."""
-        if pending.verdict is not None or pending.loss is None:
-            return
-        if pending.arrived is not None:
-            pending.arrived.synchronize()  # waits for that copy only; not a device sync
-        pending.verdict = self.detector.update(float(pending.loss), pending.step)
-        pending.spike = bool(trainer.strategy.reduce_boolean_decision(pending.verdict.spike, all=False))
-        if pending.spike and self.skip_update:
-            self._skip_pending = True
-        if pending.verdict.rebaselined:
+    def _decide(self, trainer: "pl.Trainer", pending: BatchLoss) -> tuple[SpikeVerdict, bool] | None:
+        """Judge the batch's loss once: the one host read, then the decision shared by all ranks."""
+        if self._judged is not None and self._judged[0] is pending:
+            return self._judged[1:]
+        if pending.loss is None:
+            return None
+        verdict = self.detector.update(pending.value(), pending.step)
+        spike = bool(trainer.strategy.reduce_boolean_decision(verdict.spike, all=False))
+        self._judged = (pending, verdict, spike)
+        self._skip_pending |= spike and self.skip_update
+        if verdict.rebaselined:
             _log_rebaseline(pending.step, self.detector.rebaseline_after)
+        return verdict, spike
 
-    def _drop_gradients(self, trainer: "pl.Trainer", optimizer: Optimizer) -> None:
-        """Make the coming optimizer step a no-op: torch optimizers skip parameters whose gradient is ``None``."""
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and _optimizer_handles_unscaling(optimizer):
-            # Lightning leaves unscaling to such (fused) optimizers; without gradients the scaler would record no
-            # inf check and fail in update(), so let it check this step's gradients now.
-            scaler.unscale_(optimizer)
-        for group in optimizer.param_groups:
-            for parameter in group["params"]:
-                parameter.grad = None
-        self.skipped_updates += 1
+    def _finish_batch(
+        self,
+        trainer: "pl.Trainer",
+        pl_module: "pl.LightningModule",
+        pending: BatchLoss,
+        deaths_before: dict[str, dict[str, Any]],
+        outputs: Any,
+        batch: Any,
+    ) -> None:
+        """Judge a batch's loss, record and dump a spike, log on logging steps and raise the alarm."""
+        judged = self._decide(trainer, pending)
+        if judged is None:
+            self._warn_no_loss(pl_module, outputs, pending)
+            return
+        verdict, spike = judged
+        alarm = (
+            self._record_spike(trainer, pl_module, pending, verdict, deaths_before, outputs, batch) if spike else None
+        )
+        if self.logs.due(pending.step) or spike:
+            self.logs.mark(pending.step)
+            self.publish(trainer, self.reading(pending.step, self._scalars(trainer, pl_module, verdict)))
+        if alarm is not None:
+            self.raise_alarms(trainer, [alarm])
 
     def _record_spike(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", pending: _Batch, outputs: Any, batch: Any
+        self,
+        trainer: "pl.Trainer",
+        pl_module: "pl.LightningModule",
+        pending: BatchLoss,
+        verdict: SpikeVerdict,
+        deaths_before: dict[str, dict[str, Any]],
+        outputs: Any,
+        batch: Any,
     ) -> Alarm:
-        """Count the spike, dump this rank's batch if its loss spiked, keep the event; return its alarm."""
-        verdict = pending.verdict
-        assert verdict is not None
+        """Count the spike, dump this rank's batch if its loss spiked, keep and write the event; return its alarm."""
         self.spike_count += 1
         event: dict[str, Any] = {
             "step": pending.step,
@@ -397,95 +368,70 @@ class LossSpikeMonitor(MonitorCallback):
             "skipped_update": self.skip_update,
             "dump": None,
             "dead_after_spike": {},
-            "dead_pending": {
-                key: {"step": step, "counts": dict(counts)} for key, (step, counts) in pending.dead_before.items()
-            },
+            "dead_pending": {origin: dict(before) for origin, before in deaths_before.items()},
         }
         if verdict.spike:
-            path = self._dump(trainer, pl_module, pending, event, outputs, batch)
+            path = self.dump.write(trainer, pl_module, pending, event, outputs, batch, list(self.detector.recent))
             event["dump"] = None if path is None else str(path)
         self.events.append(event)
         del self.events[:-_MAX_EVENTS]
-        self._peer_steps = {}  # the next poll must look at this event even if no monitor checked since the last
+        fields = {key: value for key, value in event.items() if key not in ("dead_after_spike", "dead_pending")}
+        self.record_event(
+            trainer, {"type": "spike", "prefix": self.prefix, "source": self.source, **fields}, local=verdict.spike
+        )
+        self._resolve_deaths(trainer)
         self._write_events_panel(trainer)
+        message = spike_message(event)
+        level: AlarmLevel = "error" if verdict.reason == "non-finite" else "warning"
+        threshold = math.nan if verdict.limit is None else verdict.limit
         return Alarm(
-            source=self.source,
-            key=self.key("spike"),
-            value=verdict.loss,
-            threshold=math.nan if verdict.limit is None else verdict.limit,
-            level="error" if verdict.reason == "non-finite" else "warning",
-            message=_spike_message(event),
-            step=pending.step,
-            rule=type(self).__name__,
+            self.source,
+            self.key("spike"),
+            verdict.loss,
+            threshold,
+            level,
+            message,
+            pending.step,
+            type(self).__name__,
+            "spike",
         )
 
-    def _dump(
-        self,
-        trainer: "pl.Trainer",
-        pl_module: "pl.LightningModule",
-        pending: _Batch,
-        event: Mapping[str, Any],
-        outputs: Any,
-        batch: Any,
-    ) -> Path | None:
-        extras = outputs if isinstance(outputs, Mapping) else {}
-        recent = list(self.detector.recent)
-        record = {
-            "batch": batch,
-            "per_sample_loss": extras.get("per_sample_loss"),
-            "sample_ids": extras.get("sample_ids"),
-            "recent_steps": torch.tensor([step for step, _ in recent], dtype=torch.long),
-            "recent_losses": torch.tensor([loss for _, loss in recent], dtype=torch.float64),
-            "rng_states": pending.rng,
-        }
-        metadata = {
-            **{key: value for key, value in event.items() if key not in ("dump", "dead_after_spike", "dead_pending")},
-            "global_step": pending.step,
-            "world_size": trainer.world_size,
-            "accumulate_grad_batches": trainer.accumulate_grad_batches,
-            "module": type(pl_module).__qualname__,
-            "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        name = f"step{pending.step:08d}-rank{trainer.global_rank}-batch{pending.batch_idx:05d}"
-        return self.dumper.write(name, record, metadata)
+    def _skip_alarm(self, step: int) -> Alarm:
+        """The alarm the skip action acts on: the spike's own alarm comes once the batch has been dumped."""
+        assert self._judged is not None
+        loss = self._judged[1].loss
+        message = f"loss spike at step {step}: loss {loss:.4g}; its update is skipped"
+        return Alarm(
+            self.source, self.key("spike"), loss, math.nan, "warning", message, step, type(self).__name__, "spike"
+        )
 
     def _resolve_deaths(self, trainer: "pl.Trainer") -> None:
-        """Fill in the deaths of spike events whose monitors have checked since the spike (Python floats only)."""
-        steps = {key: monitor.dead_counts_step for key, monitor in self._peers.items()}
-        if steps == self._peer_steps:
-            return
-        self._peer_steps = steps
+        """Fill in the deaths of spike events whose monitors have read since the spike."""
         changed = False
         for event in self.events:
-            resolved = {}
-            for key, before in list(event["dead_pending"].items()):
-                monitor = self._peers.get(key)
-                after_step = None if monitor is None else monitor.dead_counts_step
-                if monitor is None or after_step is None or after_step <= event["step"]:
-                    continue
-                del event["dead_pending"][key]
-                counts = before["counts"]
-                resolved[key] = {
-                    "unit": _UNIT_WORDS.get(monitor.source, monitor.source),
-                    "before_step": before["step"],
-                    "after_step": after_step,
-                    "died": {
-                        layer: count - counts.get(layer, 0.0)
-                        for layer, count in monitor.dead_counts.items()
-                        if count > counts.get(layer, 0.0)
-                    },
-                }
+            resolved = self.deaths.resolve(event["step"], event["dead_pending"]) if event["dead_pending"] else {}
             if not resolved:
                 continue
             changed = True
             event["dead_after_spike"].update(resolved)
-            _log_deaths(_deaths_message(event))
+            _log_deaths(deaths_message(event))
+            self.record_event(
+                trainer,
+                {
+                    "type": "spike_deaths",
+                    "prefix": self.prefix,
+                    "source": self.source,
+                    "step": event["step"],
+                    "dead_after_spike": resolved,
+                },
+                local=event["local"],
+            )
             if event["dump"] is not None:
                 self.dumper.annotate(event["dump"], {"dead_after_spike": event["dead_after_spike"]})
         if changed:
             self._write_events_panel(trainer)
 
-    def _readings(
+    def _scalars(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", verdict: SpikeVerdict
     ) -> dict[str, float]:
         values = [verdict.loss, *(math.nan if v is None else v for v in (verdict.baseline, verdict.score))]
@@ -495,13 +441,13 @@ class LossSpikeMonitor(MonitorCallback):
             )
             values = reduced.cpu().tolist()
         loss, baseline, score = values
-        readings = {self.key("value"): loss, self.key("spikes"): float(self.spike_count)}
+        scalars = {self.key("value"): loss, self.key("spikes"): float(self.spike_count)}
         if verdict.baseline is not None:
-            readings[self.key("baseline")] = baseline
-            readings[self.key("spike_score")] = score
-        return readings
+            scalars[self.key("baseline")] = baseline
+            scalars[self.key("spike_score")] = score
+        return scalars
 
-    def _warn_no_loss(self, pl_module: "pl.LightningModule", outputs: Any, pending: _Batch) -> None:
+    def _warn_no_loss(self, pl_module: "pl.LightningModule", outputs: Any, pending: BatchLoss) -> None:
         # In automatic optimization a batch without a loss is one `training_step` skipped by returning None.
         if self._warned_no_loss or pl_module.automatic_optimization:
             return
@@ -516,76 +462,9 @@ class LossSpikeMonitor(MonitorCallback):
         )
 
     def _write_events_panel(self, trainer: "pl.Trainer") -> None:
-        rows = [
-            "| step | epoch | batch | rank | loss | baseline | z | dump | died |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
-        ]
-        for event in self.events[-_MAX_TABLE_ROWS:]:
-            rows.append(
-                f"| {event['step']} | {event['epoch']} | {event['batch_idx']} | {event['rank']} "
-                f"| {_number(event['loss'])} | {_number(event['baseline'])} | {_number(event['spike_score'])} "
-                f"| {event['dump'] or '-'} | {_deaths_summary(event) or '-'}"
-                f"{' (awaiting a check)' if event['dead_pending'] else ''} |"
-            )
-        self.panels.text(trainer, self.key("spike_events"), "\n".join(rows), trainer.global_step)
-
-
-def _start_host_copy(value: Tensor) -> tuple[Tensor, Any]:
-    """Start copying a CUDA scalar into pinned host memory without waiting; return the copy and the event marking
-    its arrival. Values on other devices are returned as they are (reading them later costs the same as now).
-    """  # noqa: D205
-    if value.device.type != "cuda":
-        return value, None
-    host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-    host.copy_(value, non_blocking=True)
-    arrived = torch.cuda.Event()  # type: ignore[no-untyped-call]
-    arrived.record(torch.cuda.current_stream(value.device))
-    return host, arrived
-
-
-def _loss_from(outputs: Any) -> Tensor | None:
-    """The scalar loss a manual-optimization ``training_step`` returned (a tensor or ``{"loss": ...}``), if any."""
-    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-    return loss.detach().float() if isinstance(loss, Tensor) and loss.numel() == 1 else None
-
-
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
-
-
-def _spike_message(event: Mapping[str, Any]) -> str:
-    where = f"step {event['step']} (epoch {event['epoch']}, batch {event['batch_idx']}, rank {event['rank']})"
-    if not event["local"]:
-        text = f"loss spike on another rank at step {event['step']}; this rank's loss {_number(event['loss'])}"
-    elif event["reason"] == "non-finite":
-        text = f"non-finite loss {event['loss']} at {where}"
-    else:
-        text = (
-            f"loss spike at {where}: loss {_number(event['loss'])} is {event['ratio']:.3g}x the baseline "
-            f"{_number(event['baseline'])} (robust z {event['spike_score']:.3g})"
+        self.panels.text(
+            trainer, self.key("spike_events"), spike_events_table(self.events), trainer.global_step, replace=True
         )
-    if event["skipped_update"]:
-        text += "; its update is skipped"
-    if event["dump"] is not None:
-        text += f"; batch dumped to {event['dump']}"
-    return text
-
-
-def _deaths_summary(event: Mapping[str, Any]) -> str:
-    """``"37 kernels of layer4.1, 2 kernels of layer3"`` (most first), ``"no kernels"``, or ``""`` if unknown."""
-    parts = []
-    for deaths in event["dead_after_spike"].values():
-        died = sorted(deaths["died"].items(), key=lambda item: -item[1])
-        parts += [f"{count:.0f} {deaths['unit']} of {layer}" for layer, count in died] or [f"no {deaths['unit']}"]
-    return ", ".join(parts)
-
-
-def _deaths_message(event: Mapping[str, Any]) -> str:
-    checks = "; ".join(
-        f"{key} checks at steps {deaths['before_step']} and {deaths['after_step']}"
-        for key, deaths in event["dead_after_spike"].items()
-    )
-    return f"spike at step {event['step']}: {_deaths_summary(event)} died ({checks})"
 
 
 @rank_zero_only  # type: ignore[untyped-decorator,misc]

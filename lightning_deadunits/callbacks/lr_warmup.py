@@ -15,8 +15,9 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_deadunits._validation import check_choice, check_float, check_int, check_strings
-from lightning_deadunits.callbacks._base import check_prefix, reject_sharded_strategy
+from lightning_deadunits import schedules
+from lightning_deadunits._strategies import reject_sharded_strategy
+from lightning_deadunits._validation import check_choice, check_float, check_int, check_prefix, check_strings
 from lightning_deadunits.errors import DeadUnitsWarning
 from lightning_deadunits.functional.warmup import WARMUP_SHAPES, WarmupShape, rewarm_factor, warmup_factor
 from lightning_deadunits.panels.tensorboard import TensorBoardPanels
@@ -50,8 +51,9 @@ class LRWarmup(Callback):
     :func:`lightning_deadunits.functional.warmup.ramp`). So linear warmup is ``lr = base * s / N``, the first
     step running at LR 0. The ``min`` keeps a re-warmup during the initial warmup from raising the LR.
 
-    A re-warmup starts when any monitor raises an alarm whose key or source matches one of the ``rewarm_on``
-    globs (by default the loss-spike alarm ``deadunits/loss/spike``): :math:`r` becomes the current
+    A re-warmup starts when any monitor raises an alarm whose ``"<source>/<stat>"`` (e.g. ``"loss/spike"``, whatever
+    the monitor's ``prefix``), full key or source matches one of the ``rewarm_on`` globs (by default the loss-spike
+    alarm ``"loss/spike"``): :math:`r` becomes the current
     ``trainer.global_step``, so the factor drops to ``rewarm_floor`` on the next optimizer step (on this very
     step if the alarm is raised inside it, e.g. from ``on_before_optimizer_step``) and ramps back to 1 over
     ``rewarm_steps``. Monitors raise the same alarms on every rank, so all ranks re-warm together.
@@ -97,7 +99,7 @@ class LRWarmup(Callback):
         self,
         warmup_steps: int = 1000,
         shape: WarmupShape = "linear",
-        rewarm_on: str | Sequence[str] = ("deadunits/loss/spike",),
+        rewarm_on: str | Sequence[str] = ("loss/spike",),
         rewarm_floor: float = 0.1,
         rewarm_steps: int = 200,
         log_every_n_steps: int | None = None,
@@ -117,7 +119,8 @@ class LRWarmup(Callback):
         self._optimizer_names: list[str] = []
         self._handles: list[RemovableHandle] = []
         self._scheduled_lrs: dict[int, list[Any]] = {}
-        self._log_every = 1
+        self.panels = TensorBoardPanels()
+        self._logged = schedules.every_n_steps(1)
 
     @property
     @override
@@ -137,10 +140,10 @@ class LRWarmup(Callback):
         return min(warmup_factor(step, self.warmup_steps, self.shape), rewarm)
 
     def triggers_rewarm(self, alarm: Alarm) -> bool:
-        """Whether ``alarm`` starts a re-warmup: its key or source matches a ``rewarm_on`` glob."""
+        """Whether ``alarm`` starts a re-warmup: its ``"<source>/<stat>"``, key or source matches ``rewarm_on``."""
+        names = (alarm.route, alarm.key, alarm.source)
         return self.rewarm_steps > 0 and any(
-            fnmatch.fnmatchcase(alarm.key, pattern) or fnmatch.fnmatchcase(alarm.source, pattern)
-            for pattern in self.rewarm_on
+            fnmatch.fnmatchcase(name, pattern) for pattern in self.rewarm_on for name in names
         )
 
     def on_deadunits_alarm(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", alarm: Alarm) -> None:
@@ -171,7 +174,7 @@ class LRWarmup(Callback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # Not on_fit_start: optimizer and scheduler states are restored from a checkpoint after it.
         self._detach()
-        self._log_every = self.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50))
+        self._logged = schedules.every_n_steps(self.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50)))
         self._optimizers = []
         for optimizer in trainer.optimizers:
             if all("lr" in group for group in optimizer.param_groups):
@@ -216,12 +219,12 @@ class LRWarmup(Callback):
         if scheduled is None:
             return
         step = trainer.global_step
-        if trainer.loggers and step % self._log_every == 0:
+        if trainer.loggers and self._logged(step):
             readings = {f"{self.prefix}/lr/factor": self.factor(step)}
             for j, group in enumerate(optimizer.param_groups):
                 group_name = group.get("name", f"pg{j}")
                 readings[f"{self.prefix}/lr/effective/{self._optimizer_names[index]}/{group_name}"] = float(group["lr"])
-            TensorBoardPanels.scalars(trainer, readings, step)
+            self.panels.scalars(trainer, readings, step)
         _set_lrs(optimizer, scheduled, 1.0)
 
     def _detach(self) -> None:

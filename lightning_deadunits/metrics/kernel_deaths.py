@@ -1,14 +1,32 @@
 """Per-filter death history: the step each filter became dead, and how many came back."""
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-__all__ = ["KernelDeathTracker"]
+__all__ = ["KERNEL_TOTALS", "KernelDeathTracker"]
 
 ALIVE = -1
+
+KERNEL_TOTALS = ("filters", "dead_abs", "dead_rel", "dead_bn", "dead", "newly_dead", "revived")
+"""The per-layer counts that are summed into ``total/<stat>``."""
+
+
+class _LayerReading(Protocol):
+    """What :meth:`KernelDeathTracker.count` needs of a layer's reading (a ``probes.LayerKernels``)."""
+
+    name: str
+    kind: str
+    l1: Tensor
+    norm_median: Tensor
+    dead_abs: Tensor
+    dead_rel: Tensor
+    dead_bn: Tensor | None
+
+    @property
+    def dead(self) -> Tensor: ...
 
 
 class KernelDeathTracker:
@@ -54,3 +72,44 @@ class KernelDeathTracker:
         """Restore :meth:`state_dict`'s output; the next :meth:`update` moves it to the weights' device."""
         self.dead_since = {name: t.clone() for name, t in state_dict.get("dead_since", {}).items()}
         self.revived_total = {name: t.clone() for name, t in state_dict.get("revived_total", {}).items()}
+
+    def count(self, layers: Sequence[_LayerReading], step: int) -> tuple[list[dict[str, float]], dict[str, float]]:
+        """Record one check of every layer; return per-layer counts and their totals, in one device-to-host copy.
+
+        Per layer: ``filters``, ``dead_abs``, ``dead_rel`` and ``norm_median`` (not for BatchNorm readings),
+        ``dead_bn`` (layers with a paired BatchNorm), ``dead``, ``dead_frac``, ``newly_dead``, ``revived``. Totals:
+        the sums of :data:`KERNEL_TOTALS` and ``dead_frac`` over every filter.
+        """
+        stats = []
+        for layer in layers:
+            newly_dead, revived = self.update(layer.name, layer.dead, step)
+            dead_bn = layer.dead_bn.sum() if layer.dead_bn is not None else newly_dead.new_zeros(())
+            row = (
+                layer.dead_abs.sum(),
+                layer.dead_rel.sum(),
+                dead_bn,
+                layer.dead.sum(),
+                layer.norm_median,
+                newly_dead,
+                revived,
+            )
+            stats.append(torch.stack([value.float() for value in row]))
+        if not stats:
+            return [], {}
+        host = torch.stack([row.to(stats[0].device) for row in stats]).cpu().tolist()
+        counts = [_layer_counts(layer, values) for layer, values in zip(layers, host, strict=True)]
+        totals = {stat: sum(layer.get(stat, 0.0) for layer in counts) for stat in KERNEL_TOTALS}
+        totals["dead_frac"] = totals["dead"] / totals["filters"] if totals["filters"] else 0.0
+        return counts, totals
+
+
+def _layer_counts(layer: _LayerReading, values: list[float]) -> dict[str, float]:
+    dead_abs, dead_rel, dead_bn, dead, norm_median, newly_dead, revived = values
+    filters = float(layer.l1.numel())
+    counts = {"filters": filters}
+    if layer.kind != "batchnorm":
+        counts.update(dead_abs=dead_abs, dead_rel=dead_rel, norm_median=norm_median)
+    if layer.dead_bn is not None:
+        counts["dead_bn"] = dead_bn
+    counts.update(dead=dead, dead_frac=dead / filters if filters else 0.0, newly_dead=newly_dead, revived=revived)
+    return counts

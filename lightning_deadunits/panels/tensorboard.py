@@ -7,10 +7,11 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.fabric.utilities.logger import _add_prefix
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
+
+from lightning_deadunits._compat import logger_tags, tensorboard_file_writer
 
 __all__ = ["TensorBoardPanels"]
 
@@ -18,7 +19,9 @@ _LAYOUT_TAG_CHARTS = dict[str, list[Any]]
 
 
 class TensorBoardPanels:
-    """Writes scalars to all of a trainer's loggers and panels to its TensorBoard loggers, on rank zero.
+    """The panel writer of every monitor: scalars to all of a trainer's loggers, panels to its TensorBoard loggers.
+
+    It implements :class:`~lightning_deadunits.panels.writer.PanelWriter` and writes on rank zero only.
 
     With no TensorBoard logger the panel methods do nothing; with no logger at all nothing is written.
     Custom-scalars layouts from several monitors are merged per writer, so each monitor registers only its
@@ -38,6 +41,10 @@ class TensorBoardPanels:
             return []
         return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
 
+    def active(self, trainer: "pl.Trainer") -> bool:
+        """Whether a TensorBoard logger shows panels on this rank."""
+        return bool(self.writers(trainer))
+
     @staticmethod
     def scalars(trainer: "pl.Trainer", metrics: Mapping[str, float], step: int) -> None:
         """Log ``metrics`` at ``step`` through every logger (loggers write on rank zero only).
@@ -51,18 +58,20 @@ class TensorBoardPanels:
         for logger in trainer.loggers:
             # Off rank zero `experiment` is a dummy, and `log_metrics` does nothing.
             if isinstance(logger, TensorBoardLogger) and isinstance(logger.experiment, SummaryWriter):
-                prefixed = _add_prefix(metrics, logger._prefix, logger.LOGGER_JOIN_CHAR)
-                values = [Summary.Value(tag=tag, simple_value=float(value)) for tag, value in prefixed.items()]
-                file_writer = logger.experiment._get_file_writer()  # type: ignore[no-untyped-call]
-                file_writer.add_summary(Summary(value=values), step)
+                values = [
+                    Summary.Value(tag=tag, simple_value=float(value))
+                    for tag, value in logger_tags(logger, metrics).items()
+                ]
+                tensorboard_file_writer(logger).add_summary(Summary(value=values), step)
             else:
                 logger.log_metrics(dict(metrics), step=step)
 
-    def layout(self, trainer: "pl.Trainer", category: str, charts: Mapping[str, list[str]]) -> None:
-        """Add (or replace) one custom-scalars category: ``{chart title: [tag regex, ...]}``."""
+    def layout(self, trainer: "pl.Trainer", categories: Mapping[str, Mapping[str, list[str]]]) -> None:
+        """Add (or replace) custom-scalars categories: ``{category: {chart title: [tag regex, ...]}}``."""
         for writer in self.writers(trainer):
             merged = self._layouts.setdefault(writer, {})
-            merged[category] = {title: ["Multiline", list(tags)] for title, tags in charts.items()}
+            for category, charts in categories.items():
+                merged[category] = {title: ["Multiline", list(tags)] for title, tags in charts.items()}
             writer.add_custom_scalars(merged)
 
     def histogram(self, trainer: "pl.Trainer", tag: str, values: torch.Tensor, step: int) -> None:
@@ -94,8 +103,7 @@ class TensorBoardPanels:
             step_texts[1].append(text)
             writer.add_text(tag, "\n\n".join(step_texts[1]), step)
 
-    @staticmethod
-    def flush(trainer: "pl.Trainer") -> None:
+    def flush(self, trainer: "pl.Trainer") -> None:
         """Flush every TensorBoard writer so a reader sees the latest panels."""
-        for writer in TensorBoardPanels.writers(trainer):
+        for writer in self.writers(trainer):
             writer.flush()

@@ -21,6 +21,8 @@ class Alarm:
         message: a sentence a person can act on.
         step: the global step of the reading.
         rule: the name of the rule that fired.
+        stat: the reading's name within its source: the key after ``<prefix>/<source>/`` (e.g. ``"total/dead_rel"``,
+            ``"spike"``); listeners route on ``(source, stat)``, so a custom ``prefix`` does not change it.
 
     Example:
         >>> Alarm("kernels", "deadunits/kernels/total/dead_rel", 12.0, 10.0, "warning", "12 dead", 100, "dead")
@@ -35,6 +37,12 @@ class Alarm:
     message: str
     step: int
     rule: str = ""
+    stat: str = ""
+
+    @property
+    def route(self) -> str:
+        """``"<source>/<stat>"``, what listeners match (e.g. ``"loss/spike"``)."""
+        return f"{self.source}/{self.stat}"
 
     def to_dict(self) -> dict[str, Any]:
         """Return the alarm as a plain, JSON-serialisable dict."""
@@ -43,4 +51,4 @@ class Alarm:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Alarm":
         """Rebuild an alarm from :meth:`to_dict`'s output."""
-        return cls(**data)
+        return cls(**{name: value for name, value in data.items() if name in cls.__dataclass_fields__})

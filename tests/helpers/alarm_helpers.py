@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_deadunits.actions.alarm_handler import AlarmAction
-from lightning_deadunits.callbacks._base import MonitorCallback
+from lightning_deadunits.callbacks.monitor import MonitorCallback
 from lightning_deadunits.triggers.rule import Rule
 from lightning_deadunits.triggers.threshold import ThresholdRule
 
@@ -57,7 +57,7 @@ class PlantedReadings(MonitorCallback):
         step = trainer.global_step
         if step in self.readings and step not in self.published:
             self.published.add(step)
-            self._publish(trainer, self.readings[step], step)
+            self.publish(trainer, self.reading(step, self.readings[step]))
 
 
 def spikes_at(*steps: int, inside_step: bool = False) -> PlantedReadings:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_deadunits.callbacks._base import MonitorCallback
+from lightning_deadunits.callbacks.monitor import MonitorCallback
 
 
 class ResidualBlock(nn.Module):
@@ -196,9 +196,9 @@ class PlantedMasks(MonitorCallback):
         planted = {name: list(indices) for name, indices in self.masks.items()}
         for name, indices in self.rank_masks.get(trainer.global_rank, {}).items():
             planted.setdefault(name, []).extend(indices)
-        self.dead_masks = {}
+        masks = {}
         for name, indices in planted.items():
             mask = torch.zeros(self.units[name], dtype=torch.bool, device=pl_module.device)
             mask[list(indices)] = True
-            self.dead_masks[name] = mask
-        self.dead_counts_step = trainer.global_step
+            masks[name] = mask
+        self.publish(trainer, self.reading(trainer.global_step, {}, dead_masks=masks))

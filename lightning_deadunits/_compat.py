@@ -1,0 +1,42 @@
+"""Every private Lightning or torch internal this package relies on, in one place, each with a test of its own.
+
+When Lightning or torch renames one of these, the test for it fails here rather than a monitor deep in a run.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
+from lightning.fabric.utilities.logger import _add_prefix
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__: list[str] = []
+
+
+def grad_scaler(trainer: "pl.Trainer") -> Any:
+    """The fp16 AMP ``GradScaler`` of the trainer's precision plugin, or ``None``."""
+    return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def loss_scale(trainer: "pl.Trainer") -> Tensor | None:
+    """The scaler's current scale as a device tensor (``GradScaler._scale``, read without a host sync), or ``None``."""
+    scale = getattr(grad_scaler(trainer), "_scale", None)
+    return scale if isinstance(scale, Tensor) else None
+
+
+def optimizer_handles_unscaling(optimizer: Optimizer) -> bool:
+    """Whether Lightning leaves unscaling to the (fused) optimizer itself."""
+    return bool(_optimizer_handles_unscaling(optimizer))
+
+
+def logger_tags(logger: TensorBoardLogger, metrics: Mapping[str, float]) -> dict[str, float]:
+    """``metrics`` under the tags the logger's own ``log_metrics`` would write them (its ``prefix`` applied)."""
+    return dict(_add_prefix(dict(metrics), logger._prefix, logger.LOGGER_JOIN_CHAR))  # type: ignore[arg-type]
+
+
+def tensorboard_file_writer(logger: TensorBoardLogger) -> Any:
+    """The ``FileWriter`` behind the logger's ``SummaryWriter`` (to write many scalars as one event)."""
+    return logger.experiment._get_file_writer()  # type: ignore[no-untyped-call]

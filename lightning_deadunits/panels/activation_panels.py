@@ -1,0 +1,87 @@
+"""The activation monitor's panels: its layout, per-channel zero-fraction histograms and min/max band charts."""
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+from torch import Tensor
+
+from lightning_deadunits.metrics.activation_stats import SiteSummary
+from lightning_deadunits.panels.layout import LayoutSpec
+from lightning_deadunits.panels.render import band_chart
+from lightning_deadunits.panels.writer import PanelWriter
+
+__all__ = ["ACTIVATION_LAYOUT", "ActivationPanels"]
+
+ACTIVATION_LAYOUT = LayoutSpec(
+    totals={"zero fraction (all layers)": "zero_frac", "dead and dormant channels": "(dead|dormant)"},
+    per_layer={
+        "zero fraction per layer": "zero_frac",
+        "dead channels per layer": "dead",
+        "dormant channels per layer": "dormant",
+        "max |x| per layer": "max_abs",
+        "std per layer": "std",
+    },
+)
+
+
+class ActivationPanels:
+    """Keeps each site's per-channel min/max over the last ``band_history`` logs and draws the panels.
+
+    Args:
+        key: builds the logged key from its parts (the monitor's ``key``).
+        log_histograms: per-channel zero-fraction histograms (``<site>/channel_zero_frac``).
+        log_images: per-channel band charts of the training logs (``<site>/channel_range``).
+        band_history: logs kept for the band chart.
+
+    Example:
+        >>> panels = ActivationPanels(lambda *parts: "/".join(parts), True, True, 100)
+    """
+
+    def __init__(self, key: Callable[..., str], log_histograms: bool, log_images: bool, band_history: int) -> None:
+        self.key = key
+        self.log_histograms = log_histograms
+        self.log_images = log_images
+        self.band_history = band_history
+        self.channel_ranges: dict[str, list[tuple[int, Tensor, Tensor]]] = {}
+
+    def remember(self, summaries: Mapping[str, SiteSummary], step: int) -> None:
+        """Keep each site's per-channel range of a training log (host tensors)."""
+        for name, summary in summaries.items():
+            ranges = self.channel_ranges.setdefault(name, [])
+            ranges.append((step, summary.min.float(), summary.max.float()))
+            del ranges[: -self.band_history]
+
+    def write(
+        self,
+        writer: PanelWriter,
+        trainer: "pl.Trainer",
+        summaries: Mapping[str, SiteSummary],
+        step: int,
+        scope: tuple[str, ...] = (),
+    ) -> None:
+        """Draw the histograms of ``summaries`` and, for training logs (no ``scope``), the band charts."""
+        if not writer.active(trainer):
+            return
+        if self.log_histograms:
+            for name, summary in summaries.items():
+                if summary.channel_zero_frac is not None:
+                    tag = self.key(*scope, name, "channel_zero_frac")
+                    writer.histogram(trainer, tag, summary.channel_zero_frac, step)
+        if not self.log_images or scope:
+            return
+        for name in summaries:
+            ranges = self.channel_ranges.get(name, [])
+            if ranges and len({low.numel() for _, low, _ in ranges}) == 1:
+                lows = np.stack([low.numpy() for _, low, _ in ranges])
+                highs = np.stack([high.numpy() for _, _, high in ranges])
+                writer.image(trainer, self.key(name, "channel_range"), band_chart(lows, highs), step)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The ranges kept for the band charts."""
+        return {"channel_ranges": {name: list(ranges) for name, ranges in self.channel_ranges.items()}}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output."""
+        self.channel_ranges = {name: list(ranges) for name, ranges in state_dict.get("channel_ranges", {}).items()}

@@ -1,0 +1,95 @@
+"""What the loss-spike monitor measures: each batch's loss, as ``training_step`` computed it, read without stalls.
+
+In automatic optimization the loss comes from ``on_before_backward``, where Lightning hands it divided by
+``accumulate_grad_batches`` and, under fp16 AMP, multiplied by the ``GradScaler``'s scale (a power of two, so
+dividing it out is exact); both are undone on the device. In manual optimization it comes from what
+``training_step`` returned (a tensor or ``{"loss": ...}``). On CUDA the value can be copied to pinned host memory
+without waiting (:meth:`LossProbe.start_host_copy`) and read one batch later.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_deadunits._compat import loss_scale
+
+__all__ = ["BatchLoss", "LossProbe"]
+
+
+@dataclass
+class BatchLoss:
+    """One training batch, from its start to the moment its loss has been judged.
+
+    Attributes:
+        step: ``trainer.global_step`` as the batch started (the optimizer steps done before it).
+        epoch: the epoch.
+        batch_idx: the batch index in the epoch.
+        rng: host RNG states before the batch (for dumps), or ``None``.
+        loss: the loss on its device, or a pinned host copy in flight (see ``arrived``), or ``None``.
+        arrived: the CUDA event after which a pinned ``loss`` may be read, or ``None``.
+    """
+
+    step: int
+    epoch: int
+    batch_idx: int
+    rng: dict[str, Any] | None
+    loss: Tensor | None = None
+    arrived: Any = None
+
+    def value(self) -> float:
+        """The loss as a float: waits for its own host copy (never for the whole device)."""
+        assert self.loss is not None
+        if self.arrived is not None:
+            self.arrived.synchronize()
+        return float(self.loss)
+
+
+class LossProbe:
+    """Reads the loss of each training batch into a :class:`BatchLoss`.
+
+    Example:
+        >>> probe = LossProbe()
+        >>> batch = BatchLoss(step=0, epoch=0, batch_idx=0, rng=None)
+        >>> probe.from_outputs(batch, {"loss": torch.tensor(2.5)})
+        >>> batch.value()
+        2.5
+    """
+
+    deferred_devices: tuple[str, ...] = ("cuda",)
+
+    def from_backward(self, trainer: "pl.Trainer", batch: BatchLoss, loss: Tensor) -> None:
+        """Record the loss Lightning is about to backpropagate, unscaled (AMP) and un-divided (accumulation)."""
+        value = loss.detach().float()
+        scale = loss_scale(trainer)
+        if scale is not None:
+            value = value / scale.to(value.device)
+        batch.loss = value * trainer.accumulate_grad_batches
+
+    def from_outputs(self, batch: BatchLoss, outputs: Any) -> None:
+        """Record the scalar loss a manual-optimization ``training_step`` returned, if any."""
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, Tensor) and loss.numel() == 1:
+            batch.loss = loss.detach().float()
+
+    def start_host_copy(self, batch: BatchLoss) -> bool:
+        """Start copying a CUDA loss to pinned host memory without waiting, to be read one batch later.
+
+        Returns:
+            Whether the loss is to be read later: ``False`` on devices not in :attr:`deferred_devices`, where reading
+            it now costs the same.
+        """
+        loss = batch.loss
+        if loss is None or loss.device.type not in self.deferred_devices:
+            return False
+        if loss.device.type != "cuda":
+            return True
+        host = torch.empty(loss.shape, dtype=loss.dtype, pin_memory=True)
+        host.copy_(loss, non_blocking=True)
+        batch.arrived = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        batch.arrived.record(torch.cuda.current_stream(loss.device))
+        batch.loss = host
+        return True
