@@ -1,0 +1,122 @@
+"""What the gradient-norm monitor measures: per-layer and global gradient L2 norms, and rows whose gradient is 0.
+
+Read in ``on_before_optimizer_step``: after AMP unscaling and gradient accumulation (and, under DDP, after the
+all-reduce, so every rank reads the same numbers), before clipping. Everything stays on the device; the
+monitor moves one stacked tensor to the host when it logs.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_deadunits.functional.kernels import weight_filter_norms
+from lightning_deadunits.probes.kernel_norms import DEFAULT_KERNEL_TYPES
+from lightning_deadunits.probes.selection import ModuleSelector
+
+__all__ = ["GradNormProbe"]
+
+_NEVER = -1
+
+
+class GradNormProbe:
+    """Reads gradient norms of the watched layers (convolutions and ``nn.Linear`` by default) and of the model.
+
+    Per layer: the L2 norm of its weight and bias gradients together, and per output filter (conv) or row (linear)
+    whether its weight gradient is exactly 0. A row whose gradient stayed 0 on each of the last ``window``
+    samples is *gradient-dead*: nothing downstream asks it to change (a dead ReLU unit, a unit behind a zero gamma),
+    found without activation hooks. Layers without gradients (frozen) are not reported.
+
+    The sums of a logging period are kept on the device: :meth:`sample` adds one step, :meth:`summary` returns the
+    period's mean norms and the gradient-dead masks and starts a new period.
+
+    Args:
+        include: module-name globs to watch (empty: all).
+        exclude: module-name globs to skip.
+        layer_types: layer classes to watch.
+
+    Example:
+        >>> model = nn.Linear(3, 2)
+        >>> model(torch.ones(1, 3)).sum().backward()
+        >>> probe = GradNormProbe()
+        >>> probe.attach(nn.Sequential(model))
+        >>> probe.sample()
+        >>> norms, total, dead = probe.summary(window=5)
+        >>> round(float(norms["0"]), 4), dead["0"].tolist()
+        (2.8284, [False, False])
+    """
+
+    def __init__(
+        self,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        layer_types: Sequence[type] = DEFAULT_KERNEL_TYPES,
+    ) -> None:
+        self._selector = ModuleSelector(layer_types, include, exclude)
+        self.layers: dict[str, nn.Module] = {}
+        self.parameters: list[Tensor] = []
+        self.samples = 0
+        self._period = 0
+        self._squares: dict[str, Tensor] = {}
+        self._total_squares: Tensor | None = None
+        self._last_nonzero: dict[str, Tensor] = {}
+
+    def attach(self, model: nn.Module) -> None:
+        """Find the watched layers (with a weight) and every parameter of ``model``."""
+        self.layers = {
+            name: module
+            for name, module in self._selector.select(model)
+            if isinstance(getattr(module, "weight", None), Tensor)
+        }
+        self.parameters = list(model.parameters())
+
+    def sample(self) -> None:
+        """Add the current gradients to the period (device operations only)."""
+        grads = [p.grad for p in self.parameters if p.grad is not None]
+        if not grads:
+            return
+        total = torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]).square().sum()
+        self._total_squares = total if self._total_squares is None else self._total_squares + total
+        for name, module in self.layers.items():
+            weight: Tensor = module.weight  # type: ignore[assignment]
+            if weight.grad is None:
+                continue
+            grad = weight.grad.detach()
+            squares = grad.float().square().sum()
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, Tensor) and bias.grad is not None:
+                squares = squares + bias.grad.detach().float().square().sum()
+            self._squares[name] = self._squares[name] + squares if name in self._squares else squares
+            groups, transposed = getattr(module, "groups", 1), getattr(module, "transposed", False)
+            nonzero = weight_filter_norms(grad, groups, transposed)[0] > 0
+            last = self._last_nonzero.get(name)
+            if last is None or last.shape != nonzero.shape:
+                last = torch.full(nonzero.shape, _NEVER, dtype=torch.long, device=nonzero.device)
+            last = last.to(nonzero.device)
+            self._last_nonzero[name] = torch.where(nonzero, torch.full_like(last, self.samples), last)
+        self.samples += 1
+        self._period += 1
+
+    def summary(self, window: int) -> tuple[dict[str, Tensor], Tensor | None, dict[str, Tensor]]:
+        """The period's mean per-layer norms, mean global norm and gradient-dead masks (device tensors); resets the
+        period. Until ``window`` samples have been seen, a row is dead if its gradient was 0 on every sample so far.
+        """  # noqa: D205
+        if not self._period:
+            return {}, None, {}
+        period = float(self._period)
+        norms = {name: (squares / period).sqrt() for name, squares in self._squares.items()}
+        total = None if self._total_squares is None else (self._total_squares / period).sqrt()
+        oldest = max(0, self.samples - window)
+        dead = {name: last < oldest for name, last in self._last_nonzero.items() if name in norms}
+        self._squares, self._total_squares, self._period = {}, None, 0
+        return norms, total, dead
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sample count and each row's last sample with a nonzero gradient (the gradient-dead window)."""
+        return {"samples": self.samples, "last_nonzero": {n: t.cpu() for n, t in self._last_nonzero.items()}}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; missing keys keep their defaults."""
+        self.samples = int(state_dict.get("samples", 0))
+        self._last_nonzero = {n: t.clone() for n, t in state_dict.get("last_nonzero", {}).items()}
