@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "overhead.py"
 
@@ -15,7 +17,11 @@ def _run(*args: str) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_overhead_benchmark_smoke_run_writes_a_finite_row_per_configuration(tmp_path: Path) -> None:
+def test_overhead_benchmark_smoke_run_writes_a_finite_row_per_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The entry point imports its sibling modules by their bare names, as a script run from its folder does.
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("overhead", SCRIPT)
     assert spec is not None and spec.loader is not None
     overhead = importlib.util.module_from_spec(spec)
