@@ -21,7 +21,6 @@ from tests.helpers.activation_models import (
     Fixed,
     FunctionalRelu,
     IdentityRelu,
-    MemoryLogger,
     ModuleRelu,
     ReusedRelu,
     TokenMLP,
@@ -30,6 +29,7 @@ from tests.helpers.activation_models import (
     image_batches,
 )
 from tests.helpers.events import load_events
+from tests.helpers.memory_logger import MemoryLogger
 
 KEY = "deadunits/activations"
 

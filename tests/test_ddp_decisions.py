@@ -20,9 +20,9 @@ from lightning_deadunits import (
     ThresholdRule,
 )
 from lightning_deadunits._strategies import SHARDED_STRATEGIES
-from tests.helpers.activation_models import MemoryLogger
 from tests.helpers.alarm_helpers import LRRecorder
 from tests.helpers.ddp import DDP_OPTIONS, RecordOnEachRank, read_ranks
+from tests.helpers.memory_logger import MemoryLogger
 from tests.helpers.odd_models import GatedRelu, OddTask, PerRankTask, SmallConvNet, rank_features
 
 SPIKE = 6  # the batch (and step) whose loss spikes on rank 1 only

@@ -1,47 +1,20 @@
 import csv
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
-from typing_extensions import override
 
 from lightning_deadunits import KernelNormMonitor, ThresholdRule
 from lightning_deadunits.panels import TensorBoardPanels
 from lightning_deadunits.triggers import Alarm
 from tests.helpers.events import load_events, scalar_series
+from tests.helpers.memory_logger import MemoryLogger
 from tests.helpers.tb_helpers import PLANTED_DEAD, fit_planted
 
 TOTAL_DEAD = "deadunits/kernels/total/dead"
 CONV_DEAD_ABS = "deadunits/kernels/model.conv/dead_abs"
 CHECKED_STEPS = [0, 2, 4]
-
-
-class RecordingLogger(Logger):
-    """A logger Lightning knows nothing special about: it keeps what `log_metrics` receives."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.metrics: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    @override
-    def name(self) -> str:
-        return "recording"
-
-    @property
-    @override
-    def version(self) -> int:
-        return 0
-
-    @override
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.metrics.append((step, dict(metrics)))
-
-    @override
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
 
 
 def _loggers(kind: str, tmp_path: Path) -> list[Logger]:
@@ -51,7 +24,7 @@ def _loggers(kind: str, tmp_path: Path) -> list[Logger]:
         "tensorboard": [tensorboard],
         "csv": [csv_logger],
         "tensorboard+csv": [tensorboard, csv_logger],
-        "other": [RecordingLogger()],
+        "other": [MemoryLogger()],
     }[kind]
 
 
@@ -86,8 +59,8 @@ def test_scalars_reach_every_logger_and_panels_only_tensorboard(tmp_path: Path, 
             assert _csv_series(metrics, TOTAL_DEAD) == expected
             assert _csv_series(metrics, CONV_DEAD_ABS) == expected
         else:
-            assert isinstance(logger, RecordingLogger)
-            logged = {step: metrics[TOTAL_DEAD] for step, metrics in logger.metrics if TOTAL_DEAD in metrics}
+            assert isinstance(logger, MemoryLogger)
+            logged = logger.metrics[TOTAL_DEAD]
             assert logged == expected
     if "tensorboard" not in kind:
         assert not list(tmp_path.rglob("*tfevents*"))

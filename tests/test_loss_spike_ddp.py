@@ -9,7 +9,8 @@ from lightning_deadunits.callbacks.loss_spike_monitor import LossSpikeMonitor
 from lightning_deadunits.dumps import load_dump
 from tests.helpers.ddp import DDP_OPTIONS, RecordOnEachRank, read_ranks
 from tests.helpers.spike_models import DigitsMLP, digits_with_dirty_batches, rows_seen
-from tests.test_loss_spike_monitor import StepSnapshots, _identical
+from tests.helpers.states import identical
+from tests.test_loss_spike_monitor import StepSnapshots
 
 PLANTED = 30
 BATCH = 16
@@ -24,8 +25,8 @@ def _record(trainer: pl.Trainer) -> dict[str, Any]:
         "events": [{key: event[key] for key in ("local", "dump", "reason", "rank")} for event in monitor.events],
         "alarms": [alarm.step for alarm in monitor.alarm_log],
         "skipped": monitor.skipped_updates,
-        "unchanged": _identical(snapshots.before[PLANTED], snapshots.after[PLANTED]),
-        "moved_before": not _identical(snapshots.before[PLANTED - 1], snapshots.after[PLANTED - 1]),
+        "unchanged": identical(snapshots.before[PLANTED], snapshots.after[PLANTED]),
+        "moved_before": not identical(snapshots.before[PLANTED - 1], snapshots.after[PLANTED - 1]),
         "weights": float(sum(p.double().sum() for p in trainer.lightning_module.parameters())),
     }
 

@@ -16,6 +16,7 @@ from lightning_deadunits.cli.dump import summarize
 from lightning_deadunits.dumps import load_dump
 from tests.helpers.events import load_events, scalar_series
 from tests.helpers.spike_models import DIRTY_SAMPLES, DigitsMLP, ManualDigitsMLP, digits_with_dirty_batches
+from tests.helpers.states import identical
 
 BATCH = 16
 PLANTED = 40  # the dirty batch of most tests: step 40 of the first epoch
@@ -142,16 +143,6 @@ class StepSnapshots(pl.Callback):
         return copy.deepcopy((pl_module.state_dict(), trainer.optimizers[0].state_dict()["state"]))
 
 
-def _identical(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_identical(a[key], b[key]) for key in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_identical(x, y) for x, y in zip(a, b, strict=True))
-    return bool(a == b)
-
-
 def _fp16_with_scaler() -> dict[str, Any]:
     # Lightning turns "16-mixed" into bf16 on CPU; a CPU GradScaler exercises the fp16 scaler path.
     return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
@@ -168,7 +159,7 @@ def _fp16_with_scaler() -> dict[str, Any]:
         ("32-true", "adam", 2, PLANTED + 1, PLANTED // 2),  # ... in the last one, decided before the step
     ],
 )
-def test_skip_update_leaves_weights_and_optimizer_state_bit_identical(
+def test_skip_update_leaves_weights_and_optimizer_state_bitidentical(
     tmp_path: Path, precision: str, optimizer: str, accumulate: int, dirty: int, step: int
 ) -> None:
     monitor = _monitor(skip_update=True)
@@ -181,11 +172,11 @@ def test_skip_update_leaves_weights_and_optimizer_state_bit_identical(
 
     assert monitor.spike_steps == [step] and monitor.events[0]["batch_idx"] == dirty
     assert monitor.skipped_updates == 1 and monitor.events[0]["skipped_update"]
-    assert _identical(snapshots.before[step], snapshots.after[step])
-    assert _identical(snapshots.after[step], snapshots.before[step + 1])
+    assert identical(snapshots.before[step], snapshots.after[step])
+    assert identical(snapshots.after[step], snapshots.before[step + 1])
     # ordinary steps do move weights and optimizer state, so the comparison above can fail
-    assert not _identical(snapshots.before[step - 1][0], snapshots.after[step - 1][0])
-    assert not _identical(snapshots.before[step + 1][1], snapshots.after[step + 1][1])
+    assert not identical(snapshots.before[step - 1][0], snapshots.after[step - 1][0])
+    assert not identical(snapshots.before[step + 1][1], snapshots.after[step + 1][1])
     metadata = load_dump(monitor.events[0]["dump"]).metadata
     assert metadata["loss"] == pytest.approx(float(metadata["per_sample_loss"].mean()), rel=1e-6)
     assert metadata["accumulate_grad_batches"] == accumulate

@@ -16,8 +16,8 @@ from lightning_deadunits.callbacks.loss_spike_monitor import LossSpikeMonitor
 from lightning_deadunits.callbacks.lr_warmup import LRWarmup
 from lightning_deadunits.triggers.loss_spike import SpikeDetector
 from tests.helpers.activation_models import hook_count
+from tests.helpers.memory_logger import MemoryLogger
 from tests.helpers.odd_models import (
-    NullLogger,
     OddTask,
     SmallConvNet,
     TinyMLP,
@@ -104,7 +104,7 @@ def test_memory_held_by_the_callbacks_stays_flat_over_two_thousand_steps(
     counts = HeldCounts(bundle.parts, {1000, 2000})
     task = OddTask(TinyMLP(), [structured("tensor_tuple", *image_data(1)[0])] * 2000, lr=0.01)
     trainer = pl.Trainer(
-        max_epochs=1, callbacks=[bundle, counts], logger=NullLogger(), default_root_dir=tmp_path, **QUIET
+        max_epochs=1, callbacks=[bundle, counts], logger=MemoryLogger(keep=False), default_root_dir=tmp_path, **QUIET
     )
     trainer.fit(task)
     assert trainer.global_step == 2000

@@ -14,7 +14,8 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 from lightning_deadunits import DeadUnits, DeadUnitsWarning, load_dump
-from tests.helpers.activation_models import MemoryLogger, hook_count
+from tests.helpers.activation_models import hook_count
+from tests.helpers.memory_logger import MemoryLogger
 from tests.helpers.odd_models import (
     BATCH_KINDS,
     NaNHidden,

@@ -19,9 +19,9 @@ from lightning_deadunits import (
     ThresholdRule,
 )
 from tests.helpers.alarm_helpers import LRRecorder
-from tests.helpers.odd_models import SequenceLogger
+from tests.helpers.memory_logger import MemoryLogger
 from tests.helpers.spike_models import DigitsMLP, digits_with_dirty_batches
-from tests.test_loss_spike_monitor import _identical
+from tests.helpers.states import identical
 
 BATCHES_PER_EPOCH = 30
 QUIET: dict[str, Any] = dict(enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
@@ -48,7 +48,7 @@ def _bundle() -> DeadUnits:
 class MarkCheckpoints(pl.Callback):
     """Notes how many records the logger held at each checkpoint."""
 
-    def __init__(self, logger: SequenceLogger) -> None:
+    def __init__(self, logger: MemoryLogger) -> None:
         self.logger = logger
         self.marks: list[int] = []
 
@@ -58,7 +58,7 @@ class MarkCheckpoints(pl.Callback):
 
 def _run(directory: Path, ckpt_path: Path | None = None) -> dict[str, Any]:
     torch.manual_seed(0)  # the same initial weights; the resumed run loads its own from the checkpoint
-    bundle, logger, recorder = _bundle(), SequenceLogger(), LRRecorder()
+    bundle, logger, recorder = _bundle(), MemoryLogger(), LRRecorder()
     marks = MarkCheckpoints(logger)
     checkpoints = ModelCheckpoint(dirpath=directory / "ckpt", save_top_k=-1, every_n_epochs=1)
     trainer = pl.Trainer(
@@ -140,7 +140,7 @@ def test_two_instances_of_each_callback_keep_their_own_state_in_one_checkpoint(t
     parts = [part for bundle in bundles for part in bundle.parts]
     assert len({part.state_key for part in parts}) == len(parts) == 8
     for part in parts:
-        assert _identical(states[part.state_key], part.state_dict()), part.state_key
+        assert identical(states[part.state_key], part.state_dict()), part.state_key
 
     resumed = _two_bundles()
     fit(resumed, max_steps=6, ckpt_path=tmp_path / "both.ckpt")

@@ -117,12 +117,12 @@ class GradNormMonitor(MonitorCallback):
         self.probe.sample()
         self.samples_in_period += 1
         if self.samples_in_period >= self.log_every_n_samples:
-            self.log(trainer, step)
+            self.log_period(trainer, step)
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.samples_in_period and self.samples.last_step is not None:
-            self.log(trainer, self.samples.last_step)
+            self.log_period(trainer, self.samples.last_step)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -140,7 +140,7 @@ class GradNormMonitor(MonitorCallback):
         self.probe.load_state_dict(state_dict.get("probe", {}))
         self.samples_in_period = int(state_dict.get("samples_in_period", 0))
 
-    def log(self, trainer: "pl.Trainer", step: int) -> dict[str, float]:
+    def log_period(self, trainer: "pl.Trainer", step: int) -> dict[str, float]:
         """Log the period's norms and gradient-dead rows at ``step`` (one host transfer); return the scalars."""
         self.samples_in_period = 0
         norms, total, dead = self.probe.summary(self.window)

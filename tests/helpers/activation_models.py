@@ -7,10 +7,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
-from typing_extensions import override
 
 
 class ConvRelu(nn.Module):
@@ -185,33 +183,3 @@ def image_batches(count: int, size: int = 4, seed: int = 1) -> list[Tensor]:
 def hook_count(model: nn.Module) -> int:
     """Forward and forward-pre hooks on every module of `model`."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
-class MemoryLogger(Logger):
-    """Keeps every logged metric, exactly as `log_metrics` received it: `series(key) -> {step: value}`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.metrics: dict[str, dict[int, float]] = {}
-
-    @property
-    @override
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    @override
-    def version(self) -> int:
-        return 0
-
-    @override
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        for key, value in metrics.items():
-            self.metrics.setdefault(key, {})[int(step or 0)] = value
-
-    @override
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def series(self, key: str) -> dict[int, float]:
-        return self.metrics[key]

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from typing_extensions import override
 
 from lightning_deadunits import ActivationMonitor, DeadUnits, KernelNormMonitor, LossSpikeMonitor, LRWarmup
 from tests.helpers.activation_models import ReusedRelu
@@ -247,41 +246,6 @@ def every_step_bundle(dump_dir: Any = None, skip_update: bool = False, **activat
         ),
         lr_warmup=LRWarmup(warmup_steps=2, rewarm_steps=2, log_every_n_steps=1),
     )
-
-
-class SequenceLogger(Logger):
-    """Keeps every `(step, key, value)` logged, in order; NaN is kept as the string "nan" so records compare."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[int, str, float | str]] = []
-
-    @property
-    @override
-    def name(self) -> str:
-        return "sequence"
-
-    @property
-    @override
-    def version(self) -> int:
-        return 0
-
-    @override
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        for key, value in sorted(metrics.items()):
-            self.records.append((int(step or 0), key, "nan" if value != value else float(value)))
-
-    @override
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
-class NullLogger(SequenceLogger):
-    """Takes every metric and keeps none (so logging code paths run without the logger itself growing)."""
-
-    @override
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        pass
 
 
 # What callbacks point at without owning it, and code (functions, classes), which holds no run data.
