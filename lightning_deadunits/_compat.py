@@ -7,11 +7,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 from lightning.fabric.utilities.logger import _add_prefix
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
-from torch.optim import Optimizer
 
 __all__: list[str] = []
 
@@ -25,11 +23,6 @@ def loss_scale(trainer: "pl.Trainer") -> Tensor | None:
     """The scaler's current scale as a device tensor (``GradScaler._scale``, read without a host sync), or ``None``."""
     scale = getattr(grad_scaler(trainer), "_scale", None)
     return scale if isinstance(scale, Tensor) else None
-
-
-def optimizer_handles_unscaling(optimizer: Optimizer) -> bool:
-    """Whether Lightning leaves unscaling to the (fused) optimizer itself."""
-    return bool(_optimizer_handles_unscaling(optimizer))
 
 
 def logger_tags(logger: TensorBoardLogger, metrics: Mapping[str, float]) -> dict[str, float]:

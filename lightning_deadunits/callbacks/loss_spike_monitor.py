@@ -76,11 +76,12 @@ class LossSpikeMonitor(MonitorCallback):
 
     **Skipping the update** (``skip_update=True``, automatic optimization only): the optimizer step of a
     spiking batch (under accumulation, of the whole accumulation window) runs with every gradient set to
-    ``None``, so torch optimizers (all but LBFGS) leave the weights and their state (moments, step counts)
-    bit-identical. Under fp16 AMP the ``GradScaler`` still sees this step's gradients: an overflow backs its
-    scale off as usual. ``trainer.global_step`` still advances, so Lightning still steps the learning-rate
+    ``None`` (:class:`~lightning_deadunits.actions.SkipUpdate`: dropped as ``optimizer.step`` begins, after every
+    callback and gradient clipping have seen them), so torch optimizers (all but LBFGS) leave the weights and
+    their state (moments, step counts) bit-identical. Under fp16 AMP the ``GradScaler`` still checks this step's
+    gradients: an overflow backs its scale off as usual. ``trainer.global_step`` still advances, so Lightning still steps the learning-rate
     schedulers of both intervals (``"step"``: once per global step, skipped or not; ``"epoch"``: unchanged) and
-    ``ReduceLROnPlateau`` sees only its monitored metric; gradient clipping sees no gradients.
+    ``ReduceLROnPlateau`` sees only its monitored metric.
 
     **Spikes and dead units.** With a :class:`~lightning_deadunits.KernelNormMonitor` (or any monitor that pushes
     dead counts in its readings) in the trainer, each spike event records, per layer, how many kernels or units died
@@ -256,9 +257,15 @@ class LossSpikeMonitor(MonitorCallback):
             self.skip(trainer, pl_module, self._skip_alarm(trainer.global_step))
 
     @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.skip_update:
+            self.skip.attach(trainer.optimizers)
+
+    @override
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self.skip.disarm()
         pending, self._batch = self._batch, None
         if pending is None:
             return
@@ -281,6 +288,7 @@ class LossSpikeMonitor(MonitorCallback):
     @override
     def release(self) -> None:
         self._deferred = None
+        self.skip.detach()
 
     @override
     def state_dict(self) -> dict[str, Any]:

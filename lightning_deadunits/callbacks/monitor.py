@@ -38,7 +38,8 @@ class MonitorCallback(Callback):
     - :meth:`raise_alarms` records each alarm (in :attr:`alarm_log`, the checkpoint, the ``<prefix>/alarms`` text
       panel and the run's events file), hands it to every :class:`~lightning_deadunits.readings.AlarmListener`, then
       runs the ``on_alarm`` actions. Alarms carry ``(source, stat)`` so listeners route on them whatever the prefix.
-    - :meth:`record_event` appends structured events (see :mod:`lightning_deadunits.events`).
+    - :meth:`record_event` appends structured events (see :mod:`lightning_deadunits.events`) to the events file
+      of the run's log directory, found in ``on_fit_start`` (override it calling ``super()``).
     - :meth:`release` undoes side effects (hooks on the model); it runs at teardown and on exceptions.
     - ``state_dict`` includes :meth:`base_state` (rules, alarm log, stop reason); ``load_state_dict`` calls
       :meth:`load_base_state`, which tolerates missing keys.
@@ -111,6 +112,8 @@ class MonitorCallback(Callback):
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._layouts = {}
+        # Every rank reads `log_dir` here: under DDP reading it broadcasts, so it must not happen on one rank only.
+        self.event_log.path = events_file(trainer.log_dir or trainer.default_root_dir, trainer.global_rank)
 
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -181,11 +184,8 @@ class MonitorCallback(Callback):
 
     def record_event(self, trainer: "pl.Trainer", record: Mapping[str, Any], local: bool = False) -> None:
         """Append a structured event: rank zero writes shared ones, each rank its ``local`` ones (e.g. its dumps)."""
-        rank = trainer.global_rank
-        if rank != 0 and not local:
-            return
-        self.event_log.path = events_file(trainer.log_dir or trainer.default_root_dir, rank)
-        self.event_log.write(record)
+        if trainer.global_rank == 0 or local:
+            self.event_log.write(record)
 
     def base_state(self) -> dict[str, Any]:
         """The state every monitor saves: rule states, the alarm log and the stop."""
