@@ -13,16 +13,11 @@ from typing_extensions import override
 
 from lightning_deadunits._validation import check_bool, check_float, check_int, check_strings
 from lightning_deadunits.actions.alarm_handler import AlarmAction
-from lightning_deadunits.actions.recycle import (
-    RECYCLABLE_TYPES,
-    UnitFlowTracer,
-    cap_units,
-    recycle_seed,
-    recycle_units,
-    unit_count,
-)
+from lightning_deadunits.actions.recycle import RECYCLABLE_TYPES, cap_units, recycle_seed, recycle_units
 from lightning_deadunits.callbacks._base import MonitorCallback, reject_sharded_strategy
+from lightning_deadunits.probes.module_kinds import unit_count
 from lightning_deadunits.probes.selection import ModuleSelector
+from lightning_deadunits.probes.unit_flow import UnitFlowTracer
 from lightning_deadunits.triggers.rule import Rule
 
 __all__ = ["DeadUnitRecycler"]
