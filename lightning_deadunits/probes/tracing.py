@@ -29,7 +29,8 @@ class ForwardTracer(Generic[Mark]):
     forward began (from 0), so a module that a block calls several times (torchvision's ResNet blocks call one
     ``relu`` two or three times) has one site per call, the same in every forward. A module called from outside
     its parent's forward counts calls since :meth:`start`. :meth:`site_name` is ``"<module>"`` while the module
-    has never been seen called more than once per parent forward, and ``"<module>#<k>"`` from then on.
+    has never been seen called more than once per parent forward, and ``"<module>#<k>"`` from then on; so name
+    the sites of a forward once it has ended, when all its calls are counted.
 
     **Data flow.** After each call, ``on_call(site, module, inputs, output)`` runs (``output`` is the first item of
     a tuple output, as pooling with ``return_indices=True`` returns) and may return a mark for the output tensor:
@@ -40,12 +41,18 @@ class ForwardTracer(Generic[Mark]):
     Args:
         on_call: run after every call of a traced module, while started.
 
+    Attributes:
+        modules: the attached modules by name.
+        calls_per_forward: the most calls of each traced module seen in one forward of its parent; kept across
+            starts (what :meth:`site_name` goes by), so restore it to name sites as a former run did.
+        calls: calls of each traced module since its parent's forward began (or since :meth:`start`).
+
     Example:
         >>> import torch
         >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
         >>> fed_by = {}
         >>> def on_call(site, module, inputs, output):
-        ...     fed_by[tracer.site_name(site)] = tracer.mark_of(inputs)
+        ...     fed_by[site] = tracer.mark_of(inputs)
         ...     return site
         >>> tracer = ForwardTracer(on_call)
         >>> tracer.attach(model, dict(model.named_children()))
@@ -53,7 +60,9 @@ class ForwardTracer(Generic[Mark]):
         >>> _ = model(torch.randn(2, 4))
         >>> tracer.stop()
         >>> fed_by
-        {'0': None, '1': ('0', 0)}
+        {('0', 0): None, ('1', 0): ('0', 0)}
+        >>> tracer.site_name(("1", 0))
+        '1'
     """
 
     def __init__(self, on_call: OnCall[Mark]) -> None:
@@ -127,7 +136,7 @@ class ForwardTracer(Generic[Mark]):
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             call = self.calls.get(name, 0)
             self.calls[name] = call + 1
-            if call >= self.calls_per_forward.get(name, 1):
+            if call >= self.calls_per_forward.get(name, 0):
                 self.calls_per_forward[name] = call + 1
             if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
                 output = output[0]
