@@ -66,8 +66,8 @@ class ActivationProbe:
     ``relu`` two or three times) is measured per call: the call index counts calls since the parent's forward
     began. :meth:`site_name` is ``"<module>"`` for a module called once per parent forward and ``"<module>#<k>"``
     (``k`` from 0) for each call of a module called more often; a module called from outside its parent's forward
-    counts calls since :meth:`start`. In-place activations are measured from the hook's output, which is the value
-    after the in-place operation.
+    counts calls since :meth:`start` (:class:`~lightning_deadunits.probes.tracing.ForwardTracer` counts and names).
+    In-place activations are measured from the hook's output, which is the value after the in-place operation.
 
     **Channels** are dim 1 of the output, or its last dim for ``(N, *, F)`` outputs of linear layers: with
     ``channel_dim="auto"`` a call site whose input, in the first measured forward, is the output of an
