@@ -11,17 +11,20 @@ A unit is an output filter of a convolution or an output feature of a linear lay
 4. zeroes the optimizer state of exactly those entries: every state tensor shaped like its parameter (Adam's
    ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, SGD's ``momentum_buffer``); step counters are kept.
 
-Who reads a unit, and which normalisation layers sit between, comes from data flow (:class:`UnitFlowTracer`).
+Who reads a unit, and which normalisation layers sit between, comes from data flow
+(:class:`~lightning_deadunits.probes.unit_flow.UnitFlowTracer`).
 """
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from torch.utils.hooks import RemovableHandle
 
+from lightning_deadunits.probes.module_kinds import DEFAULT_KERNEL_TYPES, NORM_UNIT_ENTRIES, unit_count
+from lightning_deadunits.probes.unit_flow import UnitFlowTracer
+
+# UnitFlowTracer (now a probe) and unit_count (now a module kind) stay importable from here, where they were
 __all__ = [
     "RECYCLABLE_TYPES",
     "UnitFlowTracer",
@@ -32,48 +35,10 @@ __all__ = [
     "unit_count",
 ]
 
-RECYCLABLE_TYPES: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear)
+RECYCLABLE_TYPES: tuple[type, ...] = DEFAULT_KERNEL_TYPES
+"""The layers whose units can be recycled: the kernel layers."""
 
-_NORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-_ELEMENTWISE_TYPES: tuple[type, ...] = (
-    *_NORM_TYPES,
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.RReLU,
-    nn.ELU,
-    nn.CELU,
-    nn.SELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Hardswish,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardsigmoid,
-    nn.Hardtanh,
-    nn.Softplus,
-    nn.Threshold,
-    nn.modules.dropout._DropoutNd,
-    nn.Identity,
-)
-_POOLING_TYPES: tuple[type, ...] = (
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._LPPoolNd,
-)
-_NORM_RESETS = (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0))
 _SEED_MULTIPLIER = 1_000_003
-
-
-def unit_count(layer: nn.Module) -> int:
-    """Output filters (convolution) or output features (linear) of ``layer``."""
-    if isinstance(layer, nn.Linear):
-        return layer.out_features
-    return int(layer.out_channels)  # type: ignore[arg-type]
 
 
 def recycle_seed(seed: int, step: int, layer_index: int) -> int:
@@ -160,7 +125,7 @@ def recycle_units(
             weight.masked_fill_(mask, 0.0)
             _reset_optimizer_state(optimizers, weight, mask)
         for norm in norms:
-            for name, value in _NORM_RESETS:
+            for name, value in NORM_UNIT_ENTRIES.items():
                 tensor = getattr(norm, name, None)
                 if isinstance(tensor, Tensor) and tensor.shape == units.shape:
                     tensor.masked_fill_(units.to(tensor.device), value)
@@ -203,181 +168,3 @@ def _reset_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], param: T
         for value in optimizer.state.get(param, {}).values():
             if isinstance(value, Tensor) and value.shape == param.shape:
                 value.masked_fill_(mask, 0)
-
-
-class UnitFlowTracer:
-    """Follows, during one forward, where the units of the watched layers go.
-
-    A layer's output carries its units on dim 1 (convolutions) or the last dim (linear layers). The output keeps
-    carrying them through modules that keep that dim: elementwise activations, normalisation, dropout and
-    ``nn.Identity`` (same shape out as in), and pooling (convolution units only). Whatever reads a carried tensor
-    is recorded:
-
-    - a watched convolution or linear layer whose input channels (features) are the units: a **consumer**;
-    - a normalisation layer with one entry per unit: a **norm** of the layer;
-    - any module call passing the units through: a **site** named as
-      :meth:`~lightning_deadunits.probes.activations.ActivationProbe.site_name` names it (``"<module>"``, or
-      ``"<module>#<k>"`` when the module runs several times per forward of its parent), mapped to the layer. This
-      is how a dead activation channel (``features.3``, ``layer1.0.relu#0``) finds the layer that produces it.
-
-    Functional operations (``F.relu``, ``x + residual``, ``torch.flatten``), reshapes and channel mixing end the
-    trail: a layer read only through them has no consumer, and a site fed by them maps to nothing.
-
-    Example:
-        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
-        >>> tracer = UnitFlowTracer()
-        >>> tracer.start(model, {"0": model[0], "3": model[3]})
-        >>> _ = model(torch.randn(1, 1, 5, 5))
-        >>> tracer.finish()
-        >>> tracer.consumers, tracer.norms, tracer.sites["2"]
-        ({'0': ['3']}, {'0': ['1']}, '0')
-    """
-
-    def __init__(self) -> None:
-        self.consumers: dict[str, list[str]] = {}
-        self.norms: dict[str, list[str]] = {}
-        self.sites: dict[str, str] = {}
-        self.traced = False
-        self._handles: list[RemovableHandle] = []
-        self._carried: dict[int, tuple[Tensor, str, int]] = {}
-        self._calls: dict[str, int] = {}
-        self._calls_per_forward: dict[str, int] = {}
-        self._site_calls: list[tuple[str, int, str]] = []
-
-    @property
-    def pending(self) -> bool:
-        """Whether no forward has been traced yet and none is being traced."""
-        return not self.traced and not self._handles
-
-    @property
-    def hooks_attached(self) -> int:
-        """How many hooks this tracer currently holds on the model."""
-        return len(self._handles)
-
-    def start(self, model: nn.Module, layers: Mapping[str, nn.Module]) -> None:
-        """Attach the hooks that trace the next forward of ``model``; ``layers`` are the watched layers by name."""
-        self.finish()
-        self.traced = False
-        self.consumers, self.norms, self.sites = {}, {}, {}
-        watched = {id(module) for module in layers.values()}
-        parents: dict[str, list[str]] = {}
-        for name, module in model.named_modules():
-            if not name or (id(module) not in watched and any(True for _ in module.children())):
-                continue
-            parents.setdefault(name.rpartition(".")[0], []).append(name)
-            if id(module) in watched:
-                self._handles.append(module.register_forward_pre_hook(self._consume(name)))
-                self._handles.append(module.register_forward_hook(self._produce(name)))
-            else:
-                self._handles.append(module.register_forward_hook(self._pass_through(name)))
-        for parent, children in parents.items():
-            self._handles.append(model.get_submodule(parent).register_forward_pre_hook(self._restart_calls(children)))
-
-    def finish(self) -> None:
-        """Remove the hooks, name the sites seen and drop every tensor held. Safe to call at any time."""
-        if self._handles:
-            self.traced = True
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._carried.clear()
-        for name, call, layer in self._site_calls:
-            self.sites[name if self._calls_per_forward.get(name, 1) <= 1 else f"{name}#{call}"] = layer
-        self._site_calls.clear()
-        self._calls.clear()
-        self._calls_per_forward.clear()
-
-    def state_dict(self) -> dict[str, Any]:
-        """The traced flow, so a resumed run need not trace again."""
-        return {"consumers": self.consumers, "norms": self.norms, "sites": self.sites, "traced": self.traced}
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output."""
-        self.consumers = {k: list(v) for k, v in state_dict.get("consumers", {}).items()}
-        self.norms = {k: list(v) for k, v in state_dict.get("norms", {}).items()}
-        self.sites = dict(state_dict.get("sites", {}))
-        self.traced = bool(state_dict.get("traced", False))
-
-    def _restart_calls(self, children: list[str]) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: Any) -> None:
-            for name in children:
-                self._calls[name] = 0
-
-        return hook
-
-    def _count_call(self, name: str) -> int:
-        call = self._calls.get(name, 0)
-        self._calls[name] = call + 1
-        self._calls_per_forward[name] = max(self._calls_per_forward.get(name, 1), call + 1)
-        return call
-
-    def _carrier(self, inputs: Any) -> tuple[Tensor, str, int] | None:
-        if not inputs or not isinstance(inputs[0], Tensor):
-            return None
-        found = self._carried.get(id(inputs[0]))
-        return found if found is not None and found[0] is inputs[0] else None
-
-    def _consume(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: Any) -> None:
-            found = self._carrier(inputs)
-            if found is None or found[1] == name:
-                return
-            tensor, layer, unit_dim = found
-            reads_units = False
-            if isinstance(module, nn.Linear):
-                reads_units = unit_dim == tensor.dim() - 1 and module.in_features == tensor.shape[-1]
-            elif isinstance(module, nn.modules.conv._ConvNd):
-                reads_units = unit_dim == 1 and tensor.dim() > 2 and module.in_channels == tensor.shape[1]
-            if reads_units and name not in self.consumers.get(layer, []):
-                self.consumers.setdefault(layer, []).append(name)
-
-        return hook
-
-    def _produce(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            call = self._count_call(name)
-            if isinstance(output, Tensor) and output.dim() >= 1:
-                unit_dim = output.dim() - 1 if isinstance(module, nn.Linear) else 1
-                self._carried[id(output)] = (output, name, unit_dim)
-                self._site_calls.append((name, call, name))
-
-        return hook
-
-    def _pass_through(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            call = self._count_call(name)
-            found = self._carrier(inputs)
-            if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
-                output = output[0]  # pooling with return_indices=True
-            if found is None or not isinstance(output, Tensor):
-                return
-            tensor, layer, unit_dim = found
-            if not _keeps_units(module, tensor, output, unit_dim):
-                return
-            self._carried[id(output)] = (output, layer, unit_dim)
-            self._site_calls.append((name, call, layer))
-            if _has_unit_entries(module, tensor, unit_dim) and name not in self.norms.get(layer, []):
-                self.norms.setdefault(layer, []).append(name)
-
-        return hook
-
-
-def _keeps_units(module: nn.Module, tensor: Tensor, output: Tensor, unit_dim: int) -> bool:
-    """Whether ``output`` carries the units of ``tensor`` at the same dim (elementwise, or pooled over space)."""
-    if isinstance(module, _ELEMENTWISE_TYPES):
-        return output.shape == tensor.shape
-    pooled = unit_dim == 1 and output.dim() == tensor.dim() > 2 and output.shape[:2] == tensor.shape[:2]
-    return isinstance(module, _POOLING_TYPES) and pooled
-
-
-def _has_unit_entries(module: nn.Module, tensor: Tensor, unit_dim: int) -> bool:
-    """Whether ``module`` normalises ``tensor`` with one parameter or statistic entry per unit."""
-    if isinstance(module, nn.LayerNorm):
-        per_unit_dim = unit_dim == tensor.dim() - 1 and module.normalized_shape == (tensor.shape[-1],)
-    else:
-        per_unit_dim = isinstance(module, _NORM_TYPES) and unit_dim == 1
-    units = (tensor.shape[unit_dim],)
-    return per_unit_dim and any(
-        isinstance(getattr(module, name, None), Tensor) and getattr(module, name).shape == units
-        for name, _ in _NORM_RESETS
-    )

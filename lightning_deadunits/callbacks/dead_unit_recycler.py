@@ -14,16 +14,11 @@ from typing_extensions import override
 from lightning_deadunits._strategies import reject_sharded_strategy
 from lightning_deadunits._validation import check_bool, check_float, check_int, check_strings
 from lightning_deadunits.actions.alarm_handler import AlarmAction
-from lightning_deadunits.actions.recycle import (
-    RECYCLABLE_TYPES,
-    UnitFlowTracer,
-    cap_units,
-    recycle_seed,
-    recycle_units,
-    unit_count,
-)
+from lightning_deadunits.actions.recycle import RECYCLABLE_TYPES, cap_units, recycle_seed, recycle_units
 from lightning_deadunits.callbacks.monitor import MonitorCallback
+from lightning_deadunits.probes.module_kinds import unit_count
 from lightning_deadunits.probes.selection import ModuleSelector
+from lightning_deadunits.probes.unit_flow import UnitFlowTracer
 from lightning_deadunits.readings import Reading
 from lightning_deadunits.triggers.rule import Rule
 
@@ -43,7 +38,7 @@ class DeadUnitRecycler(MonitorCallback):
     convolution or linear layer (:class:`~lightning_deadunits.KernelNormMonitor`: dead filters) or an activation
     call site (``ActivationMonitor``: ``features.3``, ``layer1.0.relu#0``), which is mapped to the layer whose
     output reaches it through elementwise, normalisation and pooling modules only
-    (:class:`~lightning_deadunits.actions.recycle.UnitFlowTracer`, traced in the first training forward). A site fed
+    (:class:`~lightning_deadunits.probes.unit_flow.UnitFlowTracer`, traced in the first training forward). A site fed
     by a functional operation (``x + residual``, ``F.relu``) maps to nothing and is noted once in the
     ``lightning_deadunits`` log. Masks of one layer from several monitors are or-ed.
 

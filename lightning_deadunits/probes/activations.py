@@ -5,20 +5,27 @@ module's output to per-channel sums on the output's device (no host sync) and ke
 """
 
 import warnings
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from lightning_deadunits.errors import DeadUnitsWarning
 from lightning_deadunits.functional.activations import channel_stats
 from lightning_deadunits.metrics.activation_stats import ActivationStats, CallSite
+from lightning_deadunits.probes.module_kinds import (
+    BATCHNORM_TYPES,
+    CHANNELS_LAST_TYPES,
+    DEFAULT_ACTIVATION_TYPES,
+    POOLING_TYPES,
+    PRE_ACTIVATION_TYPES,
+)
 from lightning_deadunits.probes.selection import ModuleSelector
+from lightning_deadunits.probes.tracing import ForwardTracer
 
+# the type tables live in module_kinds; they stay importable from here, where the monitor imports them
 __all__ = [
     "DEFAULT_ACTIVATION_TYPES",
     "DEFAULT_EPS",
@@ -31,33 +38,6 @@ __all__ = [
 
 Watch = Literal["activations", "pre_activations"]
 ChannelDim = Literal["auto", 1, -1]
-
-DEFAULT_ACTIVATION_TYPES: tuple[type, ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.RReLU,
-    nn.ELU,
-    nn.CELU,
-    nn.SELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Hardswish,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardsigmoid,
-    nn.Hardtanh,
-)
-POOLING_TYPES: tuple[type, ...] = (
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._LPPoolNd,
-)
-PRE_ACTIVATION_TYPES: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
 
 _TOLERANCE = 1e-6
 DEFAULT_EPS: dict[type, float | None] = {
@@ -74,7 +54,6 @@ Exact zero (``0.0``) for ReLU and ReLU6 and for pooling (pooled ReLU features ar
 not zero (a PReLU whose slope collapsed outputs ~1e-7; GELU(-6) is -6e-9).
 """
 
-_CHANNELS_LAST_PRODUCERS = (nn.Linear, nn.LayerNorm, nn.Embedding)
 # Outputs known to be >= 0 (exact types: a subclass may change forward), so |x| need not be computed.
 _NONNEGATIVE_TYPES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid)
 _NONNEGATIVE_FNS = (torch.relu, F.relu, torch.sigmoid)
@@ -87,8 +66,8 @@ class ActivationProbe:
     ``relu`` two or three times) is measured per call: the call index counts calls since the parent's forward
     began. :meth:`site_name` is ``"<module>"`` for a module called once per parent forward and ``"<module>#<k>"``
     (``k`` from 0) for each call of a module called more often; a module called from outside its parent's forward
-    counts calls since :meth:`start`. In-place activations are measured from the hook's output, which is the value
-    after the in-place operation.
+    counts calls since :meth:`start` (:class:`~lightning_deadunits.probes.tracing.ForwardTracer` counts and names).
+    In-place activations are measured from the hook's output, which is the value after the in-place operation.
 
     **Channels** are dim 1 of the output, or its last dim for ``(N, *, F)`` outputs of linear layers: with
     ``channel_dim="auto"`` a call site whose input, in the first measured forward, is the output of an
@@ -135,15 +114,11 @@ class ActivationProbe:
         self.channel_dim = channel_dim
         self.modules: dict[str, nn.Module] = {}
         self.eps: dict[str, float | None] = {}
-        self.calls_per_forward: dict[str, int] = {}
         self.channel_dims: dict[CallSite, int] = {}
         self.skipped: set[str] = set()
-        self._parents: dict[str, nn.Module] = {}
-        self._producers: list[nn.Module] = []
-        self._handles: list[RemovableHandle] = []
+        self._channels_last_producers: list[str] = []
+        self._tracer: ForwardTracer[CallSite] = ForwardTracer(self._measure)
         self._target: ActivationStats | None = None
-        self._calls: dict[str, int] = {}
-        self._outputs: dict[int, tuple[weakref.ref[Tensor], str | None, bool]] = {}
         self._tracked = False
         self._failed: set[str] = set()
 
@@ -151,14 +126,21 @@ class ActivationProbe:
         """Find the watched modules of ``model``, their tolerances, their parents and the linear-like producers."""
         self.modules = {name: module for name, module in self._selector.select(model) if name not in self.skipped}
         self.eps = {name: self._eps_for(module) for name, module in self.modules.items()}
-        self._parents = {name: model.get_submodule(name.rpartition(".")[0]) for name in self.modules}
         watched = {id(module) for module in self.modules.values()}
-        self._producers = [
-            module
-            for module in model.modules()
-            if isinstance(module, _CHANNELS_LAST_PRODUCERS) and id(module) not in watched
-        ]
+        producers = {
+            name: module
+            for name, module in ModuleSelector(CHANNELS_LAST_TYPES).select(model)
+            if id(module) not in watched
+        }
+        self._channels_last_producers = list(producers)
+        self._tracer.attach(model, {**producers, **self.modules})
         self._tracked = False
+
+    @property
+    def calls_per_forward(self) -> dict[str, int]:
+        """The most calls per parent forward seen of each watched module (what :meth:`site_name` goes by)."""
+        counted = self._tracer.calls_per_forward.items()
+        return {name: calls for name, calls in counted if name not in self._channels_last_producers}
 
     def _eps_for(self, module: nn.Module) -> float | None:
         if isinstance(self._eps_setting, float | int):
@@ -174,89 +156,56 @@ class ActivationProbe:
     @property
     def hooks_attached(self) -> int:
         """How many hooks this probe currently holds on the model."""
-        return len(self._handles)
+        return self._tracer.hooks_attached
 
     def start(self, target: ActivationStats) -> None:
         """Attach the hooks; until :meth:`stop`, every call of a watched module adds its statistics to ``target``."""
-        if self._handles:
-            self.stop()
+        self.stop()
         self._target = target
-        self._calls = dict.fromkeys(self.modules, 0)
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._measure(name)))
-        by_parent: dict[int, tuple[nn.Module, list[str]]] = {}
-        for name, parent in self._parents.items():
-            by_parent.setdefault(id(parent), (parent, []))[1].append(name)
-        for parent, children in by_parent.values():
-            self._handles.append(parent.register_forward_pre_hook(self._restart_calls(children)))
-        if not self._tracked:
-            for module in self._producers:
-                self._handles.append(module.register_forward_hook(self._remember_channels_last))
+        # the linear-like producers matter only to the first measured forward, which resolves the channel dims
+        traced = self.modules if self._tracked else [*self._channels_last_producers, *self.modules]
+        self._tracer.start(traced)
 
     def stop(self) -> None:
         """Remove every hook and forget every tensor seen. Safe to call at any time."""
-        if any(self._calls.values()):
+        if any(self._tracer.calls.get(name) for name in self.modules):
             self._tracked = True
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._outputs.clear()
+        self._tracer.stop()
         self._target = None
         for name in self.skipped.intersection(self.modules):
-            del self.modules[name], self._parents[name], self.eps[name]
+            del self.modules[name], self.eps[name]
 
     def site_name(self, site: CallSite) -> str:
         """``"<module>"`` for a module called once per parent forward, ``"<module>#<k>"`` otherwise."""
-        name, call = site
-        return name if self.calls_per_forward.get(name, 1) <= 1 else f"{name}#{call}"
+        return self._tracer.site_name(site)
 
-    def _restart_calls(self, children: list[str]) -> Any:
-        def hook(module: nn.Module, inputs: Any) -> None:
-            for name in children:
-                self._calls[name] = 0
-
-        return hook
-
-    def _remember_channels_last(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if isinstance(output, Tensor):
-            self._outputs[id(output)] = (weakref.ref(output), None, True)
-
-    def _producer(self, inputs: Any) -> tuple[str | None, bool] | None:
-        """``(watched module name or None, channels last?)`` of the module whose output is ``inputs[0]``, if known."""
-        if not inputs or not isinstance(inputs[0], Tensor):
+    def _measure(self, site: CallSite, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> CallSite | None:
+        """Add one call's statistics to the target; in the first measured forward, mark its output with its site."""
+        name = site[0]
+        if name not in self.modules:
+            return site  # a linear-like producer: its output is channels last
+        if name in self._failed or self._target is None or not isinstance(output, Tensor):
             return None
-        found = self._outputs.get(id(inputs[0]))
-        return (found[1], found[2]) if found is not None and found[0]() is inputs[0] else None
+        try:
+            self._record(site, module, inputs, output)
+        except Exception as error:  # never crash training for a measurement
+            self._failed.add(name)
+            warnings.warn(
+                f"`ActivationMonitor` cannot measure {name!r} ({type(module).__name__}, output shape "
+                f"{tuple(output.shape)}): {error}; it stops watching that module.",
+                DeadUnitsWarning,
+                stacklevel=3,
+            )
+            return None
+        return None if self._tracked else site
 
-    def _measure(self, name: str) -> Any:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            call = self._calls.get(name, 0)
-            self._calls[name] = call + 1
-            self.calls_per_forward[name] = max(self.calls_per_forward.get(name, 1), call + 1)
-            if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
-                output = output[0]  # pooling with return_indices=True
-            if name in self._failed or self._target is None or not isinstance(output, Tensor):
-                return
-            try:
-                self._record(name, call, module, inputs, output)
-            except Exception as error:  # never crash training for a measurement
-                self._failed.add(name)
-                warnings.warn(
-                    f"`ActivationMonitor` cannot measure {name!r} ({type(module).__name__}, output shape "
-                    f"{tuple(output.shape)}): {error}; it stops watching that module.",
-                    DeadUnitsWarning,
-                    stacklevel=2,
-                )
-
-        return hook
-
-    def _record(self, name: str, call: int, module: nn.Module, inputs: Any, output: Tensor) -> None:
+    def _record(self, site: CallSite, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
         assert self._target is not None
-        site = (name, call)
+        name = site[0]
         if self.channel_dim != "auto":
             self.channel_dims.setdefault(site, self.channel_dim)
         if not self._tracked:
-            self._track(site, module, inputs, output)
+            self._track(site, module, inputs)
         if name in self.skipped or not output.is_floating_point() or output.numel() == 0:
             return
         values, nonnegative = output, type(module) in _NONNEGATIVE_TYPES
@@ -266,23 +215,26 @@ class ActivationProbe:
         dim = self.channel_dims.setdefault(site, 1)
         self._target.update(site, channel_stats(values, dim, self.eps[name], nonnegative))
 
-    def _track(self, site: CallSite, module: nn.Module, inputs: Any, output: Tensor) -> None:
+    def _track(self, site: CallSite, module: nn.Module, inputs: tuple[Any, ...]) -> None:
         """First measured forward: resolve the site's channel dim and, in pre-activation mode, BatchNorm pairing."""
-        producer, producer_channels_last = self._producer(inputs) or (None, False)
+        producer_site = self._tracer.mark_of(inputs)
+        producer = None if producer_site is None else producer_site[0]
         if self.channel_dim == "auto" and site not in self.channel_dims:
-            last = isinstance(module, _CHANNELS_LAST_PRODUCERS) or producer_channels_last
+            producer_channels_last = producer_site is not None and (
+                producer not in self.modules or self.channel_dims.get(producer_site) == -1
+            )
+            last = isinstance(module, CHANNELS_LAST_TYPES) or producer_channels_last
             self.channel_dims[site] = -1 if last else 1
         if (
             self.watch == "pre_activations"
-            and isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and isinstance(module, BATCHNORM_TYPES)
             and producer in self.modules
-            and not isinstance(self.modules[producer], nn.modules.batchnorm._BatchNorm)
+            and not isinstance(self.modules[producer], BATCHNORM_TYPES)
         ):
             self.skipped.add(producer)
             assert self._target is not None
             for dropped in [seen for seen in self.channel_dims if seen[0] == producer]:
                 self._target.drop(dropped)
-        self._outputs[id(output)] = (weakref.ref(output), site[0], self.channel_dims.get(site) == -1)
 
     def state_dict(self) -> dict[str, Any]:
         """Call counts, channel dims and dropped layers found so far."""
@@ -294,6 +246,6 @@ class ActivationProbe:
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output, so a resumed run names and splits call sites as before."""
-        self.calls_per_forward = dict(state_dict.get("calls_per_forward", {}))
+        self._tracer.calls_per_forward = dict(state_dict.get("calls_per_forward", {}))
         self.channel_dims = {(name, int(call)): int(dim) for name, call, dim in state_dict.get("channel_dims", [])}
         self.skipped = set(state_dict.get("skipped", []))

@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from lightning_deadunits.functional.kernels import (
     LayerKind,
@@ -15,12 +14,13 @@ from lightning_deadunits.functional.kernels import (
     layer_kind,
     median,
 )
+from lightning_deadunits.metrics.activation_stats import CallSite
+from lightning_deadunits.probes.module_kinds import BATCHNORM_TYPES, DEFAULT_KERNEL_TYPES, unit_count
 from lightning_deadunits.probes.selection import ModuleSelector
+from lightning_deadunits.probes.tracing import ForwardTracer
 
-__all__ = ["KernelNormProbe", "LayerKernels"]
-
-DEFAULT_KERNEL_TYPES: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear)
-_BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+# DEFAULT_KERNEL_TYPES lives in module_kinds; it stays importable from here, where the monitor imports it
+__all__ = ["DEFAULT_KERNEL_TYPES", "KernelNormProbe", "LayerKernels"]
 
 
 @dataclass
@@ -81,13 +81,12 @@ class KernelNormProbe:
         layer_types: Sequence[type] = DEFAULT_KERNEL_TYPES,
     ) -> None:
         self._selector = ModuleSelector(layer_types, include, exclude)
-        self._bn_selector = ModuleSelector(_BATCHNORM_TYPES, include, exclude)
+        self._bn_selector = ModuleSelector(BATCHNORM_TYPES, include, exclude)
         self.layers: dict[str, nn.Module] = {}
         self.kinds: dict[str, LayerKind] = {}
         self.batchnorms: dict[str, nn.Module] = {}
         self.bn_to_layer: dict[str, str] = {}
-        self._handles: list[RemovableHandle] = []
-        self._outputs: dict[int, tuple[Tensor, str]] = {}
+        self._tracer: ForwardTracer[str] = ForwardTracer(self._pair)
         self._paired = False
 
     def attach(self, model: nn.Module) -> None:
@@ -102,51 +101,37 @@ class KernelNormProbe:
             name: module for name, module in self._bn_selector.select(model) if getattr(module, "affine", False)
         }
         self.bn_to_layer = {bn: layer for bn, layer in self.bn_to_layer.items() if bn in self.batchnorms}
+        self._tracer.attach(model, {**self.layers, **self.batchnorms})
 
     @property
     def pairing_pending(self) -> bool:
         """Whether there are BatchNorms whose producer has not been looked for yet."""
-        return bool(self.batchnorms) and not self._handles and not self._paired
+        return bool(self.batchnorms) and not self._tracer.hooks_attached and not self._paired
 
     def start_pairing(self) -> None:
         """Attach the hooks that record, during the next forward, which layer feeds which BatchNorm."""
-        for name, module in self.layers.items():
-            self._handles.append(module.register_forward_hook(self._remember_output(name)))
-        for name, module in self.batchnorms.items():
-            self._handles.append(module.register_forward_pre_hook(self._pair_input(name)))
+        self._tracer.start()
 
     def finish_pairing(self) -> None:
         """Remove the pairing hooks and drop the references they held. Safe to call at any time."""
-        if self._handles:
+        if self._tracer.hooks_attached:
             self._paired = True
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._outputs.clear()
+        self._tracer.stop()
 
-    def _remember_output(self, name: str) -> Any:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            if isinstance(output, Tensor):
-                self._outputs[id(output)] = (output, name)
-
-        return hook
-
-    def _pair_input(self, bn_name: str) -> Any:
-        def hook(module: nn.Module, inputs: Any) -> None:
-            if bn_name in self.bn_to_layer or not inputs or not isinstance(inputs[0], Tensor):
-                return
-            found = self._outputs.get(id(inputs[0]))
-            if found is not None and found[0] is inputs[0]:
-                layer = found[1]
-                if filter_count(self.layers[layer]) == module.num_features:
-                    self.bn_to_layer[bn_name] = layer
-
-        return hook
+    def _pair(self, site: CallSite, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> str | None:
+        """Mark each layer's output with the layer; pair each BatchNorm with the layer whose output it reads."""
+        name = site[0]
+        if name in self.layers:
+            return name
+        layer = self._tracer.mark_of(inputs)
+        if name not in self.bn_to_layer and layer is not None and unit_count(self.layers[layer]) == module.num_features:
+            self.bn_to_layer[name] = layer
+        return None
 
     @property
     def hooks_attached(self) -> int:
         """How many hooks this probe currently holds on the model."""
-        return len(self._handles)
+        return self._tracer.hooks_attached
 
     def read(self, abs_threshold: float, rel_threshold: float, bn_threshold: float) -> list[LayerKernels]:
         """Measure every watched layer now, with BatchNorm channels attributed by the pairing known so far."""
@@ -191,10 +176,3 @@ class KernelNormProbe:
         """Restore the pairing, so a resumed run need not look for it again."""
         self.bn_to_layer = dict(state_dict.get("bn_to_layer", {}))
         self._paired = bool(state_dict.get("paired", False))
-
-
-def filter_count(module: nn.Module) -> int:
-    """Output filters (conv) or units (linear) of a layer."""
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    return int(module.out_channels)  # type: ignore[arg-type]

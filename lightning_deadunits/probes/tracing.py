@@ -1,0 +1,147 @@
+"""Forward data-flow tracing: which call of which module produced a tensor, and how call sites are named.
+
+Hooks exist only between :meth:`ForwardTracer.start` and :meth:`ForwardTracer.stop`; tensors are held weakly and
+forgotten at :meth:`ForwardTracer.stop`.
+"""
+
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Generic, TypeVar
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_deadunits.metrics.activation_stats import CallSite
+
+__all__ = ["ForwardTracer", "OnCall"]
+
+Mark = TypeVar("Mark")
+OnCall = Callable[[CallSite, nn.Module, tuple[Any, ...], Any], Mark | None]
+"""``on_call(site, module, inputs, output)``, run after every call of a traced module: returns the mark to give
+its output tensor, or ``None`` to leave the output as it is (unmarked, or marked by an earlier call when the module
+returned its input)."""
+
+
+class ForwardTracer(Generic[Mark]):
+    """Traces forwards through a set of named modules: counts their calls and marks the tensors they output.
+
+    **Call sites.** A call of a traced module is the site ``(name, k)``, ``k`` counting calls since its parent's
+    forward began (from 0), so a module that a block calls several times (torchvision's ResNet blocks call one
+    ``relu`` two or three times) has one site per call, the same in every forward. A module called from outside
+    its parent's forward counts calls since :meth:`start`. :meth:`site_name` is ``"<module>"`` while the module
+    has never been seen called more than once per parent forward, and ``"<module>#<k>"`` from then on; so name
+    the sites of a forward once it has ended, when all its calls are counted.
+
+    **Data flow.** After each call, ``on_call(site, module, inputs, output)`` runs (``output`` is the first item of
+    a tuple output, as pooling with ``return_indices=True`` returns) and may return a mark for the output tensor:
+    the producing layer, the site itself, whatever its user follows. A later call looks up the mark of its input
+    with :meth:`mark_of`, before its own output is marked, so a module returning its input tensor (``nn.Identity``,
+    in-place activations) still sees the mark of what fed it.
+
+    Args:
+        on_call: run after every call of a traced module, while started.
+
+    Attributes:
+        modules: the attached modules by name.
+        calls_per_forward: the most calls of each traced module seen in one forward of its parent; kept across
+            starts (what :meth:`site_name` goes by), so restore it to name sites as a former run did.
+        calls: calls of each traced module since its parent's forward began (or since :meth:`start`).
+
+    Example:
+        >>> import torch
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        >>> fed_by = {}
+        >>> def on_call(site, module, inputs, output):
+        ...     fed_by[site] = tracer.mark_of(inputs)
+        ...     return site
+        >>> tracer = ForwardTracer(on_call)
+        >>> tracer.attach(model, dict(model.named_children()))
+        >>> tracer.start()
+        >>> _ = model(torch.randn(2, 4))
+        >>> tracer.stop()
+        >>> fed_by
+        {('0', 0): None, ('1', 0): ('0', 0)}
+        >>> tracer.site_name(("1", 0))
+        '1'
+    """
+
+    def __init__(self, on_call: OnCall[Mark]) -> None:
+        self.on_call = on_call
+        self.modules: dict[str, nn.Module] = {}
+        self.calls_per_forward: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
+        self._parents: dict[str, nn.Module] = {}
+        self._handles: list[RemovableHandle] = []
+        self._marks: dict[int, tuple[weakref.ref[Tensor], Mark]] = {}
+
+    def attach(self, model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
+        """Trace ``modules`` (submodules of ``model`` by their names in it) from the next :meth:`start` on."""
+        self.modules = dict(modules)
+        self._parents = {name: model.get_submodule(name.rpartition(".")[0]) for name in self.modules}
+
+    @property
+    def hooks_attached(self) -> int:
+        """How many hooks this tracer currently holds on the model."""
+        return len(self._handles)
+
+    def start(self, names: Iterable[str] | None = None) -> None:
+        """Hook the attached modules (or only those named) and their parents, counting calls from 0.
+
+        Args:
+            names: the attached modules to trace; all of them when ``None``.
+        """
+        self.stop()
+        traced = list(self.modules) if names is None else list(names)
+        for name in traced:
+            self._handles.append(self.modules[name].register_forward_hook(self._hook(name)))
+        by_parent: dict[int, tuple[nn.Module, list[str]]] = {}
+        for name in traced:
+            parent = self._parents[name]
+            by_parent.setdefault(id(parent), (parent, []))[1].append(name)
+        for parent, children in by_parent.values():
+            self._handles.append(parent.register_forward_pre_hook(self._restart_calls(children)))
+
+    def stop(self) -> None:
+        """Remove every hook and forget every tensor and call count of the forward. Safe to call at any time.
+
+        :attr:`calls_per_forward`, which names the sites, is kept.
+        """
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._marks.clear()
+        self.calls.clear()
+
+    def site_name(self, site: CallSite) -> str:
+        """``"<module>"`` for a module called once per parent forward, ``"<module>#<k>"`` otherwise."""
+        name, call = site
+        return name if self.calls_per_forward.get(name, 1) <= 1 else f"{name}#{call}"
+
+    def mark_of(self, inputs: tuple[Any, ...]) -> Mark | None:
+        """The mark of the first input, if it is a tensor that a traced call output and marked."""
+        if not inputs or not isinstance(inputs[0], Tensor):
+            return None
+        found = self._marks.get(id(inputs[0]))
+        # the id of a freed tensor may be reused: only a live reference to this very tensor counts
+        return found[1] if found is not None and found[0]() is inputs[0] else None
+
+    def _restart_calls(self, children: list[str]) -> Callable[[nn.Module, Any], None]:
+        def hook(module: nn.Module, inputs: Any) -> None:
+            for name in children:
+                self.calls[name] = 0
+
+        return hook
+
+    def _hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            call = self.calls.get(name, 0)
+            self.calls[name] = call + 1
+            if call >= self.calls_per_forward.get(name, 0):
+                self.calls_per_forward[name] = call + 1
+            if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
+                output = output[0]
+            mark = self.on_call((name, call), module, inputs, output)
+            if mark is not None and isinstance(output, Tensor):
+                self._marks[id(output)] = (weakref.ref(output), mark)
+
+        return hook
