@@ -13,10 +13,17 @@ bytes, complex
 list, tuple, dict               themselves, items converted (dict subclasses become ``dict``)
 namedtuple                      ``namedtuple``: a namedtuple of a new class with the same name and fields
 dataclass instance              ``dataclass``: an instance of a new dataclass with the same name and fields
-numpy array / numpy scalar      ``ndarray``: a numpy array; scalars become Python numbers
+numpy array / numpy scalar      ``ndarray``: a numpy array; scalars become Python values (converted again)
 set, frozenset                  ``set``: a set (a list if its items are not hashable after conversion)
-anything else                   ``unsaved``: ``{"__deadunits__": "unsaved", "type": ..., "repr": ...}``
+anything else                   ``unsaved``: ``{"__deadunits__": "unsaved", "type": ..., "shape": ...,
+                                "repr": ...}`` (``shape`` a list, or ``None`` for values without one; ``repr``
+                                cut to 200 characters): numpy arrays of strings, dates or records, objects,
+                                functions, and any value whose conversion raised
 ==============================  ====================================================================
+
+Encoding never raises: a value it cannot store (or that raises while being read) becomes an ``unsaved``
+placeholder, so a dump cannot stop training. :func:`stored_bytes` estimates a dump's size without copying
+anything, so a size cap can be checked before the host copy.
 
 Classes are never imported from the names in a file: rebuilt namedtuples and dataclasses are new classes that
 only share the name and fields, so ``batch.images`` and ``batch[0]`` keep working.
@@ -33,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DUMP_FORMAT", "DUMP_VERSION", "LoadedDump", "decode", "encode", "load_dump"]
+__all__ = ["DUMP_FORMAT", "DUMP_VERSION", "LoadedDump", "decode", "encode", "load_dump", "stored_bytes"]
 
 DUMP_FORMAT = "lightning_deadunits.dump"
 DUMP_VERSION = 1
@@ -144,40 +151,87 @@ def load_dump(path: str | Path) -> LoadedDump:
     return LoadedDump(decode(record.get("batch")), metadata)
 
 
+def stored_bytes(value: Any) -> int:
+    """Estimate the bytes :func:`encode` would store for ``value``, without copying anything.
+
+    Counts what dominates a dump: the data of tensors (only the viewed elements, on any device, with no device
+    sync) and numpy arrays, and the length of strings and bytes, through the same containers :func:`encode`
+    walks; everything else counts 0. A value that raises while being read counts 0 (it would be a placeholder).
+
+    Example:
+        >>> stored_bytes({"x": torch.ones(2, 3), "ids": ["a", "bc"], "step": 7})
+        27
+    """
+    return _stored_bytes(value, 0)
+
+
 def _encode(value: Any, unsaved: list[str], depth: int) -> Any:
     if depth > _MAX_DEPTH:
         return _unsaved(value, unsaved)
+    try:
+        return _encode_node(value, unsaved, depth)
+    except Exception:  # a container that breaks while read, an array torch cannot hold: keep a placeholder
+        return _unsaved(value, unsaved)
+
+
+def _encode_node(value: Any, unsaved: list[str], depth: int) -> Any:
     if isinstance(value, Tensor):
         return value.detach().as_subclass(Tensor).to("cpu", copy=True)
     if isinstance(value, _PRIMITIVES):
         return value
     if isinstance(value, np.ndarray):
-        if value.dtype == object:
-            return _unsaved(value, unsaved)
+        # torch.from_numpy raises on strings, dates, records, objects and non-native byte order
         return {_TAG: "ndarray", "data": torch.from_numpy(value.copy())}
     if isinstance(value, np.generic):
-        return value.item()
+        item = value.item()  # a Python number, str or bytes; a datetime or tuple for dates and records
+        return item if isinstance(item, _PRIMITIVES) else _unsaved(value, unsaved)
+    children = _children(value)
+    if children is None:
+        return _unsaved(value, unsaved)
+    kind, items = children
+    encoded = [(key, _encode(item, unsaved, depth + 1)) for key, item in items]
+    if kind == "namedtuple":
+        fields = [key for key, _ in encoded]
+        return {_TAG: kind, "type": type(value).__name__, "fields": fields, "values": [item for _, item in encoded]}
+    if kind == "dataclass":
+        return {_TAG: kind, "type": type(value).__name__, "fields": dict(encoded)}
+    if kind == "set":
+        return {_TAG: kind, "items": [item for _, item in encoded]}
+    if kind == "mapping":
+        return {_key(key): item for key, item in encoded}
+    items_only = [item for _, item in encoded]
+    return items_only if kind == "list" else tuple(items_only)
+
+
+def _children(value: Any) -> tuple[str, list[tuple[Any, Any]]] | None:
+    """The kind of container ``value`` is and its ``(key, item)`` pairs, or ``None`` if it is no container."""
     if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return {
-            _TAG: "namedtuple",
-            "type": type(value).__name__,
-            "fields": list(value._fields),
-            "values": [_encode(item, unsaved, depth + 1) for item in value],
-        }
+        return "namedtuple", list(zip(value._fields, value, strict=True))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {
-            _TAG: "dataclass",
-            "type": type(value).__name__,
-            "fields": {f.name: _encode(getattr(value, f.name), unsaved, depth + 1) for f in dataclasses.fields(value)},
-        }
+        return "dataclass", [(field.name, getattr(value, field.name)) for field in dataclasses.fields(value)]
     if isinstance(value, (list, tuple)):
-        items = [_encode(item, unsaved, depth + 1) for item in value]
-        return items if isinstance(value, list) else tuple(items)
+        return ("list" if isinstance(value, list) else "tuple"), list(enumerate(value))
     if isinstance(value, (set, frozenset)):
-        return {_TAG: "set", "items": [_encode(item, unsaved, depth + 1) for item in value]}
+        return "set", list(enumerate(value))
     if isinstance(value, Mapping):
-        return {_key(key): _encode(item, unsaved, depth + 1) for key, item in value.items()}
-    return _unsaved(value, unsaved)
+        return "mapping", list(value.items())
+    return None
+
+
+def _stored_bytes(value: Any, depth: int) -> int:
+    if depth > _MAX_DEPTH:
+        return 0
+    try:
+        if isinstance(value, Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, np.ndarray):
+            return int(value.nbytes)
+        if isinstance(value, (str, bytes)):
+            return len(value)
+        children = _children(value)
+    except Exception:  # as in _encode: what cannot be read becomes a small placeholder
+        return 0
+    return 0 if children is None else sum(_stored_bytes(item, depth + 1) for _, item in children[1])
 
 
 def _key(key: Any) -> Any:
@@ -185,14 +239,21 @@ def _key(key: Any) -> Any:
     return key if isinstance(key, _PRIMITIVES) else repr(key)
 
 
-def _unsaved(value: Any, unsaved: list[str]) -> dict[str, str]:
+def _unsaved(value: Any, unsaved: list[str]) -> dict[str, Any]:
+    """The placeholder of a value that cannot be stored: its type, shape (if it has one) and a cut ``repr``."""
     type_name = f"{type(value).__module__}.{type(value).__qualname__}"
+    if isinstance(value, np.ndarray):
+        type_name += f"[{value.dtype}]"
     unsaved.append(type_name)
     try:
         text = repr(value)[:_MAX_REPR]
     except Exception:  # a broken __repr__ must not stop the dump
         text = "<repr failed>"
-    return {_TAG: "unsaved", "type": type_name, "repr": text}
+    try:
+        shape = [int(size) for size in value.shape] if hasattr(value, "shape") else None
+    except Exception:  # a `shape` that is not a sequence of sizes
+        shape = None
+    return {_TAG: "unsaved", "type": type_name, "shape": shape, "repr": text}
 
 
 def _identifier(name: str) -> str:
