@@ -25,6 +25,9 @@ Encoding never raises: a value it cannot store (or that raises while being read)
 placeholder, so a dump cannot stop training. :func:`stored_bytes` estimates a dump's size without copying
 anything, so a size cap can be checked before the host copy.
 
+A dump also holds a ``checksum`` (CRC-32 of every value in it, :func:`with_checksum`): :func:`load_dump` rejects
+a file changed after it was written, even where the change leaves it loadable (flipped bytes of tensor data).
+
 Classes are never imported from the names in a file: rebuilt namedtuples and dataclasses are new classes that
 only share the name and fields, so ``batch.images`` and ``batch[0]`` keep working.
 """
@@ -32,6 +35,7 @@ only share the name and fields, so ``batch.images`` and ``batch[0]`` keep workin
 import collections
 import dataclasses
 import keyword
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -40,12 +44,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DUMP_FORMAT", "DUMP_VERSION", "LoadedDump", "decode", "encode", "load_dump", "stored_bytes"]
+__all__ = [
+    "DUMP_FORMAT",
+    "DUMP_VERSION",
+    "LoadedDump",
+    "decode",
+    "encode",
+    "load_dump",
+    "stored_bytes",
+    "with_checksum",
+]
 
 DUMP_FORMAT = "lightning_deadunits.dump"
 DUMP_VERSION = 1
 
 _TAG = "__deadunits__"
+_CHECKSUM = "checksum"
+_DOCUMENT_KEYS = ("format", "version", "metadata", "batch", _CHECKSUM)
 _PRIMITIVES = (type(None), bool, int, float, complex, str, bytes)
 _MAX_REPR = 200
 _MAX_DEPTH = 64
@@ -129,8 +144,8 @@ def load_dump(path: str | Path) -> LoadedDump:
 
     Raises:
         OSError: if the file cannot be read.
-        ValueError: if it is not a lightning-deadunits dump (or is corrupt, or holds anything but tensors and
-            plain values).
+        ValueError: if it is not a lightning-deadunits dump, is truncated or corrupt (its checksum does not match),
+            or holds anything but tensors and plain values.
 
     Example:
         >>> batch, metadata = load_dump("logs/deadunits/dumps/step00001800-rank0-batch00012.pt")  # doctest: +SKIP
@@ -144,9 +159,15 @@ def load_dump(path: str | Path) -> LoadedDump:
         raise ValueError(f"{path} is not a readable lightning-deadunits dump: {error}") from error
     if not isinstance(record, dict) or record.get("format") != DUMP_FORMAT:
         raise ValueError(f"{path} is not a lightning-deadunits dump (no `format: {DUMP_FORMAT}` record).")
+    expected = record.get(_CHECKSUM)
+    if expected is not None and with_checksum(record)[_CHECKSUM] != expected:  # dumps of 0.1 have no checksum
+        raise ValueError(
+            f"{path} is a corrupt lightning-deadunits dump: its contents do not match the checksum written with "
+            "them (the file was changed or damaged after it was written)."
+        )
     metadata = dict(record.get("metadata", {}))
     for key, item in record.items():
-        if key not in ("format", "version", "metadata", "batch"):
+        if key not in _DOCUMENT_KEYS:
             metadata[key] = decode(item)
     return LoadedDump(decode(record.get("batch")), metadata)
 
@@ -163,6 +184,45 @@ def stored_bytes(value: Any) -> int:
         27
     """
     return _stored_bytes(value, 0)
+
+
+def with_checksum(document: Mapping[str, Any]) -> dict[str, Any]:
+    """``document`` (encoded values) with its ``checksum`` entry set: a CRC-32 of every key and value but that one.
+
+    Covers tensor dtypes, shapes and bytes, and the ``repr`` of every other value, in order.
+
+    Example:
+        >>> with_checksum({"format": DUMP_FORMAT, "batch": torch.zeros(2)})["checksum"]
+        327748018
+        >>> with_checksum({"format": DUMP_FORMAT, "batch": torch.tensor([0.0, -0.0])})["checksum"]  # one bit differs
+        4264659602
+    """
+    body = {key: value for key, value in document.items() if key != _CHECKSUM}
+    return {**body, _CHECKSUM: _crc(body, 0)}
+
+
+def _crc(value: Any, crc: int) -> int:
+    if isinstance(value, Tensor):
+        return zlib.crc32(_raw_bytes(value), zlib.crc32(f"{value.dtype}{tuple(value.shape)}".encode(), crc))
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            crc = _crc(item, zlib.crc32(repr(key).encode(), crc))
+        return crc
+    if isinstance(value, (list, tuple)):
+        crc = zlib.crc32(f"{type(value).__name__}{len(value)}".encode(), crc)
+        for item in value:
+            crc = _crc(item, crc)
+        return crc
+    return zlib.crc32(repr(value).encode(), crc)
+
+
+def _raw_bytes(tensor: Tensor) -> bytes | memoryview:
+    """The bytes of a CPU tensor's elements (any dtype, bfloat16 included), or its ``repr`` for exotic layouts."""
+    try:
+        flat = tensor.detach().resolve_conj().resolve_neg().reshape(-1).contiguous()
+        return flat.view(torch.uint8).numpy().data
+    except Exception:  # sparse, quantized or other layouts: their repr still changes with their values
+        return repr(tensor).encode()
 
 
 def _encode(value: Any, unsaved: list[str], depth: int) -> Any:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from lightning_deadunits._validation import check_int
-from lightning_deadunits.dumps import DUMP_FORMAT, DUMP_VERSION, encode, stored_bytes
+from lightning_deadunits.dumps import DUMP_FORMAT, DUMP_VERSION, encode, stored_bytes, with_checksum
 from lightning_deadunits.errors import DeadUnitsWarning
 
 __all__ = ["BatchDumper", "rng_states"]
@@ -188,7 +188,7 @@ class BatchDumper:
         temporary = Path(name)
         try:
             with os.fdopen(descriptor, "wb") as file:
-                torch.save(dict(document), file)
+                torch.save(with_checksum(document), file)
                 file.flush()
                 os.fsync(file.fileno())
         except BaseException:
