@@ -8,9 +8,11 @@ that file format cannot hold are stored as tagged plain dicts (``{"__deadunits__
 saved value                     stored as, and rebuilt as
 ==============================  ====================================================================
 tensor (any device, Parameter)  a detached CPU copy; a plain tensor
-None, bool, int, float, str,    themselves
-bytes, complex
-list, tuple, dict               themselves, items converted (dict subclasses become ``dict``)
+None, bool, int, float, str,    themselves (exactly these types: a subclass, such as an enum member, is
+complex                         ``unsaved``)
+bytes                           ``bytes``: a uint8 tensor; bytes
+list, tuple, dict               themselves, items converted (dict subclasses become ``dict``; keys other
+                                than None, bool, int, float, complex and str become their ``repr``)
 namedtuple                      ``namedtuple``: a namedtuple of a new class with the same name and fields
 dataclass instance              ``dataclass``: an instance of a new dataclass with the same name and fields
 numpy array / numpy scalar      ``ndarray``: a numpy array; scalars become Python values (converted again)
@@ -61,7 +63,9 @@ DUMP_VERSION = 1
 _TAG = "__deadunits__"
 _CHECKSUM = "checksum"
 _DOCUMENT_KEYS = ("format", "version", "metadata", "batch", _CHECKSUM)
-_PRIMITIVES = (type(None), bool, int, float, complex, str, bytes)
+# Stored as themselves. Not bytes: the safe loader cannot read an empty bytes object back (pickled as `bytes()`).
+_PRIMITIVES = (type(None), bool, int, float, complex, str)
+_SCALARS = (*_PRIMITIVES, bytes)
 _MAX_REPR = 200
 _MAX_DEPTH = 64
 
@@ -122,6 +126,8 @@ def decode(value: Any) -> Any:
         return dataclasses.make_dataclass(_identifier(value["type"]), list(fields))(**fields)
     if kind == "ndarray":
         return value["data"].numpy()
+    if kind == "bytes":
+        return value["data"].numpy().tobytes()
     if kind == "set":
         items = [decode(item) for item in value["items"]]
         try:
@@ -237,14 +243,16 @@ def _encode(value: Any, unsaved: list[str], depth: int) -> Any:
 def _encode_node(value: Any, unsaved: list[str], depth: int) -> Any:
     if isinstance(value, Tensor):
         return value.detach().as_subclass(Tensor).to("cpu", copy=True)
-    if isinstance(value, _PRIMITIVES):
+    if isinstance(value, np.generic):  # before the primitives: np.float64 and np.str_ subclass float and str
+        item = value.item()  # a Python number, str or bytes; a datetime or tuple for dates and records
+        return _encode_node(item, unsaved, depth) if type(item) in _SCALARS else _unsaved(value, unsaved)
+    if type(value) in _PRIMITIVES:  # exact types: a subclass (an enum member) would be pickled as its class
         return value
+    if type(value) is bytes:
+        return {_TAG: "bytes", "data": torch.from_numpy(np.frombuffer(value, dtype=np.uint8).copy())}
     if isinstance(value, np.ndarray):
         # torch.from_numpy raises on strings, dates, records, objects and non-native byte order
         return {_TAG: "ndarray", "data": torch.from_numpy(value.copy())}
-    if isinstance(value, np.generic):
-        item = value.item()  # a Python number, str or bytes; a datetime or tuple for dates and records
-        return item if isinstance(item, _PRIMITIVES) else _unsaved(value, unsaved)
     children = _children(value)
     if children is None:
         return _unsaved(value, unsaved)
@@ -296,7 +304,7 @@ def _stored_bytes(value: Any, depth: int) -> int:
 
 def _key(key: Any) -> Any:
     """Mapping keys stay as they are when ``weights_only`` can load them, else become their ``repr``."""
-    return key if isinstance(key, _PRIMITIVES) else repr(key)
+    return key if type(key) in _PRIMITIVES else repr(key)
 
 
 def _unsaved(value: Any, unsaved: list[str]) -> dict[str, Any]:
