@@ -54,7 +54,7 @@ def _spike_monitor(dump_dir: Path, **options: Any) -> LossSpikeMonitor:
 
 
 def _fit(task: pl.LightningModule, callbacks: list[pl.Callback], tmp_path: Path, **options: Any) -> pl.Trainer:
-    trainer = pl.Trainer(max_epochs=1, callbacks=callbacks, default_root_dir=tmp_path, **{**QUIET, **options})
+    trainer = pl.Trainer(callbacks=callbacks, default_root_dir=tmp_path, **{**QUIET, "max_epochs": 1, **options})
     trainer.fit(task)
     return trainer
 
@@ -486,12 +486,24 @@ def _fit_collecting_warnings(task: OddTask, callbacks: list[pl.Callback], tmp_pa
     return [str(warning.message) for warning in caught if issubclass(warning.category, DeadUnitsWarning)]
 
 
+NOTHING_TO_WATCH = {
+    "kernels": ["`KernelNormMonitor` found no layer to watch in OddTask (types ['_ConvNd', 'Linear']"],
+    "activations": ["`ActivationMonitor` found no module to watch in OddTask (types ['ReLU', 'ReLU6'"],
+    "loss": [],
+}
+NOTHING_TO_WATCH["bundle"] = NOTHING_TO_WATCH["kernels"] + NOTHING_TO_WATCH["activations"]
+
+
 @pytest.mark.parametrize("monitor", list(MONITORS))
-def test_a_model_with_nothing_to_monitor_trains_to_the_end(tmp_path: Path, monitor: str) -> None:
+def test_a_model_with_nothing_to_monitor_trains_to_the_end_with_one_warning_per_monitor(
+    tmp_path: Path, monitor: str
+) -> None:
     task = OddTask(ScaleOnly(), [structured("tensor_tuple", *pair) for pair in image_data(STEPS)])
     messages = _fit_collecting_warnings(task, [MONITORS[monitor](tmp_path)], tmp_path)
     assert task.trainer.global_step == 2 * STEPS
-    assert all("nothing" in message or "no " in message for message in messages), messages
+    assert len(messages) == len(NOTHING_TO_WATCH[monitor])
+    assert all(message.startswith(start) for message, start in zip(messages, NOTHING_TO_WATCH[monitor], strict=True))
+    assert all(message.endswith("it will log nothing.") or "pre_activations" in message for message in messages)
     assert _hooks(task) == []
 
 
@@ -505,16 +517,38 @@ def test_a_frozen_model_with_a_trainable_head_trains_to_the_end(tmp_path: Path, 
     assert _hooks(task) == []
 
 
-@pytest.mark.parametrize("monitor", list(MONITORS))
-def test_modules_replaced_between_epochs_are_monitored_and_the_old_ones_keep_no_hooks(
-    tmp_path: Path, monitor: str
-) -> None:
+def _replaced_fit(tmp_path: Path, monitor: str) -> tuple[OddTask, ReplaceBlockAtEpochStart, pl.Callback]:
     task = OddTask(SmallConvNet(), [structured("tensor_tuple", *pair) for pair in image_data(STEPS)])
-    surgeon = ReplaceBlockAtEpochStart()
-    messages = _fit_collecting_warnings(task, [surgeon, MONITORS[monitor](tmp_path)], tmp_path)
-    assert task.trainer.global_step == 2 * STEPS
+    surgeon, callback = ReplaceBlockAtEpochStart(), MONITORS[monitor](tmp_path)
+    messages = _fit_collecting_warnings(task, [surgeon, callback], tmp_path)
+    assert task.trainer.global_step == 2 * STEPS and messages == []
+    return task, surgeon, callback
+
+
+@pytest.mark.parametrize("monitor", list(MONITORS))
+def test_modules_replaced_between_epochs_train_to_the_end_and_keep_no_hooks(tmp_path: Path, monitor: str) -> None:
+    task, surgeon, _ = _replaced_fit(tmp_path, monitor)
     assert len(surgeon.replaced) == 2 and all(_hooks(module) == [] for module in surgeon.replaced)
-    assert _hooks(task) == [] and all("replaced" in message or "changed" in message for message in messages)
+    assert _hooks(task) == []
+
+
+_STALE_MODULES = pytest.mark.xfail(
+    strict=True,
+    reason="probes build their {name: module} map once, at setup: after `conv2`/`relu2` are replaced, "
+    "KernelNormMonitor keeps measuring the detached old conv2 and ActivationMonitor stops measuring relu2, "
+    "with no warning (fix in probes/kernel_norms.py and probes/activations.py)",
+)
+
+
+@pytest.mark.parametrize(
+    "monitor", [pytest.param("kernels", marks=_STALE_MODULES), pytest.param("activations", marks=_STALE_MODULES)]
+)
+def test_modules_replaced_between_epochs_are_the_ones_measured(tmp_path: Path, monitor: str) -> None:
+    task, _, callback = _replaced_fit(tmp_path, monitor)
+    if isinstance(callback, KernelNormMonitor):
+        assert callback.probe.layers["model.conv2"] is task.model.conv2
+    else:
+        assert any(key.startswith("deadunits/activations/model.relu2/") for key in callback.readings)
 
 
 @pytest.mark.parametrize("monitor", list(MONITORS))
