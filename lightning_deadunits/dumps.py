@@ -49,6 +49,7 @@ from torch import Tensor
 __all__ = [
     "DUMP_FORMAT",
     "DUMP_VERSION",
+    "TAG_KEY",
     "LoadedDump",
     "decode",
     "encode",
@@ -60,7 +61,8 @@ __all__ = [
 DUMP_FORMAT = "lightning_deadunits.dump"
 DUMP_VERSION = 1
 
-_TAG = "__deadunits__"
+TAG_KEY = "__deadunits__"
+"""The key of the tagged plain dicts that stand for values the file format cannot hold (see the table)."""
 _CHECKSUM = "checksum"
 _DOCUMENT_KEYS = ("format", "version", "metadata", "batch", _CHECKSUM)
 # Stored as themselves. Not bytes: the safe loader cannot read an empty bytes object back (pickled as `bytes()`).
@@ -117,7 +119,7 @@ def decode(value: Any) -> Any:
         return tuple(decode(item) for item in value)
     if not isinstance(value, dict):
         return value
-    kind = value.get(_TAG)
+    kind = value.get(TAG_KEY)
     if kind == "namedtuple":
         cls = collections.namedtuple(_identifier(value["type"]), value["fields"], rename=True)  # type: ignore[misc]
         return cls(*(decode(item) for item in value["values"]))
@@ -249,10 +251,10 @@ def _encode_node(value: Any, unsaved: list[str], depth: int) -> Any:
     if type(value) in _PRIMITIVES:  # exact types: a subclass (an enum member) would be pickled as its class
         return value
     if type(value) is bytes:
-        return {_TAG: "bytes", "data": torch.from_numpy(np.frombuffer(value, dtype=np.uint8).copy())}
+        return {TAG_KEY: "bytes", "data": torch.from_numpy(np.frombuffer(value, dtype=np.uint8).copy())}
     if isinstance(value, np.ndarray):
         # torch.from_numpy raises on strings, dates, records, objects and non-native byte order
-        return {_TAG: "ndarray", "data": torch.from_numpy(value.copy())}
+        return {TAG_KEY: "ndarray", "data": torch.from_numpy(value.copy())}
     children = _children(value)
     if children is None:
         return _unsaved(value, unsaved)
@@ -260,11 +262,11 @@ def _encode_node(value: Any, unsaved: list[str], depth: int) -> Any:
     encoded = [(key, _encode(item, unsaved, depth + 1)) for key, item in items]
     if kind == "namedtuple":
         fields = [key for key, _ in encoded]
-        return {_TAG: kind, "type": type(value).__name__, "fields": fields, "values": [item for _, item in encoded]}
+        return {TAG_KEY: kind, "type": type(value).__name__, "fields": fields, "values": [item for _, item in encoded]}
     if kind == "dataclass":
-        return {_TAG: kind, "type": type(value).__name__, "fields": dict(encoded)}
+        return {TAG_KEY: kind, "type": type(value).__name__, "fields": dict(encoded)}
     if kind == "set":
-        return {_TAG: kind, "items": [item for _, item in encoded]}
+        return {TAG_KEY: kind, "items": [item for _, item in encoded]}
     if kind == "mapping":
         return {_key(key): item for key, item in encoded}
     items_only = [item for _, item in encoded]
@@ -321,7 +323,7 @@ def _unsaved(value: Any, unsaved: list[str]) -> dict[str, Any]:
         shape = [int(size) for size in value.shape] if hasattr(value, "shape") else None
     except Exception:  # a `shape` that is not a sequence of sizes
         shape = None
-    return {_TAG: "unsaved", "type": type_name, "shape": shape, "repr": text}
+    return {TAG_KEY: "unsaved", "type": type_name, "shape": shape, "repr": text}
 
 
 def _identifier(name: str) -> str:
