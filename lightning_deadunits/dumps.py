@@ -55,6 +55,7 @@ __all__ = [
     "encode",
     "load_dump",
     "stored_bytes",
+    "verify_checksum",
     "with_checksum",
 ]
 
@@ -167,12 +168,7 @@ def load_dump(path: str | Path) -> LoadedDump:
         raise ValueError(f"{path} is not a readable lightning-deadunits dump: {error}") from error
     if not isinstance(record, dict) or record.get("format") != DUMP_FORMAT:
         raise ValueError(f"{path} is not a lightning-deadunits dump (no `format: {DUMP_FORMAT}` record).")
-    expected = record.get(_CHECKSUM)
-    if expected is not None and with_checksum(record)[_CHECKSUM] != expected:  # dumps of 0.1 have no checksum
-        raise ValueError(
-            f"{path} is a corrupt lightning-deadunits dump: its contents do not match the checksum written with "
-            "them (the file was changed or damaged after it was written)."
-        )
+    verify_checksum(record, path)
     metadata = dict(record.get("metadata", {}))
     for key, item in record.items():
         if key not in _DOCUMENT_KEYS:
@@ -207,6 +203,26 @@ def with_checksum(document: Mapping[str, Any]) -> dict[str, Any]:
     """
     body = {key: value for key, value in document.items() if key != _CHECKSUM}
     return {**body, _CHECKSUM: _crc(body, 0)}
+
+
+def verify_checksum(record: Mapping[str, Any], path: str | Path) -> None:
+    """Check a raw dump ``record`` (as ``torch.load`` returns it) against its ``checksum`` entry.
+
+    Dumps written before checksums existed have none and pass.
+
+    Args:
+        record: the loaded, not yet decoded, document.
+        path: the file it came from, for the message.
+
+    Raises:
+        ValueError: if the contents do not match the checksum.
+    """
+    expected = record.get(_CHECKSUM)
+    if expected is not None and with_checksum(record)[_CHECKSUM] != expected:
+        raise ValueError(
+            f"{path} is a corrupt lightning-deadunits dump: its contents do not match the checksum written with "
+            "them (the file was changed or damaged after it was written)."
+        )
 
 
 def _crc(value: Any, crc: int) -> int:

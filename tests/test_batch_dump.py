@@ -316,3 +316,26 @@ def test_dumper_never_overwrites_on_a_file_system_without_hard_links(
 def test_dumper_rejects_a_tag_that_is_not_a_string(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="`tag` must be a string, got 3"):
         BatchDumper(tmp_path, tag=3)  # type: ignore[arg-type]
+
+
+def test_dumper_annotate_refuses_a_damaged_dump_instead_of_resealing_it(tmp_path: Path) -> None:
+    dumper = BatchDumper(tmp_path)
+    path = dumper.write("step1", {"batch": torch.arange(8, dtype=torch.float32)}, {"loss": 2.0})
+    assert path is not None
+    data = bytearray(path.read_bytes())
+    data[data.find(torch.arange(8, dtype=torch.float32)[5:7].numpy().tobytes())] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.warns(DeadUnitsWarning, match="Could not update spike dump .* is a corrupt lightning-deadunits dump"):
+        assert not dumper.annotate(path, {"dead_after_spike": {}})
+    with pytest.raises(ValueError, match="its contents do not match the checksum"):
+        load_dump(path)
+
+
+def test_dumper_annotates_a_dump_outside_its_current_directory_in_place(tmp_path: Path) -> None:
+    dumper = BatchDumper(tmp_path / "before")
+    path = dumper.write("step1", {"batch": torch.ones(1)}, {"loss": 2.0})
+    assert path is not None
+    dumper.directory = tmp_path / "after"  # e.g. set from the trainer's log dir in setup
+    assert dumper.annotate(path, {"dead_after_spike": {"k": 1}})
+    assert load_dump(path).metadata["dead_after_spike"] == {"k": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["before"]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from lightning_deadunits._validation import check_int
-from lightning_deadunits.dumps import DUMP_FORMAT, DUMP_VERSION, encode, stored_bytes, with_checksum
+from lightning_deadunits.dumps import DUMP_FORMAT, DUMP_VERSION, encode, stored_bytes, verify_checksum, with_checksum
 from lightning_deadunits.errors import DeadUnitsWarning
 
 __all__ = ["BatchDumper", "rng_states"]
@@ -125,7 +125,7 @@ class BatchDumper:
                 "metadata": {**metadata, "unsaved": sorted(set(unsaved))},
                 **payload,
             }
-            temporary = self._write_temporary(document, stem)
+            temporary = self._write_temporary(document, self.directory, stem)
             try:
                 path = self._publish(temporary, stem)
             finally:
@@ -156,8 +156,9 @@ class BatchDumper:
         path = Path(path)
         try:
             document = torch.load(path, map_location="cpu", weights_only=True)
+            verify_checksum(document, path)  # a damaged dump must not get a fresh, matching checksum
             document["metadata"] = {**document.get("metadata", {}), **metadata}
-            temporary = self._write_temporary(document, path.stem)
+            temporary = self._write_temporary(document, path.parent, path.stem)
             try:
                 os.replace(temporary, path)
             finally:
@@ -181,10 +182,11 @@ class BatchDumper:
         tag = re.sub(r"[^A-Za-z0-9._-]", "_", self.tag)[:_MAX_TAG]
         return f"{tag}-{name}" if tag else name
 
-    def _write_temporary(self, document: Mapping[str, Any], stem: str) -> Path:
-        """Save ``document`` to a new hidden file next to the final one (one file system: renames and links work)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        descriptor, name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=self.directory)
+    @staticmethod
+    def _write_temporary(document: Mapping[str, Any], directory: Path, stem: str) -> Path:
+        """Save ``document`` to a new hidden file in ``directory``, next to the final one (renames and links work)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        descriptor, name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=directory)
         temporary = Path(name)
         try:
             with os.fdopen(descriptor, "wb") as file:
