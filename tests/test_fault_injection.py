@@ -192,8 +192,7 @@ def test_a_process_killed_during_a_dump_leaves_nothing_under_the_final_name(tmp_
         b"an earlier dump"
     )
     (leftover,) = [name for name in _files(dump_dir) if name.startswith(".")]  # the hidden temporary only
-    assert leftover.startswith(".step00000003-rank0.pt.") or leftover.startswith(".step00000003-rank0.")
-    assert leftover.endswith(".tmp")
+    assert leftover.startswith(".step00000003-rank0.") and leftover.endswith(".tmp")
 
 
 # --- reading a damaged or hostile file ----------------------------------------------------------------------------
