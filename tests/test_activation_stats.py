@@ -1,5 +1,8 @@
 import os
 import socket
+import time
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_deadunits.functional.activations import channel_stats
+from lightning_deadunits.metrics._sync import LayoutMismatchError, agree_on_layout
 from lightning_deadunits.metrics.activation_stats import ActivationStats, SiteSummary
 
 SITE = ("relu", 0)
@@ -116,8 +120,12 @@ def _assert_same_summary(left: SiteSummary, right: SiteSummary) -> None:
 
 
 def _global_batches() -> list[torch.Tensor]:
+    """Pre-activation values (negative and positive) of 3 samples, 4 rows each: rank 0 takes row 0, rank 1 the rest."""
     generator = torch.Generator().manual_seed(3)
-    batches = [torch.randn(4, 3, 2, generator=generator).relu() + 0.1 for _ in range(3)]
+    batches = [torch.randn(4, 3, 2, generator=generator) for _ in range(3)]
+    batches[0][0, 0, 0] = -5.0  # the global minimum of channel 0 is on rank 0 ...
+    batches[0][2, 2, 1] = -6.0  # ... that of channel 2 on rank 1
+    batches[2][0, 2, 0] = 7.0  # the global maximum of channel 2 on rank 0
     batches[1][:, 1] = batches[2][:, 1] = 0.0  # channel 1 quiet in the last two samples: dead over window 2
     batches[1][:, 2] = 0.0  # channel 2 quiet in sample 1 only
     batches[2][1:, 0] = 0.0  # channel 0 active in sample 2 on rank 0 only (rank 0 sees the first row)
@@ -125,37 +133,104 @@ def _global_batches() -> list[torch.Tensor]:
     return batches
 
 
-def _rank_worker(rank: int, port: int, out: Path) -> None:
+def _half(batch: torch.Tensor, rank: int) -> torch.Tensor:
+    # rank 1 sees three times as many positions as rank 0, so an average of per-rank averages would be wrong
+    return batch[:1] if rank == 0 else batch[1:]
+
+
+def _run_on_two_ranks(worker: Callable[[int, Path], None], out: Path) -> None:
+    """Run ``worker(rank, out)`` in two forked processes joined by a gloo group that times out in 20 s."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.start_processes(_in_group, args=(port, worker, out), nprocs=2, start_method="fork")
+
+
+def _in_group(rank: int, port: int, worker: Callable[[int, Path], None], out: Path) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=20))
     try:
-        stats = ActivationStats()
-        # rank 1 sees twice as many positions as rank 0, so an average of per-rank averages would be wrong
-        for batch in _global_batches():
-            stats.begin_sample()
-            half = batch[:1] if rank == 0 else batch[1:]
-            stats.update(SITE, channel_stats(half, 1, 0.0))
-        stats.sync()
-        torch.save(stats.summarise(window=2)[SITE], out / f"rank{rank}.pt")
+        worker(rank, out)
     finally:
         dist.destroy_process_group()
 
 
+def _sync_halves(rank: int, out: Path) -> None:
+    stats = ActivationStats()
+    for batch in _global_batches():
+        stats.begin_sample()
+        stats.update(SITE, channel_stats(_half(batch, rank), 1, 0.0))
+    stats.sync()
+    torch.save(stats.summarise(window=2)[SITE], out / f"rank{rank}.pt")
+
+
 def test_sync_across_two_ranks_equals_one_process(tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mp.start_processes(_rank_worker, args=(port, tmp_path), nprocs=2, start_method="fork")
+    _run_on_two_ranks(_sync_halves, tmp_path)
     single = ActivationStats()
     _feed(single, _global_batches())
     expected = single.summarise(window=2)[SITE]
     for rank in range(2):
         reduced = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
-        assert reduced.count == expected.count
-        for field in ("near_zero", "sum_sq", "sum_abs", "min", "max", "dead"):
+        assert reduced.count == expected.count == 2 * 12
+        for field in ("near_zero", "sum", "sum_sq", "sum_abs", "min", "max", "dead"):
             np.testing.assert_allclose(getattr(reduced, field).numpy(), getattr(expected, field).numpy(), rtol=1e-6)
         assert reduced.readings(0.1) == pytest.approx(expected.readings(0.1))
     assert expected.dead is not None and expected.dead.tolist() == [False, True, False]
-    rank1_alone = ActivationStats()
-    _feed(rank1_alone, [batch[1:] for batch in _global_batches()])
-    assert rank1_alone.summarise(window=2)[SITE].dead.tolist() == [True, True, False]  # what sync corrects
+    assert expected.min[0] == -5.0 and expected.min[2] == -6.0 and expected.max[2] == 7.0
+    alone = []
+    for rank in range(2):
+        rank_alone = ActivationStats()
+        _feed(rank_alone, [_half(batch, rank) for batch in _global_batches()])
+        alone.append(rank_alone.summarise(window=2)[SITE])
+    # what sync corrects: each rank alone misses an extreme the other holds, and rank 1 calls channel 0 dead
+    assert alone[0].min[2] > -6.0 and alone[1].min[0] > -5.0 and alone[1].max[2] < 7.0
+    assert alone[1].dead is not None and alone[1].dead.tolist() == [True, True, False]
+
+
+def _branch_on_rank0(rank: int, out: Path) -> None:
+    _sync_expecting_mismatch(rank, out, {0: [SITE, ("branch", 0)], 1: [SITE]})
+
+
+def _nothing_on_rank1(rank: int, out: Path) -> None:
+    _sync_expecting_mismatch(rank, out, {0: [SITE], 1: []})
+
+
+def _wider_on_rank1(rank: int, out: Path) -> None:
+    _sync_expecting_mismatch(rank, out, {0: [SITE], 1: [SITE]}, channels=3 + rank)
+
+
+def _sync_expecting_mismatch(rank: int, out: Path, sites: dict[int, list[tuple[str, int]]], channels: int = 3) -> None:
+    stats = ActivationStats()
+    stats.begin_sample()
+    for site in sites[rank]:
+        stats.update(site, channel_stats(torch.randn(2, channels), 1, 0.0))
+    try:
+        stats.sync()
+    except LayoutMismatchError as error:
+        (out / f"rank{rank}.txt").write_text(str(error))
+
+
+@pytest.mark.parametrize(
+    ("worker", "difference"),
+    [
+        (_branch_on_rank0, "`branch#0`: rank 0 (4, 3), rank 1 missing"),
+        (_nothing_on_rank1, "`relu#0`: rank 0 (4, 3), rank 1 missing"),
+        (_wider_on_rank1, "`relu#0`: rank 0 (4, 3), rank 1 (4, 4)"),
+    ],
+)
+def test_sync_raises_the_same_error_on_every_rank_when_the_call_sites_differ(
+    tmp_path: Path, worker: Callable[[int, Path], None], difference: str
+) -> None:
+    started = time.monotonic()
+    _run_on_two_ranks(worker, tmp_path)
+    assert time.monotonic() - started < 15  # the group times out after 20 s: no collective waited for it
+    messages = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("ActivationStats.sync: the ranks hold different entries or sizes")
+    assert f"Differences: {difference}." in messages[0]
+
+
+def test_agree_on_layout_checks_its_arguments_and_is_silent_without_a_group() -> None:
+    agree_on_layout("test", ["a#0"], [(4, 3)])
+    with pytest.raises(ValueError, match="`names` and `sizes` must have the same length, got 1 and 0"):
+        agree_on_layout("test", ["a#0"], [])

@@ -1,3 +1,5 @@
+import errno
+import os
 import random
 from collections import OrderedDict, namedtuple
 from dataclasses import dataclass
@@ -63,7 +65,12 @@ def test_encode_replaces_unsavable_values_by_their_repr() -> None:
     unsaved: list[str] = []
     encoded = encode({"fn": len, "ok": 1}, unsaved)
     assert unsaved == ["builtins.builtin_function_or_method"]
-    assert encoded["fn"] == {"__deadunits__": "unsaved", "type": unsaved[0], "repr": "<built-in function len>"}
+    assert encoded["fn"] == {
+        "__deadunits__": "unsaved",
+        "type": unsaved[0],
+        "shape": None,
+        "repr": "<built-in function len>",
+    }
     assert decode(encoded)["fn"]["repr"] == "<built-in function len>"
 
 
@@ -83,8 +90,8 @@ def test_dumper_writes_a_file_the_safe_loader_reads(tmp_path: Path) -> None:
     batch, metadata = load_dump(path)
     assert batch.images.equal(torch.ones(2)) and metadata["loss"] == 9.5
     assert [p.name for p in (tmp_path / "dumps").iterdir()] == ["step00000003-rank0.pt"]  # no temporary left
-    tagged_strings = len("namedtuple") + len("Pair") + len("images") + len("labels")
-    assert dumper.count == 1 and dumper.bytes_written == 2 * 4 + 8 + tagged_strings
+    assert dumper.count == 1 and dumper.bytes_written == 2 * 4 + 8  # tensor data, estimated before encoding
+    assert dumper.last_skip_reason is None
 
 
 def test_dumper_leaves_no_partial_file_when_saving_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -199,3 +206,136 @@ def test_load_dump_rejects_missing_foreign_and_unsafe_files(tmp_path: Path) -> N
     torch.save({"format": DUMP_FORMAT, "batch": Sample("x", torch.ones(1))}, tmp_path / "pickled.pt")
     with pytest.raises(ValueError, match="is not a readable lightning-deadunits dump"):
         load_dump(tmp_path / "pickled.pt")
+
+
+class _UnreadableMapping(dict[str, Any]):
+    def items(self) -> Any:
+        raise RuntimeError("lazy column failed")
+
+
+def test_dumper_keeps_values_torch_cannot_hold_as_described_placeholders_and_warns_once(tmp_path: Path) -> None:
+    batch = {
+        "x": torch.ones(2),
+        "names": np.array(["cat", "dog", "eel"]),
+        "when": np.array(["2020-01-01", "2021-06-30"], dtype="datetime64[D]"),
+        "day": np.datetime64("2020-01-01"),
+        "swapped": np.arange(3, dtype=">f4"),
+        "lazy": _UnreadableMapping(a=1),
+    }
+    dumper = BatchDumper(tmp_path)
+    with pytest.warns(DeadUnitsWarning, match="could not store values of type") as record:
+        path = dumper.write("step1", {"batch": batch}, {"loss": 3.0})
+    assert len(record) == 1 and path is not None
+    restored, metadata = load_dump(path)
+    assert restored["x"].equal(torch.ones(2)) and metadata["loss"] == 3.0
+    assert restored["names"] == {
+        "__deadunits__": "unsaved",
+        "type": "numpy.ndarray[<U3]",
+        "shape": [3],
+        "repr": "array(['cat', 'dog', 'eel'], dtype='<U3')",
+    }
+    assert (restored["when"]["type"], restored["when"]["shape"]) == ("numpy.ndarray[datetime64[D]]", [2])
+    assert (restored["day"]["type"], restored["day"]["shape"]) == ("numpy.datetime64", [])
+    assert restored["swapped"]["type"] == "numpy.ndarray[>f4]"
+    assert restored["lazy"]["type"] == "tests.test_batch_dump._UnreadableMapping"
+    assert metadata["unsaved"] == sorted(
+        [
+            "numpy.datetime64",
+            "numpy.ndarray[<U3]",
+            "numpy.ndarray[>f4]",
+            "numpy.ndarray[datetime64[D]]",
+            "tests.test_batch_dump._UnreadableMapping",
+        ]
+    )
+
+
+def test_placeholder_repr_is_cut_short() -> None:
+    encoded = encode(np.array(["x" * 50] * 100))
+    assert encoded["shape"] == [100] and len(encoded["repr"]) == 200
+
+
+def test_dumper_skips_a_dump_over_max_bytes_before_copying_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_copy(value: Any, unsaved: list[str] | None = None) -> Any:
+        raise AssertionError("a dump that cannot fit was encoded (copied to the host)")
+
+    monkeypatch.setattr("lightning_deadunits.actions.batch_dump.encode", no_copy)
+    dumper = BatchDumper(tmp_path, max_bytes=1000)
+    assert dumper.write("big", {"batch": {"x": torch.ones(300), "ids": ["a"] * 10}}, {}) is None
+    assert dumper.last_skip_reason == "`max_bytes=1000` would be exceeded (0 written, 1210 more)"
+    assert list(tmp_path.iterdir()) == [] and dumper.bytes_written == 0
+
+
+def test_dumper_says_why_it_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dumper = BatchDumper(tmp_path, max_dumps=1)
+    assert dumper.write("a", {"batch": 1}, {}) is not None and dumper.last_skip_reason is None
+    assert dumper.write("b", {"batch": 1}, {}) is None
+    assert dumper.last_skip_reason == "`max_dumps=1` dumps written"
+
+    def full(obj: Any, file: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    failing = BatchDumper(tmp_path / "full")
+    with pytest.warns(DeadUnitsWarning, match="No space left on device"):
+        assert failing.write("c", {"batch": 1}, {}) is None
+    assert failing.last_skip_reason == "could not write: [Errno 28] No space left on device"
+
+
+def test_dumpers_sharing_a_directory_never_overwrite_each_other(tmp_path: Path) -> None:
+    first = BatchDumper(tmp_path, tag="LossSpikeMonitor{'prefix': 'a/b'}")
+    second = BatchDumper(tmp_path, tag="val")
+    untagged = BatchDumper(tmp_path)
+    paths = [
+        dumper.write("step1-rank0", {"batch": torch.tensor([float(i)])}, {})
+        for i, dumper in enumerate([first, second, untagged, untagged, second])
+    ]
+    assert [p.name for p in paths if p is not None] == [
+        "LossSpikeMonitor__prefix____a_b__-step1-rank0.pt",
+        "val-step1-rank0.pt",
+        "step1-rank0.pt",
+        "step1-rank0-1.pt",
+        "val-step1-rank0-1.pt",
+    ]
+    assert [load_dump(p).batch.item() for p in paths if p is not None] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths if p is not None)
+
+
+def test_dumper_never_overwrites_on_a_file_system_without_hard_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_links(source: Any, target: Any) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    dumper = BatchDumper(tmp_path)
+    paths = [dumper.write("step1", {"batch": torch.tensor([float(i)])}, {}) for i in range(2)]
+    assert [p.name for p in paths if p is not None] == ["step1.pt", "step1-1.pt"]
+    assert [load_dump(p).batch.item() for p in paths if p is not None] == [0.0, 1.0]
+
+
+def test_dumper_rejects_a_tag_that_is_not_a_string(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="`tag` must be a string, got 3"):
+        BatchDumper(tmp_path, tag=3)  # type: ignore[arg-type]
+
+
+def test_dumper_annotate_refuses_a_damaged_dump_instead_of_resealing_it(tmp_path: Path) -> None:
+    dumper = BatchDumper(tmp_path)
+    path = dumper.write("step1", {"batch": torch.arange(8, dtype=torch.float32)}, {"loss": 2.0})
+    assert path is not None
+    data = bytearray(path.read_bytes())
+    data[data.find(torch.arange(8, dtype=torch.float32)[5:7].numpy().tobytes())] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.warns(DeadUnitsWarning, match="Could not update spike dump .* is a corrupt lightning-deadunits dump"):
+        assert not dumper.annotate(path, {"dead_after_spike": {}})
+    with pytest.raises(ValueError, match="its contents do not match the checksum"):
+        load_dump(path)
+
+
+def test_dumper_annotates_a_dump_outside_its_current_directory_in_place(tmp_path: Path) -> None:
+    dumper = BatchDumper(tmp_path / "before")
+    path = dumper.write("step1", {"batch": torch.ones(1)}, {"loss": 2.0})
+    assert path is not None
+    dumper.directory = tmp_path / "after"  # e.g. set from the trainer's log dir in setup
+    assert dumper.annotate(path, {"dead_after_spike": {"k": 1}})
+    assert load_dump(path).metadata["dead_after_spike"] == {"k": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["before"]

@@ -3,12 +3,14 @@ import json
 from collections import namedtuple
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from lightning_deadunits.actions.batch_dump import BatchDumper, rng_states
 from lightning_deadunits.cli import main
 from lightning_deadunits.cli.dump import show, summarize
+from lightning_deadunits.errors import DeadUnitsWarning
 
 Batch = namedtuple("Batch", "images labels")
 
@@ -114,3 +116,25 @@ def test_dump_without_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit) as exit_info:
         main(["dump"])
     assert exit_info.value.code == 2 and "show" in capsys.readouterr().err
+
+
+def test_dump_show_lists_the_values_kept_as_placeholders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    batch = {"x": torch.ones(2), "names": np.array(["cat", "dog"]), "meta": {"when": np.datetime64("2024-01-02")}}
+    with pytest.warns(DeadUnitsWarning, match="could not store values of type"):
+        path = BatchDumper(tmp_path).write("step1", {"batch": batch}, {"loss": 1.0})
+    assert path is not None
+    assert main(["dump", "show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Not stored (type, shape and repr kept):" in out
+    assert "batch['names']         numpy.ndarray[<U3]  2       array(['cat', 'dog'], dtype='<U3')" in out
+    assert "batch['meta']['when']  numpy.datetime64    scalar  np.datetime64('2024-01-02')" in out
+    assert "batch['x']  float32  2" in out
+    assert main(["dump", "show", "--json", str(path)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["placeholders"][0] == {
+        "path": "batch['names']",
+        "type": "numpy.ndarray[<U3]",
+        "shape": [2],
+        "repr": "array(['cat', 'dog'], dtype='<U3')",
+    }
+    assert summary["fields"]["unsaved"] == ["numpy.datetime64", "numpy.ndarray[<U3]"]

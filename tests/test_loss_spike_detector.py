@@ -74,6 +74,15 @@ def test_detector_takes_a_lasting_new_level_as_the_baseline() -> None:
     assert verdicts[4].baseline == pytest.approx(10.35)
 
 
+def test_a_non_finite_loss_restarts_the_count_towards_a_rebaseline() -> None:
+    detector = SpikeDetector(window=10, warmup=5, rebaseline_after=3)
+    _feed(detector, _calm(10))
+    verdicts = _feed(detector, [10.0, 10.5, math.nan, 11.0, 10.2, 10.1], start=10)
+    # three flagged finite losses in a row only after the NaN: 11.0, 10.2, 10.1
+    assert [v.rebaselined for v in verdicts] == [False, False, False, False, False, True]
+    assert verdicts[5].baseline is not None and verdicts[5].baseline < 2.0  # judged against the calm window
+
+
 def test_detector_never_rebaselines_when_disabled() -> None:
     detector = SpikeDetector(window=10, warmup=5, rebaseline_after=None)
     _feed(detector, _calm(10))

@@ -11,7 +11,7 @@ from typing import Any, TypeGuard
 import torch
 from torch import Tensor
 
-from lightning_deadunits.dumps import load_dump
+from lightning_deadunits.dumps import TAG_KEY, load_dump
 
 __all__ = ["register", "show", "summarize"]
 
@@ -51,11 +51,18 @@ def show(args: argparse.Namespace) -> int:
 
 def summarize(batch: Any, metadata: Mapping[str, Any], top: int = 10) -> dict[str, Any]:
     """The dump as plain data: ``fields`` (scalar metadata), ``dead_after_spike``, ``recent_losses`` (count, min,
-    median, max), ``tensors`` (path, dtype, shape and statistics of every tensor in the batch), ``labels``
-    (path and values, if found) and ``ranking`` (the ``top`` samples by per-sample loss, if present).
+    median, max), ``tensors`` (path, dtype, shape and statistics of every tensor in the batch), ``placeholders``
+    (path, type, shape and cut ``repr`` of every value that could not be stored), ``labels`` (path and values, if
+    found) and ``ranking`` (the ``top`` samples by per-sample loss, if present).
     """  # noqa: D205
     fields = {key: value for key, value in metadata.items() if key not in _NOT_FIELDS}
-    tensors = [_tensor_stats(path, tensor) for path, tensor in _leaves(batch, "batch") if isinstance(tensor, Tensor)]
+    leaves = list(_leaves(batch, "batch"))
+    tensors = [_tensor_stats(path, tensor) for path, tensor in leaves if isinstance(tensor, Tensor)]
+    placeholders = [
+        {"path": path, "type": value["type"], "shape": value.get("shape"), "repr": value["repr"]}
+        for path, value in leaves
+        if _is_placeholder(value)
+    ]
     ids = metadata.get("sample_ids")
     labels = _find_labels(batch, ids if isinstance(ids, Tensor) else None)
     summary: dict[str, Any] = {
@@ -63,6 +70,7 @@ def summarize(batch: Any, metadata: Mapping[str, Any], top: int = 10) -> dict[st
         "dead_after_spike": metadata.get("dead_after_spike", {}),
         "recent_losses": _recent(metadata.get("recent_losses")),
         "tensors": tensors,
+        "placeholders": placeholders,
         "labels": None if labels is None else {"path": labels[0], "values": labels[1].tolist()},
         "ranking": _ranking(metadata, labels, top),
     }
@@ -70,8 +78,10 @@ def summarize(batch: Any, metadata: Mapping[str, Any], top: int = 10) -> dict[st
 
 
 def _leaves(value: Any, path: str) -> Iterator[tuple[str, Any]]:
-    """Every leaf of a decoded batch with its access path (``batch[0]``, ``batch['x']``, ``batch.images``)."""
-    if isinstance(value, Mapping):
+    """Every leaf of a decoded batch with its access path (``batch[0]``, ``batch['x']``, ``batch.images``);
+    a placeholder of an unstored value is one leaf.
+    """  # noqa: D205
+    if isinstance(value, Mapping) and not _is_placeholder(value):
         for key, item in value.items():
             yield from _leaves(item, f"{path}[{key!r}]")
     elif isinstance(value, tuple) and hasattr(value, "_fields"):
@@ -85,6 +95,11 @@ def _leaves(value: Any, path: str) -> Iterator[tuple[str, Any]]:
             yield from _leaves(item, f"{path}[{index}]")
     else:
         yield path, value
+
+
+def _is_placeholder(value: Any) -> TypeGuard[Mapping[str, Any]]:
+    """Whether ``value`` is what :func:`~lightning_deadunits.dumps.decode` gives for a value it could not store."""
+    return isinstance(value, Mapping) and value.get(TAG_KEY) == "unsaved"
 
 
 def _tensor_stats(path: str, tensor: Tensor) -> dict[str, Any]:
@@ -183,12 +198,19 @@ def _render(path: Path, summary: Mapping[str, Any]) -> str:
         (
             item["path"],
             item["dtype"],
-            "x".join(str(size) for size in item["shape"]) or "scalar",
+            _shape(item["shape"]),
             *(_format(item.get(stat, "-")) for stat in ("min", "max", "mean", "std", "nonfinite")),
         )
         for item in summary["tensors"]
     ]
     lines += _columns(table) if summary["tensors"] else ["  (none)"]
+    if summary["placeholders"]:
+        lines += ["", "Not stored (type, shape and repr kept):"]
+        rows = [("path", "type", "shape", "repr")] + [
+            (item["path"], item["type"], "-" if item["shape"] is None else _shape(item["shape"]), item["repr"])
+            for item in summary["placeholders"]
+        ]
+        lines += _columns(rows)
     labels = summary["labels"]
     if labels is not None:
         lines += ["", f"Labels ({labels['path']}): {' '.join(str(value) for value in labels['values'])}"]
@@ -199,6 +221,10 @@ def _render(path: Path, summary: Mapping[str, Any]) -> str:
         columns += ["label"] if "label" in ranking[0] else []
         lines += _columns([tuple(columns)] + [tuple(_format(row[column]) for column in columns) for row in ranking])
     return "\n".join(lines)
+
+
+def _shape(shape: list[int]) -> str:
+    return "x".join(str(size) for size in shape) or "scalar"
 
 
 def _columns(rows: list[tuple[str, ...]]) -> list[str]:

@@ -21,6 +21,7 @@ from lightning_deadunits.functional.activations import (
     dormant_channels,
     moments,
 )
+from lightning_deadunits.metrics._sync import agree_on_layout
 
 __all__ = ["ActivationStats", "CallSite", "SiteSummary"]
 
@@ -153,7 +154,8 @@ class ActivationStats:
 
     Every update is device-side arithmetic (no host sync). :meth:`sync` reduces sums by sum, minima by min, maxima
     and last-active indices by max across DDP ranks, so what :meth:`summarise` returns equals a single process run
-    over the global data; it must be called at a step every rank reaches, with the same call sites on every rank.
+    over the global data; it must be called at a step every rank reaches, with the same call sites on every rank
+    (checked first: a difference raises the same error on every rank instead of a hang).
 
     Example:
         >>> from lightning_deadunits.functional.activations import channel_stats
@@ -192,10 +194,23 @@ class ActivationStats:
             state.last_active.masked_fill_(stats.totals[NEAR_ZERO_ROW] < stats.count, self.samples - 1)
 
     def sync(self) -> None:
-        """Reduce every state across DDP ranks (sum, min, max); nothing happens outside a process group."""
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) or not self.sites:
+        """Reduce every state across DDP ranks (sum, min, max); nothing happens outside a process group.
+
+        Every rank must call it, also one that measured nothing: the ranks first agree that they hold the same
+        call sites with the same channel counts (one small all-gather).
+
+        Raises:
+            LayoutMismatchError: on every rank, if the ranks hold different call sites or channel counts (a module
+                called on some ranks only); reducing them would hang or mix numbers.
+        """
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
-        states = [self.sites[site] for site in sorted(self.sites)]
+        sites = sorted(self.sites)
+        shapes = [tuple(self.sites[site].totals.shape) for site in sites]
+        agree_on_layout("ActivationStats.sync", [f"{name}#{call}" for name, call in sites], shapes)
+        if not sites:
+            return
+        states = [self.sites[site] for site in sites]
         additive = [state.additive for state in states]
         flat_sums = torch.cat([t for tensors in additive for t in tensors])
         dist.all_reduce(flat_sums, op=dist.ReduceOp.SUM)

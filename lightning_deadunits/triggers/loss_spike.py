@@ -114,8 +114,9 @@ class SpikeDetector:
         """Judge one loss against the current baseline, then let it into the window unless it was flagged."""
         self.recent.append((step, loss))
         scores = self._scores(loss)
-        if not math.isfinite(loss):
+        if not math.isfinite(loss):  # ends a run of flagged finite losses, as an accepted loss does
             self._streak = 0
+            self._flagged_run.clear()
             return SpikeVerdict(step, loss, *scores, flagged=True, spike=True, reason="non-finite")
         if self.warming_up:
             self.window.append(loss)
