@@ -1,5 +1,6 @@
 """Pure tensor math on layer weights: per-filter norms, dead-kernel masks, layer kinds, heat maps."""
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -9,6 +10,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "LayerKind",
+    "blockwise_filter_norms",
     "dead_kernel_masks",
     "filter_heatmaps",
     "filter_matrix",
@@ -187,3 +189,42 @@ def _output_major(weight: Tensor, groups: int, transposed: bool) -> Tensor:
     in_per_group, out_per_group = weight.shape[0] // groups, weight.shape[1]
     grouped = weight.reshape(groups, in_per_group, out_per_group, *weight.shape[2:]).transpose(1, 2)
     return grouped.reshape(groups * out_per_group, in_per_group, *weight.shape[2:])
+
+
+def blockwise_filter_norms(
+    weight: Tensor, groups: int = 1, transposed: bool = False, block_elements: int = 1 << 20
+) -> tuple[Tensor, Tensor]:
+    """:func:`weight_filter_norms` taken over blocks of whole filters, so that the copies it makes (float32, ``|w|``,
+    a ConvTranspose regrouped by output channel) hold about ``block_elements`` values whatever the weight's size.
+
+    A memory-mapped weight is then read without ever being copied whole: memory stays at one block (4 MiB by
+    default, or one filter when a filter is larger).
+
+    Args:
+        weight: a convolution or linear weight, laid out as for :func:`weight_filter_norms`.
+        groups: the ConvTranspose's ``groups`` (only used with ``transposed``).
+        transposed: whether ``weight`` is stored ``(in, out / groups, *k)``.
+        block_elements: values per block (>= 1).
+
+    Returns:
+        Per-output-filter L1 and L2 norms, in float32, as :func:`weight_filter_norms` gives them.
+
+    Raises:
+        ValueError: if ``weight`` has fewer than 2 dimensions.
+
+    Example:
+        >>> l1, l2 = blockwise_filter_norms(torch.ones(1000, 30), block_elements=64)
+        >>> l1.shape, float(l1[999]), round(float(l2[0]) ** 2, 3)
+        (torch.Size([1000]), 30.0, 30.0)
+    """  # noqa: D205
+    if weight.dim() < 2:
+        raise ValueError(f"`weight` must have at least 2 dimensions (out, in, ...), got shape {tuple(weight.shape)}.")
+    if transposed:
+        # Each group's (in / g, out / g, *k) slice is a ConvTranspose of one group; blocks cut its output axis.
+        group_weights = torch.split(weight, weight.shape[0] // groups)
+        filters_per_block = max(1, block_elements // math.prod(group_weights[0].shape[:1] + weight.shape[2:]))
+        blocks = [block for group in group_weights for block in torch.split(group, filters_per_block, dim=1)]
+    else:
+        blocks = list(torch.split(weight, max(1, block_elements // math.prod(weight.shape[1:]))))
+    norms = [weight_filter_norms(block, 1, transposed) for block in blocks]
+    return torch.cat([l1 for l1, _ in norms]), torch.cat([l2 for _, l2 in norms])
