@@ -18,7 +18,7 @@ from lightning_deadunits._validation import check_float
 from lightning_deadunits.checkpoints import Checkpoint, CheckpointFormat
 from lightning_deadunits.functional.kernels import (
     LayerKind,
-    blockwise_filter_norms,
+    blockwise_filter_l1,
     dead_kernel_masks,
     weight_kind,
 )
@@ -104,9 +104,10 @@ def scan_checkpoint(
 ) -> tuple[CheckpointFormat, Iterator[tuple[LayerScan, Tensor]]]:
     """Open ``path`` and scan its layers lazily, one weight at a time, each with its per-filter dead mask.
 
-    Each weight is reduced to its per-filter norms block by block (:func:`~lightning_deadunits.functional.kernels.
-    blockwise_filter_norms`) and dropped before the next is read, so memory does not grow with the file. On a
-    terminal, files of 100 MiB and more show a progress bar on stderr (with ``rich``); nothing is drawn on a pipe.
+    Each weight is reduced to its per-filter L1 norms block by block
+    (:func:`~lightning_deadunits.functional.kernels.blockwise_filter_l1`) and dropped before the next is read, so
+    memory does not grow with the file. On a terminal, files of 100 MiB and more show a progress bar on stderr
+    (with ``rich``); nothing is drawn on a pipe.
 
     Args:
         path: the file, or a directory of safetensors shards.
@@ -251,7 +252,7 @@ def _scanned_layers(
     found = False
     with _progress(checkpoint) as advance:
         for name, weight, groups, transposed, kind_from_file in checkpoint.weights():
-            l1, _ = blockwise_filter_norms(weight, groups or 1, transposed)
+            l1 = blockwise_filter_l1(weight, groups or 1, transposed)
             dead_abs, dead_rel, layer_median = dead_kernel_masks(l1, abs_threshold, rel_threshold)
             layer = LayerScan(
                 name=name,

