@@ -177,12 +177,17 @@ def _is_torchscript(path: Path) -> bool:
 
 def _load_weights_only(path: Path, mmap: bool) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():
+            # Raised for plain pickles of protocol > 2, which the restricted unpickler then refuses anyway.
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        lines = str(error).splitlines()
-        reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
+        message = str(error)
+        _, marker, after = message.partition("WeightsUnpickler error:")
+        # The unpickler's own first sentence ("Unsupported global: GLOBAL os.system was not an allowed global ...").
+        reason = " ".join((marker + after).split()).split(". ")[0] if marker else message.splitlines()[0]
         raise ValueError(
-            f"{path}: `torch.load(weights_only=True)` refused it ({reason.strip()}). It holds Python objects besides "
+            f"{path}: `torch.load(weights_only=True)` refused it ({reason}). It holds Python objects besides "
             "tensors; save `model.state_dict()` with `torch.save` and scan that file."
         ) from error
     except Exception as error:  # torch reports a damaged archive as RuntimeError, EOFError, ...

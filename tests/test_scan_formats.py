@@ -119,7 +119,9 @@ def test_scan_onnx_reads_groups_and_layouts_from_the_operators(
 
 def test_scan_onnx_with_external_data_reads_it_from_the_model_folder(tmp_path: Path) -> None:
     model = onnx_model(_planted_onnx_layers())
-    onnx.save_model(model, tmp_path / "model.onnx", save_as_external_data=True, location="weights.bin", size_threshold=0)
+    onnx.save_model(
+        model, tmp_path / "model.onnx", save_as_external_data=True, location="weights.bin", size_threshold=0
+    )
     assert (tmp_path / "weights.bin").stat().st_size > (tmp_path / "model.onnx").stat().st_size
     checkpoint = Checkpoint(tmp_path / "model.onnx")
     assert checkpoint.nbytes == sum((tmp_path / name).stat().st_size for name in ("model.onnx", "weights.bin"))
