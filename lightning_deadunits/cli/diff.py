@@ -1,16 +1,15 @@
 """``deadunits diff OLD NEW``: which filters died and which revived between two saved models."""
 
 import argparse
-import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from torch import Tensor
 
 from lightning_deadunits.checkpoints import CheckpointFormat
-from lightning_deadunits.cli.scan import add_threshold_arguments, print_table, scan_checkpoint
+from lightning_deadunits.cli.scan import add_threshold_arguments, print_json_report, print_table, scan_checkpoint
 
 __all__ = ["LayerDiff", "diff_files", "register", "run"]
 
@@ -110,15 +109,11 @@ def run(args: argparse.Namespace) -> int:
     stats = ("dead_old", "dead_new", "newly_dead", "revived")
     total = {stat: sum(getattr(layer, stat) or 0 for layer in layers) for stat in stats}
     if args.json:
-        report = {
+        files = {
             "old": {"path": str(args.old), "format": old_format},
             "new": {"path": str(args.new), "format": new_format},
-            "abs_threshold": args.abs_threshold,
-            "rel_threshold": args.rel_threshold,
-            "layers": [asdict(layer) for layer in layers],
-            "total": total,
         }
-        print(json.dumps(report, indent=2))
+        print_json_report(files, args, layers, total)
         return 0
     rows = [
         [

@@ -8,9 +8,10 @@ import argparse
 import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
@@ -23,7 +24,16 @@ from lightning_deadunits.functional.kernels import (
     weight_kind,
 )
 
-__all__ = ["LayerScan", "add_threshold_arguments", "print_table", "register", "run", "scan_checkpoint", "scan_file"]
+__all__ = [
+    "LayerScan",
+    "add_threshold_arguments",
+    "print_json_report",
+    "print_table",
+    "register",
+    "run",
+    "scan_checkpoint",
+    "scan_file",
+]
 
 _SHAPE_NOTE = (
     "Kinds marked * come from weight shapes alone: a state_dict or safetensors file does not record `groups`, so "
@@ -162,6 +172,27 @@ def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def print_json_report(
+    files: Mapping[str, Any], args: argparse.Namespace, layers: Sequence[Any], total: Mapping[str, int]
+) -> None:
+    """Print ``{**files, abs_threshold, rel_threshold, layers, total}`` as JSON (``scan --json``, ``diff --json``).
+
+    Args:
+        files: what was read (``path`` and ``format``, or one such mapping per file).
+        args: the parsed command line, with ``abs_threshold`` and ``rel_threshold``.
+        layers: one dataclass per layer.
+        total: sums over the layers.
+    """
+    report = {
+        **files,
+        "abs_threshold": args.abs_threshold,
+        "rel_threshold": args.rel_threshold,
+        "layers": [asdict(layer) for layer in layers],
+        "total": total,
+    }
+    print(json.dumps(report, indent=2))
+
+
 def run(args: argparse.Namespace) -> int:
     """Scan ``args.path`` and print the table or JSON; return 0, or 2 when the file or a threshold is bad."""
     try:
@@ -173,15 +204,7 @@ def run(args: argparse.Namespace) -> int:
         stat: sum(getattr(layer, stat) for layer in layers) for stat in ("filters", "dead_abs", "dead_rel", "dead")
     }
     if args.json:
-        report = {
-            "path": str(args.path),
-            "format": file_format,
-            "abs_threshold": args.abs_threshold,
-            "rel_threshold": args.rel_threshold,
-            "layers": [asdict(layer) for layer in layers],
-            "total": total,
-        }
-        print(json.dumps(report, indent=2))
+        print_json_report({"path": str(args.path), "format": file_format}, args, layers, total)
         return 0
     rows = [
         [
