@@ -22,6 +22,7 @@ only from sources you trust. Any file can make a scan slow or large (huge declar
 """
 
 import contextlib
+import importlib
 import json
 import pickle
 import warnings
@@ -242,7 +243,8 @@ def _shards_in_directory(directory: Path) -> list[tuple[Path, list[str] | None]]
 def _shards_in_index(index: Path) -> list[tuple[Path, list[str] | None]]:
     """``(shard file, its tensor names)`` from an index's ``weight_map``, shards in order of first appearance."""
     with _reading(index, "JSON"):
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        content = json.loads(index.read_text(encoding="utf-8"))
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
         raise ValueError(
             f"{index}: a JSON file, but not a safetensors index (`weight_map` must map tensor names to shard files)."
@@ -258,10 +260,9 @@ def _shards_in_index(index: Path) -> list[tuple[Path, list[str] | None]]:
 
 def _safetensors_weights(path: Path, names: list[str] | None) -> Iterator[SavedWeight]:
     """Layer weights of one safetensors file (only ``names`` when given), each read on its own."""
-    from safetensors import safe_open
-
+    safetensors = _require("safetensors", path)
     with _reading(path, "safetensors"):
-        reader: Any = safe_open(path, framework="pt")
+        reader: Any = safetensors.safe_open(path, framework="pt")
         keys: list[str] = reader.keys()
     if names is not None and (absent := sorted(set(names) - set(keys))):
         raise ValueError(f"{path}: tensors the index places in this shard are missing: {', '.join(absent[:5])}.")
@@ -275,23 +276,24 @@ def _safetensors_weights(path: Path, names: list[str] | None) -> Iterator[SavedW
 
 
 def _load_onnx(path: Path) -> Any:
-    import onnx
-
+    onnx = _require("onnx", path)
     with _reading(path, "ONNX"):
         return onnx.load(str(path), load_external_data=False)
 
 
 def _onnx_external_files(path: Path, model: Any) -> set[Path]:
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
-    locations = {ExternalDataInfo(tensor).location for tensor in model.graph.initializer if uses_external_data(tensor)}
+    external_data = _require("onnx", path).external_data_helper
+    locations = {
+        external_data.ExternalDataInfo(tensor).location
+        for tensor in model.graph.initializer
+        if external_data.uses_external_data(tensor)
+    }
     return {path.parent / location for location in locations if (path.parent / location).is_file()}
 
 
 def _onnx_weights(path: Path, model: Any) -> Iterator[SavedWeight]:
     """Initializers feeding Conv/ConvTranspose (filters and groups from the operator), Gemm and MatMul, once each."""
-    from onnx import helper
-
+    helper = _require("onnx", path).helper
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
     seen: set[str] = set()
     for node in model.graph.node:
@@ -328,23 +330,37 @@ def _feeds_filters(op_type: str, position: int) -> bool:
 
 def _onnx_tensor(path: Path, initializer: Any) -> Tensor | None:
     """The initializer as a tensor (external data read from the model's folder), or ``None`` when not floating."""
-    from onnx import TensorProto, numpy_helper
-
+    onnx = _require("onnx", path)
     torch_dtypes = {
-        TensorProto.FLOAT: torch.float32,
-        TensorProto.DOUBLE: torch.float64,
-        TensorProto.FLOAT16: torch.float16,
-        TensorProto.BFLOAT16: torch.bfloat16,
-        TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn,
-        TensorProto.FLOAT8E5M2: torch.float8_e5m2,
+        onnx.TensorProto.FLOAT: torch.float32,
+        onnx.TensorProto.DOUBLE: torch.float64,
+        onnx.TensorProto.FLOAT16: torch.float16,
+        onnx.TensorProto.BFLOAT16: torch.bfloat16,
+        onnx.TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn,
+        onnx.TensorProto.FLOAT8E5M2: torch.float8_e5m2,
     }
     dtype = torch_dtypes.get(initializer.data_type)
     if dtype is None:
         return None
+    external = onnx.external_data_helper.uses_external_data(initializer)
     with _reading(path, "ONNX"):
-        array = numpy_helper.to_array(initializer, base_dir=str(path.parent))
-        # Through unsigned integers of the same width, since numpy has no bfloat16 or float8 of its own.
-        bits = array.view(np.dtype(f"u{array.dtype.itemsize}"))
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "The given NumPy array is not writable")  # only read, never written
-            return torch.from_numpy(bits).view(dtype)
+        array = onnx.numpy_helper.to_array(initializer, base_dir=str(path.parent))
+    if external:  # older onnx releases leave the bytes read in the model: drop them, as newer ones do
+        initializer.ClearField("raw_data")
+    if array.dtype.itemsize != dtype.itemsize:  # an onnx release that widens bfloat16 / float8 to float32
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    # Bits through integers of the same width, since numpy has no bfloat16 or float8 of its own.
+    bits = array.view(np.dtype(f"i{array.dtype.itemsize}"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")  # read, never written
+        return torch.from_numpy(bits).view(dtype)
+
+
+def _require(module: str, path: Path) -> Any:
+    """Import the reader of an optional format, or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ValueError(
+            f"{path}: reading this file needs the `{module}` package: pip install 'lightning-deadunits[formats]'."
+        ) from error

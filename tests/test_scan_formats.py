@@ -279,3 +279,14 @@ def test_scan_malformed_files_of_each_format_exit_2_with_a_message(
     assert captured.err.count("\n") == 1
     with pytest.raises(ValueError, match=message):
         scan_file(path)
+
+
+@pytest.mark.parametrize(("module", "suffix"), [("safetensors", "safetensors"), ("onnx", "onnx")])
+def test_scan_without_an_optional_reader_exits_2_naming_the_extra(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, module: str, suffix: str
+) -> None:
+    save_file(planted_state_dict(PLANTED), tmp_path / "model.safetensors")
+    onnx.save(onnx_model(_planted_onnx_layers()), tmp_path / "model.onnx")
+    monkeypatch.setitem(sys.modules, module, None)
+    assert main(["scan", str(tmp_path / f"model.{suffix}")]) == 2
+    assert f"needs the `{module}` package: pip install 'lightning-deadunits[formats]'" in capsys.readouterr().err
