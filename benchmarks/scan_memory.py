@@ -8,7 +8,7 @@ the largest tensor's size. ``VmHWM`` (peak resident memory, file pages included)
 
 Usage:
     python benchmarks/scan_memory.py                        # 800 MB in 8 tensors, state_dict and safetensors
-    python benchmarks/scan_memory.py --size-mb 64 --format safetensors
+    python benchmarks/scan_memory.py --size-mb 64 --format safetensors --dtype bfloat16
     PYTHONPATH=/path/to/other/checkout python benchmarks/scan_memory.py   # the same with another version
 
 Linux only (``/proc``).
@@ -65,13 +65,14 @@ def measure(path: Path) -> dict[str, float]:
     }
 
 
-def _rows(size_mb: int, tensors: int) -> int:
-    """Rows of 1024 float32 values per weight, so that ``tensors`` weights fill ``size_mb``."""
-    return size_mb * _MB // (4 * 1024 * tensors)
+def _rows(size_mb: int, tensors: int, dtype: torch.dtype) -> int:
+    """Rows of 1024 values per weight, so that ``tensors`` weights of ``dtype`` fill ``size_mb``."""
+    return size_mb * _MB // (dtype.itemsize * 1024 * tensors)
 
 
-def _write(directory: Path, file_format: str, size_mb: int, tensors: int) -> Path:
-    state = {f"layer{index}.weight": torch.randn(_rows(size_mb, tensors), 1024) for index in range(tensors)}
+def _write(directory: Path, file_format: str, size_mb: int, tensors: int, dtype: torch.dtype) -> Path:
+    rows = _rows(size_mb, tensors, dtype)
+    state = {f"layer{index}.weight": torch.randn(rows, 1024).to(dtype) for index in range(tensors)}
     if file_format == "safetensors":
         from safetensors.torch import save_file
 
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--size-mb", type=int, default=800, help="file size in MB (default 800)")
     parser.add_argument("--tensors", type=int, default=8, help="equal weights it is split into (default 8)")
     parser.add_argument("--format", choices=["state_dict", "safetensors", "both"], default="both")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights' dtype")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the subprocess's side
     args = parser.parse_args()
     if args.measure:
@@ -97,17 +99,21 @@ def main() -> None:
     formats = ["state_dict", "safetensors"] if args.format == "both" else [args.format]
     with tempfile.TemporaryDirectory() as directory:
         for file_format in formats:
-            path = _write(Path(directory), file_format, args.size_mb, args.tensors)
+            dtype = getattr(torch, args.dtype)
+            path = _write(Path(directory), file_format, args.size_mb, args.tensors, dtype)
             result = subprocess.run(
                 [sys.executable, __file__, "--measure", str(path)], capture_output=True, text=True, check=True
             )
             row = {
                 "format": file_format,
+                "dtype": args.dtype,
                 "file_mb": path.stat().st_size / _MB,
-                "largest_tensor_mb": _rows(args.size_mb, args.tensors) * 1024 * 4 / _MB,
+                "largest_tensor_mb": _rows(args.size_mb, args.tensors, dtype) * 1024 * dtype.itemsize / _MB,
                 **json.loads(result.stdout),
             }
-            print(json.dumps({key: round(value, 3) if isinstance(value, float) else value for key, value in row.items()}))
+            print(
+                json.dumps({key: round(value, 3) if isinstance(value, float) else value for key, value in row.items()})
+            )
             path.unlink()
 
 
