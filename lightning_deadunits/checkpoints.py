@@ -273,6 +273,7 @@ def _safetensors_weights(path: Path, names: list[str] | None) -> Iterator[SavedW
             tensor = reader.get_tensor(key) if is_weight else None
         if tensor is not None:
             yield _layer_name(key), tensor, None, False, False
+            del tensor  # before the next is read (older safetensors releases copy each): one at a time, not two
 
 
 def _load_onnx(path: Path) -> Any:
@@ -321,6 +322,7 @@ def _onnx_weights(path: Path, model: Any) -> Iterator[SavedWeight]:
                 transposed_operand = bool(attributes.get("transA" if position == 0 else "transB", 0))
                 outputs_along_columns = (position == 1) != transposed_operand
                 yield name, weight.T if outputs_along_columns else weight, 1, False, True
+            del weight  # before the next initializer is read: one in memory at a time, not two
 
 
 def _feeds_filters(op_type: str, position: int) -> bool:

@@ -288,6 +288,7 @@ def _scanned_layers(
                 kind_from_shape=not kind_from_file,
             )
             advance(weight.nbytes)
+            del weight  # before the reader reads the next one: one weight in memory at a time, not two
             found = True
             yield layer, dead_abs | dead_rel
     if not found:
