@@ -12,6 +12,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import uses_external_data
 from safetensors.torch import save_file
 
 from lightning_deadunits.checkpoints import Checkpoint
@@ -50,6 +51,8 @@ def _planted_onnx_layers() -> list[tuple[str, str, np.ndarray, dict[str, Any], i
     matmul_right[:, 1] = 0
     matmul_left = _weights(3, 6)  # W @ x: (out, in)
     matmul_left[0] = 0
+    gemm_left_transposed = _weights(6, 3)  # transA=1 on the left operand: (in, out)
+    gemm_left_transposed[:, 2] = 0
     return [
         ("Conv", "grouped.weight", grouped, {"group": 2}, 1),
         ("Conv", "dw.weight", depthwise, {"group": 4}, 1),
@@ -59,6 +62,7 @@ def _planted_onnx_layers() -> list[tuple[str, str, np.ndarray, dict[str, Any], i
         ("Gemm", "fc_t0.weight", gemm_columns, {"transB": 0}, 1),
         ("MatMul", "proj", matmul_right, {}, 1),
         ("MatMul", "mix", matmul_left, {}, 0),
+        ("Gemm", "fc_a.weight", gemm_left_transposed, {"transA": 1}, 0),
     ]
 
 
@@ -71,6 +75,7 @@ EXPECTED_ONNX = [
     ("fc_t0", "linear", 5, [3], False),
     ("matmul6", "linear", 4, [1], False),  # not `*.weight`: named after its node
     ("matmul7", "linear", 3, [0], False),
+    ("fc_a", "linear", 3, [2], False),
 ]
 
 
@@ -115,7 +120,7 @@ def test_scan_onnx_reads_groups_and_layouts_from_the_operators(
     assert main(["scan", str(tmp_path / "model.onnx"), "--json", "--rel-threshold", "0"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["format"] == "onnx"
-    assert report["total"] == {"filters": 37, "dead_abs": 9, "dead_rel": 0, "dead": 9}
+    assert report["total"] == {"filters": 40, "dead_abs": 10, "dead_rel": 0, "dead": 10}
     assert not any(layer["kind_from_shape"] for layer in report["layers"])
 
 
@@ -124,7 +129,8 @@ def test_scan_onnx_with_external_data_reads_it_from_the_model_folder(tmp_path: P
     onnx.save_model(
         model, tmp_path / "model.onnx", save_as_external_data=True, location="weights.bin", size_threshold=0
     )
-    assert (tmp_path / "weights.bin").stat().st_size > (tmp_path / "model.onnx").stat().st_size
+    saved = onnx.load(tmp_path / "model.onnx", load_external_data=False).graph.initializer
+    assert all(uses_external_data(initializer) for initializer in saved)
     checkpoint = Checkpoint(tmp_path / "model.onnx")
     assert checkpoint.nbytes == sum((tmp_path / name).stat().st_size for name in ("model.onnx", "weights.bin"))
     assert dead_indices(tmp_path / "model.onnx") == EXPECTED_ONNX
