@@ -9,8 +9,9 @@ Formats are told apart by content (the first bytes), not by extension:
 - ``safetensors``: an 8-byte header length, then ``{``; read with ``safetensors.safe_open``, one tensor at a time.
 - ``safetensors_shards``: a ``*.safetensors.index.json`` weight map (or the directory holding it, or a directory of
   ``*.safetensors`` files), each shard read as above.
-- ``onnx``: a protobuf starting with ``ir_version``, parsed with ``onnx.load(load_external_data=False)``: the
-  ``.onnx`` file is held whole, external data is read one tensor at a time.
+- ``onnx``: a protobuf starting with ``ir_version`` (or any file named ``*.onnx``), parsed with
+  ``onnx.load(load_external_data=False)``: the ``.onnx`` file is held whole, external data is read one tensor at a
+  time.
 
 What each reader can be made to do by a hostile file: the restricted unpickler of ``torch.load(weights_only=True)``
 rebuilds only tensors, containers and primitive values and refuses any other global (``os.system``, a class) before
@@ -142,7 +143,8 @@ class Checkpoint:
         if head.lstrip()[:1] == b"{":
             self._shards = _shards_in_index(self.path)
             return "safetensors_shards"
-        if head.startswith(_ONNX_IR_VERSION_TAG):
+        # Protobuf has no magic number: exporters write ir_version first, and a `.onnx` name is taken at its word.
+        if head.startswith(_ONNX_IR_VERSION_TAG) or self.path.suffix == ".onnx":
             self._onnx_model = _load_onnx(self.path)
             return "onnx"
         raise ValueError(f"{self.path}: not a recognised model file ({_WHAT_WAS_TRIED}; it starts with {head!r}).")

@@ -124,6 +124,15 @@ def test_scan_onnx_reads_groups_and_layouts_from_the_operators(
     assert not any(layer["kind_from_shape"] for layer in report["layers"])
 
 
+def test_scan_takes_an_onnx_name_at_its_word_when_the_content_is_unrecognised(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"\x12\x07pytorch" + b"\xff" * 20)  # producer_name first, then garbage
+    with pytest.raises(ValueError, match=r"model\.onnx: not a readable ONNX file \(DecodeError: "):
+        Checkpoint(tmp_path / "model.onnx")
+    (tmp_path / "model.bin").write_bytes(b"\x12\x07pytorch" + b"\xff" * 20)
+    with pytest.raises(ValueError, match=r"model\.bin: not a recognised model file"):
+        Checkpoint(tmp_path / "model.bin")
+
+
 def test_scan_onnx_with_external_data_reads_it_from_the_model_folder(tmp_path: Path) -> None:
     model = onnx_model(_planted_onnx_layers())
     onnx.save_model(
