@@ -170,21 +170,21 @@ def test_scan_reads_half_precision_weights_in_float32(tmp_path: Path) -> None:
     assert dead_indices(tmp_path / "fp16.onnx") == [("fc", "linear", 5, [], False)]
 
 
+def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process mapped from ``path``."""
+    return [
+        (int(line.split()[0].split("-")[0], 16), int(line.split()[0].split("-")[1], 16))
+        for line in Path("/proc/self/maps").read_text().splitlines()
+        if line.endswith(str(path))
+    ]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_scan_maps_zip_state_dicts_from_the_file_instead_of_loading_them(tmp_path: Path) -> None:
     torch.save(planted_state_dict(PLANTED), tmp_path / "model.pt")
-    mapped = [
-        tuple(int(address, 16) for address in line.split()[0].split("-"))
-        for line in Path("/proc/self/maps").read_text().splitlines()
-        if line.endswith(str(tmp_path / "model.pt"))
-    ]
-    assert mapped == []
+    assert _mapped_ranges(tmp_path / "model.pt") == []
     weights = list(Checkpoint(tmp_path / "model.pt").weights())
-    mapped = [
-        tuple(int(address, 16) for address in line.split()[0].split("-"))
-        for line in Path("/proc/self/maps").read_text().splitlines()
-        if line.endswith(str(tmp_path / "model.pt"))
-    ]
+    mapped = _mapped_ranges(tmp_path / "model.pt")
     for name, weight, *_ in weights:
         assert any(start <= weight.data_ptr() < end for start, end in mapped), name
 
