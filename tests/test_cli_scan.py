@@ -1,4 +1,6 @@
 import json
+import math
+import pickle
 import sys
 import warnings
 import zipfile
@@ -12,7 +14,8 @@ from torch import nn
 from lightning_deadunits import KernelNormMonitor
 from lightning_deadunits.cli import main
 from lightning_deadunits.cli.scan import print_table, scan_file
-from lightning_deadunits.functional import kernel_norms, weight_filter_norms, weight_kind
+from lightning_deadunits.functional import weight_filter_norms, weight_kind
+from lightning_deadunits.functional.kernels import blockwise_filter_l1
 from tests.helpers.tb_helpers import PLANTED_DEAD, fit_planted
 
 
@@ -145,6 +148,11 @@ def _pickled_object(path: Path) -> None:
     torch.save({"state": Planted()}, path)
 
 
+def _damaged_archive(path: Path) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("model/data.pkl", b"not a pickle")
+
+
 def _torchscript_with_garbage(path: Path) -> None:
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("model/constants.pkl", b"not a pickle")
@@ -154,8 +162,13 @@ def _torchscript_with_garbage(path: Path) -> None:
 @pytest.mark.parametrize(
     ("write", "message"),
     [
-        (None, "no such file"),
-        (lambda path: path.write_text("hello"), "not a PyTorch checkpoint, state_dict or TorchScript file"),
+        (None, "no such file or directory"),
+        (
+            lambda path: path.write_text("hello"),
+            r"not a recognised model file \(tried a torch.save zip archive or pickle",
+        ),
+        (lambda path: path.write_bytes(b"PK\x03\x04 not really a zip"), r"not a readable zip file \(BadZipFile: "),
+        (_damaged_archive, r"not a readable PyTorch checkpoint or state_dict \("),
         (_pickled_object, r"refused it \(WeightsUnpickler error: Unsupported global.*save `model.state_dict\(\)`"),
         (lambda path: torch.save({"epoch": 3, "bias": torch.zeros(3)}, path), "found no convolution or linear weight"),
         (_torchscript_with_garbage, "not a readable TorchScript file"),
@@ -214,15 +227,91 @@ def test_weight_kind_from_shapes_and_known_groups(
     assert weight_kind(shape, groups, transposed) == kind
 
 
+def _hand_norms(weight: torch.Tensor, groups: int, transposed: bool) -> tuple[list[float], list[float]]:
+    """Per output filter, sum |w| and sqrt(sum w^2) over the weights feeding it, by plain loops over numpy values."""
+    values = weight.detach().numpy()
+    if transposed:  # (in, out / groups, *k): output g * out_per_group + j reads input channels of group g only
+        in_per_group, out_per_group = values.shape[0] // groups, values.shape[1]
+        filters = [
+            [float(v) for i in range(in_per_group) for v in values[g * in_per_group + i, j].ravel()]
+            for g in range(groups)
+            for j in range(out_per_group)
+        ]
+    else:
+        filters = [[float(v) for v in values[o].ravel()] for o in range(values.shape[0])]
+    return [sum(abs(v) for v in f) for f in filters], [math.sqrt(sum(v * v for v in f)) for f in filters]
+
+
+def _planted(shape: tuple[int, ...]) -> torch.Tensor:
+    """Distinct small integers (exact float32 sums), some negative, so every filter's norms differ."""
+    count = math.prod(shape)
+    return (torch.arange(count, dtype=torch.float32) - count // 3).reshape(shape)
+
+
 @pytest.mark.parametrize(
-    "layer", [nn.Conv2d(4, 6, 3), nn.ConvTranspose2d(8, 6, 2, groups=2), nn.ConvTranspose1d(4, 4, 3), nn.Linear(3, 5)]
+    ("shape", "groups", "transposed"),
+    [((6, 4, 3, 3), 1, False), ((8, 3, 2, 2), 2, True), ((4, 4, 3), 1, True), ((5, 3), 1, False)],
 )
-def test_weight_filter_norms_match_the_module_norms(layer: nn.Module) -> None:
-    groups = getattr(layer, "groups", 1)
-    transposed = getattr(layer, "transposed", False)
-    bare = weight_filter_norms(layer.weight.detach(), groups, transposed)  # type: ignore[arg-type]
-    for from_weight, from_module in zip(bare, kernel_norms(layer), strict=True):
-        torch.testing.assert_close(from_weight, from_module, rtol=0, atol=0)
+def test_weight_filter_norms_equal_hand_computed_sums(shape: tuple[int, ...], groups: int, transposed: bool) -> None:
+    weight = _planted(shape)
+    hand_l1, hand_l2 = _hand_norms(weight, groups, transposed)
+    l1, l2 = weight_filter_norms(weight, groups, transposed)
+    assert l1.tolist() == hand_l1
+    assert l2.tolist() == pytest.approx(hand_l2, rel=1e-6)
+    for block_elements in (1, 7, 1 << 20):
+        assert blockwise_filter_l1(weight, groups, transposed, block_elements).tolist() == hand_l1
+
+
+def test_blockwise_filter_l1_reads_half_precision_and_transposed_views() -> None:
+    weight = _planted((6, 4))
+    hand_l1, _ = _hand_norms(weight, 1, False)
+    assert blockwise_filter_l1(weight.to(torch.bfloat16), block_elements=5).tolist() == hand_l1
+    assert blockwise_filter_l1(weight.T.contiguous().T, block_elements=5).tolist() == hand_l1
+
+
+def test_scan_refuses_a_pickle_that_would_run_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    class CreatesAFile:
+        def __init__(self, target: Path) -> None:
+            self.target = target
+
+        def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+            return open, (str(self.target), "w")
+
+    pickle.loads(pickle.dumps(CreatesAFile(tmp_path / "proof")))
+    assert (tmp_path / "proof").exists()  # the payload is live: unpickling it creates its file
+    target = tmp_path / "pwned"
+    with (tmp_path / "legacy.pkl").open("wb") as file:
+        pickle.dump({"state_dict": CreatesAFile(target)}, file, protocol=2)  # as a legacy torch.save
+    with (tmp_path / "plain.pkl").open("wb") as file:
+        pickle.dump({"state_dict": CreatesAFile(target)}, file)
+    torch.save({"model.weight": torch.ones(2, 2), "hook": CreatesAFile(target)}, tmp_path / "archive.pt")
+    for name, reason in [
+        ("legacy.pkl", "Unsupported global: GLOBAL io.open was not an allowed global by default)"),
+        ("plain.pkl", "Unsupported operand"),
+        ("archive.pt", "Unsupported global: GLOBAL io.open was not an allowed global by default)"),
+    ]:
+        assert main(["scan", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert f"refused it (WeightsUnpickler error: {reason}" in err and err.count("\n") == 1
+    assert not target.exists()
+
+
+def test_scan_help_says_how_each_format_is_loaded_and_what_a_malicious_file_can_do(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["scan", "--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    for phrase in (
+        "torch.load(weights_only=True, mmap=True)",
+        "safetensors.safe_open, one tensor at a time",
+        "onnx.load(load_external_data=False)",
+        "TorchScript with torch.jit.load",
+        "A malicious pickle cannot run code",
+        "scan TorchScript only from sources you trust",
+    ):
+        assert phrase in help_text
 
 
 def test_weight_functions_reject_one_dimensional_weights() -> None:

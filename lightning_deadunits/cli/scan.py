@@ -1,32 +1,59 @@
-"""``deadunits scan PATH``: count dead kernels per layer in a checkpoint, a state_dict or a TorchScript file."""
+"""``deadunits scan PATH``: count dead kernels per layer in a saved model, without training.
+
+Reads Lightning checkpoints, ``torch.save``-d state_dicts, TorchScript, safetensors (sharded too) and ONNX, one
+tensor at a time (see :mod:`lightning_deadunits.checkpoints`).
+"""
 
 import argparse
+import contextlib
 import json
-import pickle
 import sys
-import warnings
-import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import torch
 from torch import Tensor
 
 from lightning_deadunits._validation import check_float
-from lightning_deadunits.functional.kernels import LayerKind, dead_kernel_masks, weight_filter_norms, weight_kind
+from lightning_deadunits.checkpoints import Checkpoint, CheckpointFormat
+from lightning_deadunits.functional.kernels import (
+    LayerKind,
+    blockwise_filter_l1,
+    dead_kernel_masks,
+    weight_kind,
+)
 
-__all__ = ["LayerScan", "print_table", "register", "run", "scan_file"]
-
-FileFormat = Literal["lightning", "state_dict", "torchscript"]
+__all__ = [
+    "LayerScan",
+    "add_threshold_arguments",
+    "print_json_report",
+    "print_table",
+    "register",
+    "run",
+    "scan_checkpoint",
+    "scan_file",
+]
 
 _SHAPE_NOTE = (
-    "Kinds marked * come from weight shapes alone: a state_dict does not record `groups`, so `depthwise` means a "
-    "weight of shape (out, 1, *k) (an ordinary convolution on one input channel looks the same), grouped and "
-    "transposed convolutions show as `conv` (a ConvTranspose is counted per input channel). A TorchScript file "
-    "gives exact kinds."
+    "Kinds marked * come from weight shapes alone: a state_dict or safetensors file does not record `groups`, so "
+    "`depthwise` means a weight of shape (out, 1, *k) (an ordinary convolution on one input channel looks the same), "
+    "grouped and transposed convolutions show as `conv` (a ConvTranspose is counted per input channel). TorchScript "
+    "and ONNX files give exact kinds."
 )
+_LOADING_NOTE = (
+    "What is loaded how: Lightning .ckpt files and torch.save-d state_dicts with torch.load(weights_only=True, "
+    "mmap=True) (legacy non-zip files without mmap); safetensors with safetensors.safe_open, one tensor at a time; "
+    "ONNX with onnx.load(load_external_data=False), external data one tensor at a time from the model's folder; "
+    "TorchScript with torch.jit.load. A malicious pickle cannot run code: the weights_only unpickler rebuilds only "
+    "tensors, containers and plain values and refuses any other global (os.system, a class) before calling it. "
+    "safetensors and ONNX files are data (a JSON header and bytes; a protobuf graph that is read, never run). "
+    "A TorchScript file carries code: torch.jit.load compiles it and runs its scripted classes' __setstate__ "
+    "(TorchScript, which reaches torch operators but not Python modules), so scan TorchScript only from sources you "
+    "trust. Any file can make a scan slow or large and report wrong numbers."
+)
+# Files smaller than this are scanned before a progress bar would be worth drawing.
+_PROGRESS_MIN_BYTES = 100 * 2**20
 
 
 @dataclass(frozen=True)
@@ -41,8 +68,8 @@ class LayerScan:
         dead_rel: filters with L1 below the relative threshold times the layer's median L1.
         dead: filters dead by either rule.
         norm_median: the layer's median per-filter L1.
-        kind_from_shape: whether ``kind`` was guessed from the weight's shape (state_dicts) rather than read from
-            the module (TorchScript).
+        kind_from_shape: whether ``kind`` was guessed from the weight's shape (state_dicts, safetensors) rather than
+            read from the module or operator (TorchScript, ONNX).
     """
 
     name: str
@@ -57,18 +84,12 @@ class LayerScan:
 
 def scan_file(
     path: str | Path, abs_threshold: float = 1e-6, rel_threshold: float = 0.1
-) -> tuple[FileFormat, list[LayerScan]]:
+) -> tuple[CheckpointFormat, list[LayerScan]]:
     """Count dead kernels in every convolution and linear weight saved in ``path``.
 
-    Reads a Lightning ``.ckpt`` (its ``state_dict`` only), a ``torch.save``-d state_dict or any nesting of dicts
-    and lists of them (e.g. ``{"model": ..., "ema": ...}``; keys are joined with dots), all with
-    ``torch.load(weights_only=True)``, or a TorchScript file (``torch.jit.load``). In a state_dict every floating
-    tensor of 2 or more dimensions whose key ends in ``.weight`` is read: 2-D as linear (embeddings included),
-    3-D and more as convolutions, by shape (see :func:`~lightning_deadunits.functional.weight_kind`). 1-D tensors
-    (biases, BatchNorm parameters and statistics) are skipped, so BatchNorm gammas near 0 are not counted here.
-
     Args:
-        path: the file.
+        path: a file in any format :class:`~lightning_deadunits.checkpoints.Checkpoint` reads, or a directory of
+            safetensors shards.
         abs_threshold: absolute L1 threshold (>= 0), as in :class:`~lightning_deadunits.KernelNormMonitor`.
         rel_threshold: fraction of the layer's median L1, in [0, 1].
 
@@ -76,31 +97,50 @@ def scan_file(
         The file's format and one :class:`LayerScan` per layer, in file order.
 
     Raises:
-        ValueError: on an out-of-range threshold, or a file that is missing, unreadable with
-            ``weights_only=True``, or holds no convolution or linear weight.
+        ValueError: on an out-of-range threshold, or a file that is missing, of no known format, damaged, refused
+            by ``torch.load(weights_only=True)``, or holding no convolution or linear weight.
 
     Example:
-        >>> file_format, layers = scan_file("model.ckpt")  # doctest: +SKIP
+        >>> file_format, layers = scan_file("model.safetensors")  # doctest: +SKIP
         >>> sum(layer.dead for layer in layers)  # doctest: +SKIP
         12
     """
+    file_format, scans = scan_checkpoint(path, abs_threshold, rel_threshold)
+    return file_format, [layer for layer, _ in scans]
+
+
+def scan_checkpoint(
+    path: str | Path, abs_threshold: float = 1e-6, rel_threshold: float = 0.1
+) -> tuple[CheckpointFormat, Iterator[tuple[LayerScan, Tensor]]]:
+    """Open ``path`` and scan its layers lazily, one weight at a time, each with its per-filter dead mask.
+
+    Each weight is reduced to its per-filter L1 norms block by block
+    (:func:`~lightning_deadunits.functional.kernels.blockwise_filter_l1`) and dropped before the next is read, so
+    memory does not grow with the file. On a terminal, files of 100 MiB and more show a progress bar on stderr
+    (with ``rich``); nothing is drawn on a pipe.
+
+    Args:
+        path: the file, or a directory of safetensors shards.
+        abs_threshold: absolute L1 threshold (>= 0).
+        rel_threshold: fraction of the layer's median L1, in [0, 1].
+
+    Returns:
+        The file's format, and an iterator of ``(LayerScan, dead)`` per layer in file order, where ``dead`` is a
+        boolean tensor with one entry per filter (dead by either rule).
+
+    Raises:
+        ValueError: as :func:`scan_file`; a tensor that cannot be read, or a file without layer weights, raises
+            while iterating.
+
+    Example:
+        >>> file_format, scans = scan_checkpoint("model.onnx")  # doctest: +SKIP
+        >>> [(layer.name, dead.nonzero().flatten().tolist()) for layer, dead in scans]  # doctest: +SKIP
+        [('stem', [0, 3]), ('head', [])]
+    """
     abs_threshold = check_float("abs_threshold", abs_threshold, minimum=0.0)
     rel_threshold = check_float("rel_threshold", rel_threshold, minimum=0.0, maximum=1.0)
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file.")
-    file_format: FileFormat
-    if _is_torchscript(path):
-        file_format, weights = "torchscript", list(_scripted_weights(path))
-    else:
-        saved = _load_weights_only(path)
-        file_format = (
-            "lightning" if isinstance(saved, Mapping) and isinstance(saved.get("state_dict"), Mapping) else "state_dict"
-        )
-        weights = list(_state_dict_weights(saved))
-    if not weights:
-        raise ValueError(f"{path}: found no convolution or linear weight (no key ending in `.weight` with >= 2 dims).")
-    return file_format, [_scan_weight(*weight, abs_threshold, rel_threshold) for weight in weights]
+    checkpoint = Checkpoint(path)
+    return checkpoint.format, _scanned_layers(checkpoint, abs_threshold, rel_threshold)
 
 
 def register(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -110,17 +150,47 @@ def register(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
         help="count dead kernels per layer in a saved model",
         description=(
             "Count dead kernels (filters whose L1 norm is below an absolute threshold, or below a fraction of their "
-            "layer's median) per convolution and linear layer of a Lightning checkpoint, a torch.save-d state_dict "
-            f"or a TorchScript file. Files are read with torch.load(weights_only=True). {_SHAPE_NOTE}"
+            "layer's median) per convolution and linear layer of a Lightning checkpoint, a torch.save-d state_dict, "
+            "a TorchScript file, a safetensors file, sharded safetensors (an index file or its directory) or an "
+            "ONNX model, recognised by content. Tensors are read and reduced one at a time, so memory stays near "
+            f"the largest tensor whatever the file's size. {_LOADING_NOTE} {_SHAPE_NOTE}"
         ),
     )
-    parser.add_argument("path", type=Path, help="a Lightning .ckpt, a torch.save-d state_dict or a TorchScript file")
+    parser.add_argument(
+        "path", type=Path, help="a .ckpt, state_dict, TorchScript, .safetensors, safetensors index or directory, .onnx"
+    )
+    add_threshold_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(run=run)
+
+
+def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--abs-threshold`` and ``--rel-threshold`` (shared by ``scan`` and ``diff``)."""
     parser.add_argument("--abs-threshold", type=float, default=1e-6, help="dead when L1 < this (default 1e-6)")
     parser.add_argument(
         "--rel-threshold", type=float, default=0.1, help="dead when L1 < this x the layer's median L1 (default 0.1)"
     )
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.set_defaults(run=run)
+
+
+def print_json_report(
+    files: Mapping[str, Any], args: argparse.Namespace, layers: Sequence[Any], total: Mapping[str, int]
+) -> None:
+    """Print ``{**files, abs_threshold, rel_threshold, layers, total}`` as JSON (``scan --json``, ``diff --json``).
+
+    Args:
+        files: what was read (``path`` and ``format``, or one such mapping per file).
+        args: the parsed command line, with ``abs_threshold`` and ``rel_threshold``.
+        layers: one dataclass per layer.
+        total: sums over the layers.
+    """
+    report = {
+        **files,
+        "abs_threshold": args.abs_threshold,
+        "rel_threshold": args.rel_threshold,
+        "layers": [asdict(layer) for layer in layers],
+        "total": total,
+    }
+    print(json.dumps(report, indent=2))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,15 +204,7 @@ def run(args: argparse.Namespace) -> int:
         stat: sum(getattr(layer, stat) for layer in layers) for stat in ("filters", "dead_abs", "dead_rel", "dead")
     }
     if args.json:
-        report = {
-            "path": str(args.path),
-            "format": file_format,
-            "abs_threshold": args.abs_threshold,
-            "rel_threshold": args.rel_threshold,
-            "layers": [asdict(layer) for layer in layers],
-            "total": total,
-        }
-        print(json.dumps(report, indent=2))
+        print_json_report({"path": str(args.path), "format": file_format}, args, layers, total)
         return 0
     rows = [
         [
@@ -207,81 +269,49 @@ def _is_number(cell: str) -> bool:
     return True
 
 
-def _is_torchscript(path: Path) -> bool:
-    """TorchScript archives are zip files holding ``<name>/constants.pkl`` (as ``torch.load`` itself checks)."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.split("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
-
-
-def _load_weights_only(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        lines = str(error).splitlines()
-        reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
+def _scanned_layers(
+    checkpoint: Checkpoint, abs_threshold: float, rel_threshold: float
+) -> Iterator[tuple[LayerScan, Tensor]]:
+    found = False
+    with _progress(checkpoint) as advance:
+        for name, weight, groups, transposed, kind_from_file in checkpoint.weights():
+            l1 = blockwise_filter_l1(weight, groups or 1, transposed)
+            dead_abs, dead_rel, layer_median = dead_kernel_masks(l1, abs_threshold, rel_threshold)
+            layer = LayerScan(
+                name=name,
+                kind=weight_kind(weight.shape, groups, transposed),
+                filters=l1.numel(),
+                dead_abs=int(dead_abs.sum()),
+                dead_rel=int(dead_rel.sum()),
+                dead=int((dead_abs | dead_rel).sum()),
+                norm_median=float(layer_median),
+                kind_from_shape=not kind_from_file,
+            )
+            advance(weight.nbytes)
+            del weight  # before the reader reads the next one: one weight in memory at a time, not two
+            found = True
+            yield layer, dead_abs | dead_rel
+    if not found:
         raise ValueError(
-            f"{path}: `torch.load(weights_only=True)` refused it ({reason.strip()}). It holds Python objects besides "
-            "tensors; save `model.state_dict()` with `torch.save` and scan that file."
-        ) from error
-    except Exception as error:  # torch reports a non-PyTorch file as RuntimeError, EOFError, ...
-        raise ValueError(
-            f"{path}: not a PyTorch checkpoint, state_dict or TorchScript file ({type(error).__name__}: {error})."
-        ) from error
+            f"{checkpoint.path}: found no convolution or linear weight (state_dicts and safetensors: floating tensors "
+            "of >= 2 dims under keys ending in `.weight`; ONNX: initializers feeding Conv, ConvTranspose, Gemm or "
+            "MatMul)."
+        )
 
 
-def _state_dict_weights(saved: Any) -> Iterator[tuple[str, Tensor, int | None, bool]]:
-    """``(layer name, weight, groups, transposed)`` of every conv/linear-like weight; groups unknown (``None``)."""
-    if isinstance(saved, Mapping) and isinstance(saved.get("state_dict"), Mapping):
-        saved = saved["state_dict"]  # a Lightning checkpoint: the model, not the optimizer states
-    for key, tensor in _tensors(saved, ""):
-        name, _, last = key.rpartition(".")
-        if last == "weight" and tensor.is_floating_point() and tensor.dim() >= 2:
-            yield name, tensor, None, False
-
-
-def _tensors(saved: Any, prefix: str) -> Iterator[tuple[str, Tensor]]:
-    if isinstance(saved, Tensor):
-        yield prefix, saved
-    elif isinstance(saved, Mapping):
-        for key, value in saved.items():
-            yield from _tensors(value, f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(saved, (list, tuple)):
-        for index, value in enumerate(saved):
-            yield from _tensors(value, f"{prefix}.{index}" if prefix else str(index))
-
-
-def _scripted_weights(path: Path) -> Iterator[tuple[str, Tensor, int | None, bool]]:
-    """Weights of the convolutions (which keep ``groups`` and ``transposed``) and linear layers of a script module."""
+@contextlib.contextmanager
+def _progress(checkpoint: Checkpoint) -> Iterator[Callable[[int], None]]:
+    """A function advancing a progress bar by bytes read: drawn on stderr for large files on a terminal only."""
+    if checkpoint.nbytes < _PROGRESS_MIN_BYTES or not sys.stderr.isatty():
+        yield lambda _: None
+        return
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
-    except Exception as error:  # a damaged archive fails in many ways inside the TorchScript loader
-        raise ValueError(f"{path}: not a readable TorchScript file ({type(error).__name__}: {error}).") from error
-    for name, submodule in module.named_modules():
-        weight = getattr(submodule, "weight", None)
-        if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.dim() < 2:
-            continue
-        if hasattr(submodule, "groups") and hasattr(submodule, "transposed"):
-            yield name, weight, int(submodule.groups), bool(submodule.transposed)
-        elif weight.dim() == 2 and getattr(submodule, "original_name", "").endswith("Linear"):
-            yield name, weight, 1, False
-
-
-def _scan_weight(
-    name: str, weight: Tensor, groups: int | None, transposed: bool, abs_threshold: float, rel_threshold: float
-) -> LayerScan:
-    l1, _ = weight_filter_norms(weight, groups or 1, transposed)
-    dead_abs, dead_rel, layer_median = dead_kernel_masks(l1, abs_threshold, rel_threshold)
-    return LayerScan(
-        name=name,
-        kind=weight_kind(weight.shape, groups, transposed),
-        filters=l1.numel(),
-        dead_abs=int(dead_abs.sum()),
-        dead_rel=int(dead_rel.sum()),
-        dead=int((dead_abs | dead_rel).sum()),
-        norm_median=float(layer_median),
-        kind_from_shape=groups is None,
-    )
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+    except ImportError:  # rich is optional: no bar without it
+        yield lambda _: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(f"scanning {checkpoint.path.name}", total=checkpoint.nbytes)
+        yield lambda nbytes: progress.advance(task, nbytes)
