@@ -448,7 +448,12 @@ class ActivationMonitor(MonitorCallback):
                 if ranges and len({low.numel() for _, low, _ in ranges}) == 1:
                     lows = np.stack([low.numpy() for _, low, _ in ranges])
                     highs = np.stack([high.numpy() for _, _, high in ranges])
-                    self.panels.image(trainer, self.key(name, "channel_range"), band_chart(lows, highs), step)
+                    self.panels.image(
+                        trainer,
+                        self.key(name, "channel_range"),
+                        band_chart(lows, highs, steps=[at for at, _, _ in ranges], layer=name, step=step),
+                        step,
+                    )
 
     def _register_layout(self, trainer: "pl.Trainer", names: list[str], scope: tuple[str, ...]) -> None:
         if not names or self._layout_names.get(scope) == names:

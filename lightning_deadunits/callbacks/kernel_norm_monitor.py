@@ -338,11 +338,39 @@ class KernelNormMonitor(MonitorCallback):
             return
         dead = np.array([c["dead"] for c in counts])
         depthwise = np.array([layer.kind == "depthwise" for layer in layers])
-        self.panels.image(trainer, self.key("dead_per_layer"), bar_chart(dead, highlight=depthwise), step)
+        self.panels.image(
+            trainer,
+            self.key("dead_per_layer"),
+            bar_chart(
+                [layer.name for layer in layers],
+                {
+                    f"abs: L1 < {self.abs_threshold:g}": [c.get("dead_abs", 0.0) for c in counts],
+                    f"rel: L1 < {self.rel_threshold:g} x layer median": [c.get("dead_rel", 0.0) for c in counts],
+                    f"BatchNorm: |gamma| < {self.bn_threshold:g}": [c.get("dead_bn", 0.0) for c in counts],
+                },
+                total=("any rule", dead),
+                marked=depthwise,
+                marked_label="depthwise layer",
+                title=f"{self.prefix}/{self.source}: dead filters per layer",
+                value_label="dead filters (count)",
+                step=step,
+            ),
+            step,
+        )
         worst = sorted(range(len(layers)), key=lambda i: -dead[i])[: self.heatmap_layers]
         for index in worst:
             module = self.probe.layers.get(layers[index].name)
             maps = filter_heatmaps(module) if module is not None else None
             if maps is not None:
                 tiles = list(maps[:_MAX_HEATMAP_FILTERS].numpy())
-                self.panels.image(trainer, self.key("heatmap", layers[index].name), heatmap_grid(tiles), step)
+                self.panels.image(
+                    trainer,
+                    self.key("heatmap", layers[index].name),
+                    heatmap_grid(
+                        tiles,
+                        layer=layers[index].name,
+                        step=step,
+                        dead=layers[index].dead[:_MAX_HEATMAP_FILTERS].tolist(),
+                    ),
+                    step,
+                )

@@ -1,6 +1,6 @@
-"""How readings are shown: TensorBoard panels and the images in them."""
+"""How readings are shown: TensorBoard panels and the figures in them (also drawn by ``deadunits report``)."""
 
-from lightning_deadunits.panels.render import band_chart, bar_chart, heatmap_grid
+from lightning_deadunits.panels.render import band_chart, bar_chart, heatmap_grid, png_bytes, series_chart
 from lightning_deadunits.panels.tensorboard import TensorBoardPanels
 
-__all__ = ["TensorBoardPanels", "band_chart", "bar_chart", "heatmap_grid"]
+__all__ = ["TensorBoardPanels", "band_chart", "bar_chart", "heatmap_grid", "png_bytes", "series_chart"]
