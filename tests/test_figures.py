@@ -51,9 +51,8 @@ def test_bar_chart_holds_title_step_axes_layer_names_and_rule_legend() -> None:
     assert ax.get_ylabel() == "layer (3, in model order)"
     names = [tick.get_text() for tick in ax.get_yticklabels()]
     assert names == ["model.conv1", "model.dw", "model.head"]
-    assert [tick.get_color() for tick in ax.get_yticklabels()][1] != [
-        tick.get_color() for tick in ax.get_yticklabels()
-    ][0]
+    colours = [tick.get_color() for tick in ax.get_yticklabels()]
+    assert colours[1] == "#d62728" and colours[0] != colours[1]  # the depthwise layer's name in red
     assert _legend_entries(figure) == ["any rule", *RULES, "red name: depthwise layer"]
     assert all(tick == round(tick) for tick in ax.get_xticks())  # counts: integer ticks only
     assert ax.get_xlim()[1] >= 4  # the largest bar fits
