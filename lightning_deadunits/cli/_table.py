@@ -1,6 +1,7 @@
 """Terminal tables for the ``deadunits`` commands, fitted to the terminal without ever breaking a cell across lines."""
 
 import shutil
+import textwrap
 from collections.abc import Sequence
 
 from lightning_deadunits.panels.render import shorten
@@ -73,7 +74,7 @@ def print_table(
         part_numeric = [numeric[index] if index < len(numeric) else False for index in indices]
         part_notes = notes if number == len(parts) - 1 else None
         if not use_rich:
-            _print_plain(part_title, part_columns, part_rows, part_numeric, part_notes)
+            _print_plain(part_title, part_columns, part_rows, part_numeric, part_notes, limit)
             continue
         table = Table(title=part_title, caption=part_notes, title_justify="left", caption_justify="left")
         for column, right in zip(part_columns, part_numeric, strict=True):
@@ -102,10 +103,16 @@ def _fold(widths: list[int], per_column: int, frame: int, limit: int) -> list[li
 
 
 def _print_plain(
-    title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[bool], footer: str | None
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    numeric: Sequence[bool],
+    footer: str | None,
+    limit: int,
 ) -> None:
+    """Aligned columns two spaces apart; the title and footer wrap between words at ``limit`` (0: never)."""
     widths = [max(len(cell) for cell in column) for column in zip(columns, *rows, strict=True)]
-    print(title)
+    print(_wrap(title, limit))
     for line in (columns, *rows):
         cells = [
             cell.rjust(width) if right else cell.ljust(width)
@@ -113,7 +120,11 @@ def _print_plain(
         ]
         print("  ".join(cells).rstrip())
     if footer:
-        print(footer)
+        print(_wrap(footer, limit))
+
+
+def _wrap(text: str, limit: int) -> str:
+    return "\n".join(textwrap.fill(line, limit) if limit else line for line in text.splitlines())
 
 
 def _is_number(cell: str) -> bool:

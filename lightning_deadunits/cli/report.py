@@ -147,9 +147,10 @@ def summarise_logdir(logdir: str | Path, prefix: str = "deadunits") -> dict[str,
 def write_plots(logdir: str | Path, directory: str | Path, prefix: str = "deadunits") -> list[Path]:
     """Write the figures of every run as PNG files named ``<run>-<source>-<figure>.png``.
 
-    Per source: the headline totals over steps, the headline stat of each layer over steps, each source-wide series
-    (e.g. the loss), and the last check's dead counts per layer (by rule for kernels) as in the TensorBoard
-    panel; loss spikes are marked on every figure over steps.
+    Per source: the headline totals over steps (``totals``), the headline stat of each layer over steps
+    (``<stat>-per-layer``), the last check's dead counts per layer (``dead-at-last-check``; by rule for kernels, the
+    TensorBoard panel's figure) and each source-wide series (e.g. ``value`` for the loss); loss spikes are marked on
+    every figure over steps.
 
     Args:
         logdir: a log directory (searched recursively) or one event file.
@@ -470,7 +471,7 @@ def _figures(run_data: _Run, prefix: str) -> Iterator[tuple[str, str, np.ndarray
             yield source, f"{stat}-per-layer", _over_steps(layer_stats[stat], label, _unit(stat), spike_steps)
             last_check = _last_check_chart(title, layer_stats)
             if last_check is not None:
-                yield source, "dead-per-layer", last_check
+                yield source, "dead-at-last-check", last_check
         for name, points in groups["series"].items():
             yield source, name, _over_steps({name: points}, f"{title}/{name}", name, spike_steps)
 
