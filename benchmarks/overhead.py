@@ -69,8 +69,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_deadunits as du
-from lightning_deadunits.demo import MobileNetLike, digits_dataset
 from lightning_deadunits.probes.activations import DEFAULT_ACTIVATION_TYPES
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the demo's model and data live there
+from digits_demo import MobileNetLike, digits_dataset
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CADENCE = 50  # the monitors' default every_n_steps, and the hand-written histogram logger's interval

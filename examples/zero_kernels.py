@@ -17,10 +17,10 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from digits_demo import DigitsClassifier
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_deadunits import DeadUnits, KernelNormMonitor
-from lightning_deadunits.demo import DigitsClassifier
 
 RECIPES = {"adam": 5e-3, "sgd": 0.05}
 
