@@ -18,3 +18,9 @@ def test_zero_kernels_demo_runs_and_writes_report_and_logs(tmp_path: Path) -> No
     assert "**total**" in report
     assert list((tmp_path / "adam").glob("events.out.tfevents.*"))
     assert list((tmp_path / "sgd").glob("events.out.tfevents.*"))
+    out = result.stdout
+    assert out.index("[1/2] training with adam") < out.index("[1/2] adam done") < out.index("[2/2] training with sgd")
+    assert "| model.features.4 | depthwise | 32 |" in out  # the tables are still printed
+    html = tmp_path / "report.html"
+    assert "data:image/png;base64," in html.read_text(encoding="utf-8")
+    assert f"tensorboard --logdir {tmp_path}" in out and f"python -m webbrowser {html.resolve()}" in out
