@@ -126,6 +126,16 @@ def test_heatmap_grid_labels_layer_filters_colour_scale_and_dead_filters() -> No
     assert sorted(patch.get_xy() for patch in outlines) == [(1 * 4 - 0.5, 2 * 4 - 0.5), (3 * 4 - 0.5, -0.5)]
 
 
+@pytest.mark.parametrize("empty", ["bar_chart", "heatmap_grid", "series_chart"])
+def test_figures_of_nothing_are_still_valid_images(empty: str) -> None:
+    draw = {
+        "bar_chart": lambda: bar_chart([], {"abs": []}, title="t", value_label="v", step=0),
+        "heatmap_grid": lambda: heatmap_grid([], layer="c", step=0, dead=[]),
+        "series_chart": lambda: series_chart({}, title="t", value_label="v", step=0),
+    }[empty]
+    assert _is_image(draw())
+
+
 def test_heatmap_grid_rejects_a_dead_mask_of_another_length() -> None:
     with pytest.raises(ValueError, match=r"`dead` must have one entry per map \(2\), got 3"):
         heatmap_grid([np.ones((3, 3))] * 2, layer="c", step=0, dead=[True] * 3)

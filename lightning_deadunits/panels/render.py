@@ -122,7 +122,7 @@ def bar_chart(
     ax.axvline(0.0, color=_ZERO_COLOUR, linewidth=0.8)
     shown = range(0, layers, max(1, math.ceil(layers / _MAX_LABELLED_LAYERS)))
     ax.set_yticks(list(shown), [shorten(layer_names[index]) for index in shown], fontsize=_FONT - 1)
-    ax.set_ylim(layers - 0.5, -0.5)
+    ax.set_ylim(max(layers, 1) - 0.5, -0.5)
     if marked is not None:
         for tick, index in zip(ax.get_yticklabels(), shown, strict=True):
             if marked[index]:
@@ -180,7 +180,7 @@ def heatmap_grid(
     if dead is not None and len(dead) != count:
         raise ValueError(f"`dead` must have one entry per map ({count}), got {len(dead)}.")
     columns = max(1, min(columns, count))
-    rows = -(-count // columns)
+    rows = max(1, -(-count // columns))
     # One mosaic with a blank cell between tiles: one image artist however many filters.
     mosaic = np.full((rows * (tile_rows + 1) - 1, columns * (tile_cols + 1) - 1), np.nan)
     for index, tile in enumerate(stack):
@@ -344,8 +344,8 @@ def series_chart(
         colour = _SERIES_COLOURS[index % len(_SERIES_COLOURS)]
         (line,) = ax.plot(steps, values, ".-", color=colour, linewidth=1.2, markersize=3, label=label)
         lines.append((values[-1] if values and math.isfinite(values[-1]) else -math.inf, line))
-    named = [line for _, line in sorted(lines, key=lambda item: -item[0])[:_MAX_LEGEND]]
-    handles: list[Any] = sorted(named, key=lambda line: [line for _, line in lines].index(line))
+    named = set(sorted(range(len(lines)), key=lambda index: -lines[index][0])[:_MAX_LEGEND])
+    handles: list[Any] = [line for index, (_, line) in enumerate(lines) if index in named]
     if len(lines) > _MAX_LEGEND:
         from matplotlib.patches import Patch
 

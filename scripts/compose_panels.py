@@ -1,0 +1,72 @@
+"""Compose docs/tensorboard.png from the image panels a real run logged, read back with TensorBoard's event reader.
+
+No browser runs offline here, so instead of a screenshot of TensorBoard this pastes the very PNGs TensorBoard would
+show (pixel for pixel, not redrawn) side by side, each under its tag and step:
+
+    python examples/zero_kernels.py --epochs 8 --out runs/zero_kernels
+    python scripts/compose_panels.py runs/zero_kernels/adam docs/tensorboard.png
+"""
+
+import argparse
+import io
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.image import imread
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+CAPTION = 28  # pixels above each panel for its tag and step
+GAP = 16
+
+
+def latest_images(run: Path, prefix: str) -> dict[str, tuple[int, np.ndarray]]:
+    """``{tag: (step, RGB image)}`` of the last image logged under each ``<prefix>/...`` tag of ``run``."""
+    accumulator = EventAccumulator(str(run), size_guidance={"images": 0})
+    accumulator.Reload()
+    images = {}
+    for tag in accumulator.Tags()["images"]:
+        if tag.startswith(f"{prefix}/"):
+            event = accumulator.Images(tag)[-1]
+            images[tag] = (event.step, imread(io.BytesIO(event.encoded_image_string), format="png")[..., :3])
+    return images
+
+
+def compose(columns: list[list[tuple[str, int, np.ndarray]]], path: Path) -> None:
+    """Paste ``(tag, step, image)`` panels in columns, top to bottom, at 1:1 pixels, and save the PNG."""
+    widths = [max(image.shape[1] for _, _, image in column) for column in columns]
+    heights = [sum(CAPTION + image.shape[0] + GAP for _, _, image in column) for column in columns]
+    width, height = sum(widths) + GAP * (len(columns) + 1), max(heights) + GAP
+    figure = Figure(figsize=(width / 100, height / 100), dpi=100)
+    FigureCanvasAgg(figure)
+    left = GAP
+    for column, column_width in zip(columns, widths, strict=True):
+        top = GAP
+        for tag, step, image in column:
+            figure.text(left / width, 1 - (top + CAPTION * 0.7) / height, f"{tag}  (step {step})", fontsize=11)
+            top += CAPTION
+            figure.figimage(image, xo=left, yo=height - top - image.shape[0])
+            top += image.shape[0] + GAP
+        left += column_width + GAP
+    figure.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="a run's log directory (holding its event file)")
+    parser.add_argument("out", type=Path, help="the PNG to write")
+    parser.add_argument("--prefix", default="deadunits")
+    args = parser.parse_args()
+    images = latest_images(args.run, args.prefix)
+    bars = f"{args.prefix}/kernels/dead_per_layer"
+    heatmaps = sorted(tag for tag in images if tag.startswith(f"{args.prefix}/kernels/heatmap/"))
+    bands = sorted(tag for tag in images if tag.endswith("/channel_range"))
+    left = [(bars, *images[bars])]
+    right = [(tag, *images[tag]) for tag in [*heatmaps[:1], *bands[-1:]]]
+    compose([left, right], args.out)
+    print(f"wrote {args.out} from {', '.join(tag for tag, _, _ in left + right)}")
+
+
+if __name__ == "__main__":
+    main()
