@@ -53,6 +53,7 @@ def compose(columns: list[list[tuple[str, int, np.ndarray]]], path: Path) -> Non
 
 
 def main() -> None:
+    """Read the run's last images and write the composed PNG."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a run's log directory (holding its event file)")
     parser.add_argument("out", type=Path, help="the PNG to write")
