@@ -2,7 +2,7 @@
 
 Adam with coupled L2 weight decay drives many filters (mostly depthwise, mostly deep) to a tiny fraction of
 their layer's typical norm; SGD with momentum on the same model and data leaves none. The run shows which run is
-training (``[1/2] adam``) with Lightning's progress bar (rich's when installed), then writes TensorBoard logs
+training (``[1/2] adam``) with a progress bar (rich's in a terminal, Lightning's tqdm bar otherwise), then writes TensorBoard logs
 (``tensorboard --logdir runs/zero_kernels``; ``DeadUnits`` also logs activations and the loss), ``report.md``
 with the per-layer table and ``report.html`` (``deadunits report --html``: every figure and event, one file).
 
@@ -13,6 +13,7 @@ Run: ``python examples/zero_kernels.py`` (about three minutes on 2 CPU cores); `
 import argparse
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -29,12 +30,15 @@ RECIPES = {"adam": 5e-3, "sgd": 0.05}
 
 
 def progress_bar() -> ProgressBar:
-    """rich's progress bar when rich is installed (the ``examples`` extra), Lightning's tqdm bar otherwise."""
+    """rich's progress bar in a terminal when rich is installed (the ``examples`` extra), else Lightning's tqdm bar.
+
+    rich draws nothing until the end when its output is not a terminal; tqdm's bar still shows progress in a pipe.
+    """
     try:
         import rich  # noqa: F401
     except ImportError:
         return TQDMProgressBar()
-    return RichProgressBar()
+    return RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar()
 
 
 def train(optimizer: str, epochs: int, out: Path, fast: bool) -> tuple[KernelNormMonitor, float]:
