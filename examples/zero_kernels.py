@@ -2,9 +2,10 @@
 
 Adam with coupled L2 weight decay drives many filters (mostly depthwise, mostly deep) to a tiny fraction of
 their layer's typical norm; SGD with momentum on the same model and data leaves none. The run shows which run is
-training (``[1/2] adam``) with a progress bar (rich's in a terminal, Lightning's tqdm bar otherwise), then writes TensorBoard logs
-(``tensorboard --logdir runs/zero_kernels``; ``DeadUnits`` also logs activations and the loss), ``report.md``
-with the per-layer table and ``report.html`` (``deadunits report --html``: every figure and event, one file).
+training (``[1/2] adam``) with a progress bar (rich's in a terminal, Lightning's tqdm bar otherwise), then
+writes TensorBoard logs (``tensorboard --logdir runs/zero_kernels``; ``DeadUnits`` also logs activations and the
+loss), ``report.md`` with the per-layer table and ``report.html`` (``deadunits report --html``: every figure and
+event, one file).
 
 Run: ``python examples/zero_kernels.py`` (about three minutes on 2 CPU cores); ``--fast`` (or
 ``DEADUNITS_FAST=1``) runs a few batches only, for the tests.
