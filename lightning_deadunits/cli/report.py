@@ -226,7 +226,10 @@ def run(args: argparse.Namespace) -> int:
     for run_summary in summary["runs"]:
         print(f"run {run_summary['run']} ({run_summary['path']}); cells: first -> last (max)")
         for title, columns, rows in _tables(run_summary, args.prefix):
-            print_table(title, columns, rows)
+            if rows:
+                print_table(title, columns, rows)
+            else:
+                print(title)
         print()
     for path in written:
         print(f"wrote {path}")
@@ -395,7 +398,7 @@ def _source_tables(title: str, groups: Mapping[str, Any]) -> Iterator[Table]:
         yield title, ["layer", *stats], rows
     if groups["series"]:
         fields = ("first", "last", "max", "max_step", "points", "nonfinite")
-        rows = [[name, *(_number(summary[key]) for key in fields)] for name, summary in groups["series"].items()]
+        rows = [[name, *(_reading(summary[key]) for key in fields)] for name, summary in groups["series"].items()]
         yield f"{title}: series", ["series", "first", "last", "max", "max step", "points", "non-finite"], rows
 
 
@@ -438,10 +441,16 @@ def _deaths(spike: Mapping[str, Any]) -> str:
 def _cell(summary: Mapping[str, Any] | None) -> str:
     if summary is None:
         return ""
-    return f"{_number(summary['first'])} -> {_number(summary['last'])} ({_number(summary['max'])})"
+    return f"{_reading(summary['first'])} -> {_reading(summary['last'])} ({_reading(summary['max'])})"
+
+
+def _reading(value: float | None) -> str:
+    """A summarised reading: ``None`` stands for a non-finite value."""
+    return "nan" if value is None else _number(value)
 
 
 def _number(value: Any) -> str:
+    """A record's field: numbers to 4 significant digits, ``"-"`` for a missing one, anything else as text."""
     if value is None:
         return "-"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
