@@ -47,6 +47,15 @@ _TOTAL_COLOUR = "#d4d4d4"
 _MARK_COLOUR = "#d62728"
 _ZERO_COLOUR = "#555555"
 _RANGE_BINS = 160
+# Margins in inches around the plot (a fixed layout: constrained layout doubled the cost of a figure).
+_TOP = 0.4  # the title
+_TOP_WITH_AXIS = 0.8  # the title, then an axis label and tick labels on top (heat maps)
+_BOTTOM = 0.6  # tick labels and the axis label, below which the legend goes
+_LEGEND_ROW = 0.2
+_LEGEND_COLUMNS = 4
+_LEFT = 0.85  # numeric tick labels and the axis label
+_RIGHT = 0.3
+_COLOUR_BAR = 1.15  # the gap, the bar, its tick labels and its label
 
 _local = threading.local()
 
@@ -106,9 +115,16 @@ def bar_chart(
     for name, column in columns.items():
         if len(column) != layers:
             raise ValueError(f"`{name}` must have one entry per layer ({layers}), got {len(column)}.")
-    rows_high = _LAYER_ROW * min(max(layers, 1), _MAX_LABELLED_LAYERS)
-    figure = _figure("bar_chart", _WIDTH, 1.5 + rows_high, figure)
-    ax = figure.add_subplot()
+    shown = range(0, layers, max(1, math.ceil(layers / _MAX_LABELLED_LAYERS)))
+    names = [shorten(layer_names[index]) for index in shown]
+    legend_entries = len(values) + (total is not None) + (marked is not None)
+    figure, ax, _ = _figure(
+        "bar_chart",
+        _LAYER_ROW * min(max(layers, 1), _MAX_LABELLED_LAYERS),
+        figure,
+        left=0.45 + _text_width(names, _FONT - 1),
+        legend_entries=legend_entries,
+    )
     positions = np.arange(layers, dtype=np.float64)
     handles = []
     if total is not None:
@@ -120,8 +136,7 @@ def bar_chart(
         handles.append(_bars(ax, positions + offset, _finite(series), height, colour, label))
     ax.autoscale_view()
     ax.axvline(0.0, color=_ZERO_COLOUR, linewidth=0.8)
-    shown = range(0, layers, max(1, math.ceil(layers / _MAX_LABELLED_LAYERS)))
-    ax.set_yticks(list(shown), [shorten(layer_names[index]) for index in shown], fontsize=_FONT - 1)
+    ax.set_yticks(list(shown), names, fontsize=_FONT - 1)
     ax.set_ylim(max(layers, 1) - 0.5, -0.5)
     if marked is not None:
         for tick, index in zip(ax.get_yticklabels(), shown, strict=True):
@@ -189,13 +204,20 @@ def heatmap_grid(
     finite = stack[np.isfinite(stack)]
     peak = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
     aspect = mosaic.shape[0] / max(mosaic.shape[1], 1)
-    figure = _figure("heatmap_grid", _WIDTH, 1.6 + min(_WIDTH * 0.8 * aspect, 16.0), figure)
-    ax = figure.add_subplot()
+    plot_width = _WIDTH - _LEFT - _COLOUR_BAR
+    figure, ax, colour_axes = _figure(
+        "heatmap_grid",
+        min(plot_width * aspect, 16.0),
+        figure,
+        top=_TOP_WITH_AXIS,
+        legend_entries=int(dead is not None),
+        colour_bar=True,
+    )
     from matplotlib import colormaps
     from matplotlib.patches import Rectangle
 
-    image = ax.imshow(mosaic, cmap=colormaps["magma"].with_extremes(bad="white"), vmin=0.0, vmax=peak)
-    figure.colorbar(image, ax=ax, label=value_label, shrink=0.9).ax.tick_params(labelsize=_FONT)
+    image = ax.imshow(mosaic, cmap=colormaps["magma"].with_extremes(bad="white"), vmin=0.0, vmax=peak, aspect="auto")
+    _colour_bar(figure, image, colour_axes, value_label)
     centres = [column * (tile_cols + 1) + (tile_cols - 1) / 2 for column in range(columns)]
     ax.set_xticks(centres, [f"+{column}" for column in range(columns)], fontsize=_FONT - 1)
     row_step = max(1, math.ceil(rows / 32))
@@ -281,8 +303,7 @@ def band_chart(
     np.add.at(changes, (rows[finite], last[finite] + 1), -1.0)
     coverage = np.cumsum(changes, axis=1)[:, :_RANGE_BINS] / max(channels, 1)
     step_values = np.asarray(steps, dtype=np.float64)
-    figure = _figure("band_chart", _WIDTH, 4.2, figure)
-    ax = figure.add_subplot()
+    figure, ax, colour_axes = _figure("band_chart", 3.0, figure, legend_entries=3, colour_bar=True)
     from matplotlib import colormaps
 
     mesh = ax.pcolormesh(
@@ -293,7 +314,7 @@ def band_chart(
         vmin=0.0,
         vmax=1.0,
     )
-    figure.colorbar(mesh, ax=ax, label="fraction of channels covering the value").ax.tick_params(labelsize=_FONT)
+    _colour_bar(figure, mesh, colour_axes, "fraction of channels covering the value")
     lowest = np.where(finite, lows, np.inf).min(axis=1)
     highest = np.where(finite, highs, -np.inf).max(axis=1)
     shown = np.isfinite(lowest)
@@ -335,8 +356,8 @@ def series_chart(
     Returns:
         The image.
     """
-    figure = _figure("series_chart", _WIDTH, 4.2, figure)
-    ax = figure.add_subplot()
+    legend_entries = min(len(series), _MAX_LEGEND) + (len(series) > _MAX_LEGEND) + bool(marks)
+    figure, ax, _ = _figure("series_chart", 3.0, figure, legend_entries=legend_entries)
     lines = []
     for index, (label, points) in enumerate(series.items()):
         steps = [point[0] for point in points]
@@ -388,8 +409,21 @@ def shorten(name: str, width: int = _MAX_NAME) -> str:
     return name[:head] + "…" + (name[-tail:] if tail else "")
 
 
-def _figure(kind: str, width: float, height: float, figure: "Figure | None") -> "Figure":
-    """``figure``, or this thread's reused figure of ``kind``, cleared, sized and with an Agg canvas."""
+def _figure(
+    kind: str,
+    plot_height: float,
+    figure: "Figure | None",
+    *,
+    left: float = _LEFT,
+    top: float = _TOP,
+    legend_entries: int = 0,
+    colour_bar: bool = False,
+) -> tuple["Figure", "Axes", "Axes | None"]:
+    """``figure`` (or this thread's reused figure of ``kind``) cleared, sized, on an Agg canvas, with its axes.
+
+    The plot is ``plot_height`` inches high and as wide as the figure allows beside the margins (in inches): the
+    title above, tick labels, the axis label and the legend's rows below, and a colour bar's axes on the right.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -401,10 +435,38 @@ def _figure(kind: str, width: float, height: float, figure: "Figure | None") -> 
     figure.clear()
     if not isinstance(figure.canvas, FigureCanvasAgg):
         FigureCanvasAgg(figure)
+    bottom = _BOTTOM + _LEGEND_ROW * math.ceil(legend_entries / _LEGEND_COLUMNS) + (0.1 if legend_entries else 0.0)
+    right = _COLOUR_BAR if colour_bar else _RIGHT
+    width, height = max(_WIDTH, left + right + 2.0), plot_height + top + bottom
     figure.set_dpi(_DPI)
     figure.set_size_inches(width, height)
-    figure.set_layout_engine("constrained")
-    return figure
+    figure.set_layout_engine("none")
+    ax = figure.add_axes((left / width, bottom / height, (width - left - right) / width, plot_height / height))
+    colour_axes = None
+    if colour_bar:
+        colour_axes = figure.add_axes(
+            ((width - right + 0.15) / width, bottom / height, 0.15 / width, plot_height / height)
+        )
+    return figure, ax, colour_axes
+
+
+def _text_width(texts: Sequence[str], size: float) -> float:
+    """The width in inches of the widest of ``texts`` in the figures' font at ``size`` points (0 for none)."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextToPath
+
+    longest = sorted(texts, key=len)[-3:]  # the widest is among the longest
+    measure = TextToPath()
+    font = FontProperties(size=size)
+    return max(
+        (measure.get_text_width_height_descent(text, font, ismath=False)[0] / 72 for text in longest), default=0.0
+    )
+
+
+def _colour_bar(figure: "Figure", mappable: Any, colour_axes: "Axes | None", label: str) -> None:
+    colour_bar = figure.colorbar(mappable, cax=colour_axes)
+    colour_bar.set_label(label, fontsize=_FONT + 1)
+    colour_bar.ax.tick_params(labelsize=_FONT)
 
 
 def _label(ax: "Axes", title: str, step: int, x_label: str, y_label: str) -> None:
@@ -418,7 +480,14 @@ def _label(ax: "Axes", title: str, step: int, x_label: str, y_label: str) -> Non
 
 def _legend(figure: "Figure", handles: Sequence[Any]) -> None:
     if handles:
-        figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=_FONT)
+        figure.legend(
+            handles=handles,
+            loc="lower center",
+            bbox_to_anchor=(0.5, 0.0),
+            ncols=min(len(handles), _LEGEND_COLUMNS),
+            fontsize=_FONT,
+            frameon=False,
+        )
 
 
 def _pixels(figure: "Figure") -> np.ndarray:
