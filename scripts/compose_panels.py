@@ -21,16 +21,22 @@ CAPTION = 28  # pixels above each panel for its tag and step
 GAP = 16
 
 
-def latest_images(run: Path, prefix: str) -> dict[str, tuple[int, np.ndarray]]:
-    """``{tag: (step, RGB image)}`` of the last image logged under each ``<prefix>/...`` tag of ``run``."""
-    accumulator = EventAccumulator(str(run), size_guidance={"images": 0})
+def latest_images(run: Path, prefix: str) -> tuple[dict[str, tuple[int, np.ndarray]], dict[str, float]]:
+    """``{tag: (step, RGB image)}`` of the last image of each ``<prefix>/...`` tag, and the last dead count per layer."""
+    accumulator = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0})
     accumulator.Reload()
     images = {}
     for tag in accumulator.Tags()["images"]:
         if tag.startswith(f"{prefix}/"):
             event = accumulator.Images(tag)[-1]
             images[tag] = (event.step, imread(io.BytesIO(event.encoded_image_string), format="png")[..., :3])
-    return images
+    start, end = f"{prefix}/kernels/", "/dead"
+    dead = {
+        tag[len(start) : -len(end)]: accumulator.Scalars(tag)[-1].value
+        for tag in accumulator.Tags()["scalars"]
+        if tag.startswith(start) and tag.endswith(end)
+    }
+    return images, dead
 
 
 def compose(columns: list[list[tuple[str, int, np.ndarray]]], path: Path) -> None:
@@ -59,12 +65,16 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="the PNG to write")
     parser.add_argument("--prefix", default="deadunits")
     args = parser.parse_args()
-    images = latest_images(args.run, args.prefix)
+    images, dead = latest_images(args.run, args.prefix)
     bars = f"{args.prefix}/kernels/dead_per_layer"
-    heatmaps = sorted(tag for tag in images if tag.startswith(f"{args.prefix}/kernels/heatmap/"))
-    bands = sorted(tag for tag in images if tag.endswith("/channel_range"))
+    last_check = images[bars][0]
+    heatmap_prefix = f"{args.prefix}/kernels/heatmap/"
+    # The heat map of the layer with the most dead filters at the last check; the band chart of the last layer.
+    heatmaps = [tag for tag in images if tag.startswith(heatmap_prefix) and images[tag][0] == last_check]
+    worst = max(heatmaps, key=lambda tag: dead.get(tag[len(heatmap_prefix) :], 0.0))
+    band = sorted(tag for tag in images if tag.endswith("/channel_range"))[-1]
     left = [(bars, *images[bars])]
-    right = [(tag, *images[tag]) for tag in [*heatmaps[:1], *bands[-1:]]]
+    right = [(tag, *images[tag]) for tag in (worst, band)]
     compose([left, right], args.out)
     print(f"wrote {args.out} from {', '.join(tag for tag, _, _ in left + right)}")
 

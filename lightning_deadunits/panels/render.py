@@ -117,13 +117,14 @@ def bar_chart(
             raise ValueError(f"`{name}` must have one entry per layer ({layers}), got {len(column)}.")
     shown = range(0, layers, max(1, math.ceil(layers / _MAX_LABELLED_LAYERS)))
     names = [shorten(layer_names[index]) for index in shown]
-    legend_entries = len(values) + (total is not None) + (marked is not None)
+    marked_legend = f"red name: {marked_label}"
+    legend = [*([total[0]] if total is not None else []), *values, *([marked_legend] if marked is not None else [])]
     figure, ax, _ = _figure(
         "bar_chart",
         _LAYER_ROW * min(max(layers, 1), _MAX_LABELLED_LAYERS),
         figure,
         left=0.45 + _text_width(names, _FONT - 1),
-        legend_entries=legend_entries,
+        legend=legend,
     )
     positions = np.arange(layers, dtype=np.float64)
     handles = []
@@ -144,7 +145,7 @@ def bar_chart(
                 tick.set_color(_MARK_COLOUR)
         from matplotlib.patches import Patch
 
-        handles.append(Patch(color="none", label=f"red name: {marked_label}"))
+        handles.append(Patch(color="none", label=marked_legend))
     if all(float(value).is_integer() for series in columns.values() for value in _finite(series)):
         from matplotlib.ticker import MaxNLocator
 
@@ -205,12 +206,15 @@ def heatmap_grid(
     peak = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
     aspect = mosaic.shape[0] / max(mosaic.shape[1], 1)
     plot_width = _WIDTH - _LEFT - _COLOUR_BAR
+    dead_indices = [] if dead is None else [index for index, is_dead in enumerate(dead) if is_dead]
+    dead_legend = f"dead filter ({len(dead_indices)} of {count})"
     figure, ax, colour_axes = _figure(
         "heatmap_grid",
         min(plot_width * aspect, 16.0),
         figure,
         top=_TOP_WITH_AXIS,
-        legend_entries=int(dead is not None),
+        bottom=0.2,
+        legend=[] if dead is None else [dead_legend],
         colour_bar=True,
     )
     from matplotlib import colormaps
@@ -227,17 +231,10 @@ def heatmap_grid(
         fontsize=_FONT - 1,
     )
     ax.tick_params(length=0)
-    handles = []
-    if dead is not None:
-        dead_indices = [index for index, is_dead in enumerate(dead) if is_dead]
-        for index in dead_indices:
-            corner = ((index % columns) * (tile_cols + 1) - 0.5, (index // columns) * (tile_rows + 1) - 0.5)
-            ax.add_patch(Rectangle(corner, tile_cols, tile_rows, fill=False, edgecolor=_MARK_COLOUR, linewidth=1.5))
-        handles.append(
-            Rectangle(
-                (0, 0), 1, 1, fill=False, edgecolor=_MARK_COLOUR, label=f"dead filter ({len(dead_indices)} of {count})"
-            )
-        )
+    for index in dead_indices:
+        corner = ((index % columns) * (tile_cols + 1) - 0.5, (index // columns) * (tile_rows + 1) - 0.5)
+        ax.add_patch(Rectangle(corner, tile_cols, tile_rows, fill=False, edgecolor=_MARK_COLOUR, linewidth=1.5))
+    handles = [] if dead is None else [Rectangle((0, 0), 1, 1, fill=False, edgecolor=_MARK_COLOUR, label=dead_legend)]
     _label(
         ax,
         f"{layer}: kernel magnitude per filter",
@@ -303,7 +300,8 @@ def band_chart(
     np.add.at(changes, (rows[finite], last[finite] + 1), -1.0)
     coverage = np.cumsum(changes, axis=1)[:, :_RANGE_BINS] / max(channels, 1)
     step_values = np.asarray(steps, dtype=np.float64)
-    figure, ax, colour_axes = _figure("band_chart", 3.0, figure, legend_entries=3, colour_bar=True)
+    legend = ["highest max", "lowest min", "zero"]
+    figure, ax, colour_axes = _figure("band_chart", 3.0, figure, legend=legend, colour_bar=True)
     from matplotlib import colormaps
 
     mesh = ax.pcolormesh(
@@ -356,8 +354,9 @@ def series_chart(
     Returns:
         The image.
     """
-    legend_entries = min(len(series), _MAX_LEGEND) + (len(series) > _MAX_LEGEND) + bool(marks)
-    figure, ax, _ = _figure("series_chart", 3.0, figure, legend_entries=legend_entries)
+    more_legend = f"and {len(series) - _MAX_LEGEND} more (smaller last values)"
+    legend = [*list(series)[:_MAX_LEGEND], *([more_legend] if len(series) > _MAX_LEGEND else [])]
+    figure, ax, _ = _figure("series_chart", 3.0, figure, legend=[*legend, *([marks_label] if marks else [])])
     lines = []
     for index, (label, points) in enumerate(series.items()):
         steps = [point[0] for point in points]
@@ -370,7 +369,7 @@ def series_chart(
     if len(lines) > _MAX_LEGEND:
         from matplotlib.patches import Patch
 
-        handles.append(Patch(color="none", label=f"and {len(lines) - _MAX_LEGEND} more (smaller last values)"))
+        handles.append(Patch(color="none", label=more_legend))
     for index, mark in enumerate(sorted(set(marks))):
         line = ax.axvline(mark, color=_MARK_COLOUR, linestyle="--", linewidth=0.8, label=marks_label)
         if index == 0:
@@ -416,13 +415,15 @@ def _figure(
     *,
     left: float = _LEFT,
     top: float = _TOP,
-    legend_entries: int = 0,
+    bottom: float = _BOTTOM,
+    legend: Sequence[str] = (),
     colour_bar: bool = False,
 ) -> tuple["Figure", "Axes", "Axes | None"]:
     """``figure`` (or this thread's reused figure of ``kind``) cleared, sized, on an Agg canvas, with its axes.
 
     The plot is ``plot_height`` inches high and as wide as the figure allows beside the margins (in inches): the
-    title above, tick labels, the axis label and the legend's rows below, and a colour bar's axes on the right.
+    title above, ``bottom`` (tick labels and the axis label) and the rows of the ``legend`` entries below, and a
+    colour bar's axes on the right.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -435,9 +436,11 @@ def _figure(
     figure.clear()
     if not isinstance(figure.canvas, FigureCanvasAgg):
         FigureCanvasAgg(figure)
-    bottom = _BOTTOM + _LEGEND_ROW * math.ceil(legend_entries / _LEGEND_COLUMNS) + (0.1 if legend_entries else 0.0)
     right = _COLOUR_BAR if colour_bar else _RIGHT
-    width, height = max(_WIDTH, left + right + 2.0), plot_height + top + bottom
+    width = max(_WIDTH, left + right + 2.0)
+    if legend:
+        bottom += _LEGEND_ROW * math.ceil(len(legend) / _legend_columns(legend, width)) + 0.1
+    height = plot_height + top + bottom
     figure.set_dpi(_DPI)
     figure.set_size_inches(width, height)
     figure.set_layout_engine("none")
@@ -463,6 +466,12 @@ def _text_width(texts: Sequence[str], size: float) -> float:
     )
 
 
+def _legend_columns(labels: Sequence[str], width: float) -> int:
+    """As many legend columns (up to 4) as fit ``width`` inches, each as wide as the widest entry and its key."""
+    column = _text_width(labels, _FONT) + 0.6
+    return max(1, min(len(labels), _LEGEND_COLUMNS, int((width - 0.2) // column)))
+
+
 def _colour_bar(figure: "Figure", mappable: Any, colour_axes: "Axes | None", label: str) -> None:
     colour_bar = figure.colorbar(mappable, cax=colour_axes)
     colour_bar.set_label(label, fontsize=_FONT + 1)
@@ -484,7 +493,7 @@ def _legend(figure: "Figure", handles: Sequence[Any]) -> None:
             handles=handles,
             loc="lower center",
             bbox_to_anchor=(0.5, 0.0),
-            ncols=min(len(handles), _LEGEND_COLUMNS),
+            ncols=_legend_columns([handle.get_label() for handle in handles], figure.get_figwidth()),
             fontsize=_FONT,
             frameon=False,
         )
