@@ -22,7 +22,7 @@ GAP = 16
 
 
 def latest_images(run: Path, prefix: str) -> tuple[dict[str, tuple[int, np.ndarray]], dict[str, float]]:
-    """``{tag: (step, RGB image)}`` of the last image of each ``<prefix>/...`` tag, and the last dead count per layer."""
+    """``{tag: (step, RGB image)}`` of the last image of each ``<prefix>/...`` tag; the last dead count per layer."""
     accumulator = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0})
     accumulator.Reload()
     images = {}
