@@ -471,7 +471,7 @@ def _figures(run_data: _Run, prefix: str) -> Iterator[tuple[str, str, np.ndarray
                 _over_steps(totals, f"{title}: totals over training", "count or fraction", spike_steps),
             )
         layer_stats: dict[str, dict[str, Points]] = {}
-        for layer_stat, points in groups["layers"].items():
+        for layer_stat, points in sorted(groups["layers"].items(), key=lambda item: _natural_order(item[0])):
             layer, _, stat = layer_stat.rpartition("/")
             layer_stats.setdefault(stat, {})[layer] = points
         if layer_stats:
@@ -505,7 +505,15 @@ def _last_check_chart(title: str, layer_stats: Mapping[str, Mapping[str, Points]
     values = {_RULE_STATS.get(stat, stat): last(stat) for stat in counted}
     total = ("any rule", last("dead")) if rules and "dead" in layer_stats else None
     value_label = "dead filters (count)" if rules else "channels (count)"
-    return bar_chart(layers, values, total=total, title=f"{title}: dead per layer", value_label=value_label, step=step)
+    return bar_chart(
+        layers,
+        values,
+        total=total,
+        title=f"{title}: dead per layer",
+        value_label=value_label,
+        step=step,
+        order="names in natural order",
+    )
 
 
 def _last_value(points: Points | None) -> float:
@@ -560,6 +568,11 @@ def _html_sections(run_data: _Run, run_summary: Mapping[str, Any], prefix: str) 
     sections.append(HtmlSection("Alarms", [], [_alarm_table(run_summary["alarms"])]))
     sections.append(HtmlSection("Actions taken", [], [_action_table(run_summary["actions"], run_summary["stops"])]))
     return sections
+
+
+def _natural_order(name: str) -> list[Any]:
+    """Sort key putting ``features.3`` before ``features.10``: the report knows layers by name only, not model order."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def _slug(name: str) -> str:

@@ -73,6 +73,7 @@ def bar_chart(
     total: tuple[str, Numbers] | None = None,
     marked: Sequence[bool] | np.ndarray | None = None,
     marked_label: str = "",
+    order: str = "in model order",
     figure: "Figure | None" = None,
 ) -> np.ndarray:
     """Horizontal bars, one row per layer (first layer on top) and one bar per series in each row.
@@ -90,6 +91,7 @@ def bar_chart(
         total: ``(legend label, one value per layer)`` drawn behind the series.
         marked: one bool per layer.
         marked_label: what a red name means (required with ``marked``).
+        order: how the layers are ordered, for the axis label.
         figure: draw into this figure instead of the reused one.
 
     Returns:
@@ -152,7 +154,7 @@ def bar_chart(
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(axis="x", alpha=0.3)
     skipped = "" if len(shown) == layers else f", every {shown.step}th name shown"
-    _label(ax, title, step, x_label=value_label, y_label=f"layer ({layers}, in model order{skipped})")
+    _label(ax, title, step, x_label=value_label, y_label=f"layer ({layers}, {order}{skipped})")
     _legend(figure, handles)
     return _pixels(figure)
 
