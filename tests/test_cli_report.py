@@ -1,3 +1,4 @@
+import base64
 import json
 import math
 import re
@@ -310,6 +311,18 @@ def test_report_html_is_one_self_contained_file_with_every_section(
     assert "deadunits/kernels/conv/dead = 3 rose above 2" in text and "rewarm" in text
     assert "3 spikes, 1 alarms, 1 stops, 1 actions" in text
     assert write_html(logdir, tmp_path / "again.html").read_text(encoding="utf-8") == text
+
+
+def test_report_plots_and_html_together_embed_the_written_figures(
+    logdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    page, plots = tmp_path / "report.html", tmp_path / "plots"
+    assert main(["report", str(logdir), "--json", "--plots", str(plots), "--html", str(page)]) == 0
+    written = json.loads(capsys.readouterr().out)["written"]
+    assert written[-1] == str(page) and len(written) == 12
+    text = page.read_text(encoding="utf-8")
+    for png in written[:-1]:
+        assert base64.b64encode(Path(png).read_bytes()).decode("ascii") in text  # the same figures, drawn once
 
 
 def test_report_reads_a_single_event_file_and_a_custom_prefix(tmp_path: Path) -> None:

@@ -163,7 +163,7 @@ def write_plots(logdir: str | Path, directory: str | Path, prefix: str = "deadun
     Raises:
         ValueError: as :func:`summarise_logdir`.
     """
-    return _write_plots(_read_runs(Path(logdir), prefix), Path(directory), prefix)
+    return _write_plots(_pngs(_read_runs(Path(logdir), prefix), prefix), Path(directory))
 
 
 def write_html(logdir: str | Path, path: str | Path, prefix: str = "deadunits") -> Path:
@@ -184,7 +184,7 @@ def write_html(logdir: str | Path, path: str | Path, prefix: str = "deadunits") 
         ValueError: as :func:`summarise_logdir`.
     """
     runs = _read_runs(Path(logdir), prefix)
-    return _write_html(Path(logdir), runs, _summarise(Path(logdir), prefix, runs), Path(path), prefix)
+    return _write_html(Path(logdir), _summarise(Path(logdir), prefix, runs), _pngs(runs, prefix), Path(path))
 
 
 def register(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -216,9 +216,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"deadunits report: error: {error}", file=sys.stderr)
         return 2
     summary = _summarise(logdir, args.prefix, runs)
-    written = [] if args.plots is None else _write_plots(runs, Path(args.plots), args.prefix)
+    pngs = {} if args.plots is None and args.html is None else _pngs(runs, args.prefix)
+    written = [] if args.plots is None else _write_plots(pngs, Path(args.plots))
     if args.html is not None:
-        written.append(_write_html(logdir, runs, summary, Path(args.html), args.prefix))
+        written.append(_write_html(logdir, summary, pngs, Path(args.html)))
     if args.json:
         summary["written"] = [str(path) for path in written]
         print(json.dumps(summary, indent=2))
@@ -524,38 +525,49 @@ def _unit(stat: str) -> str:
     return f"{stat} (fraction)" if stat.endswith("frac") else f"{stat} (count)"
 
 
-def _write_plots(runs: list[_Run], directory: Path, prefix: str) -> list[Path]:
+def _pngs(runs: list[_Run], prefix: str) -> dict[str, list[tuple[str, str, bytes]]]:
+    """``{run name: [(source, figure name, PNG)]}``: every figure drawn once, for ``--plots`` and ``--html`` alike."""
+    return {
+        run_data.name: [(source, name, png_bytes(image)) for source, name, image in _figures(run_data, prefix)]
+        for run_data in runs
+    }
+
+
+def _write_plots(pngs: Mapping[str, list[tuple[str, str, bytes]]], directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for run_data in runs:
-        for source, name, image in _figures(run_data, prefix):
-            path = directory / f"{_slug(run_data.name)}-{_slug(source)}-{_slug(name)}.png"
-            path.write_bytes(png_bytes(image))
+    for run_name, figures in pngs.items():
+        for source, name, png in figures:
+            path = directory / f"{_slug(run_name)}-{_slug(source)}-{_slug(name)}.png"
+            path.write_bytes(png)
             written.append(path)
     return written
 
 
-def _write_html(logdir: Path, runs: list[_Run], summary: Mapping[str, Any], path: Path, prefix: str) -> Path:
-    pages = []
-    for run_data, run_summary in zip(runs, summary["runs"], strict=True):
-        pages.append(
-            HtmlRun(
-                run_data.name,
-                str(run_data.path),
-                ", ".join(f"{len(run_summary[key])} {key}" for key in ("spikes", "alarms", "stops", "actions")),
-                _html_sections(run_data, run_summary, prefix),
-            )
+def _write_html(
+    logdir: Path, summary: Mapping[str, Any], pngs: Mapping[str, list[tuple[str, str, bytes]]], path: Path
+) -> Path:
+    pages = [
+        HtmlRun(
+            run_summary["run"],
+            run_summary["path"],
+            ", ".join(f"{len(run_summary[key])} {key}" for key in ("spikes", "alarms", "stops", "actions")),
+            _html_sections(run_summary, pngs[run_summary["run"]], summary["prefix"]),
         )
+        for run_summary in summary["runs"]
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_html(f"deadunits report: {logdir}", pages), encoding="utf-8")
     return path
 
 
-def _html_sections(run_data: _Run, run_summary: Mapping[str, Any], prefix: str) -> list[HtmlSection]:
+def _html_sections(
+    run_summary: Mapping[str, Any], pngs: list[tuple[str, str, bytes]], prefix: str
+) -> list[HtmlSection]:
     """One section per source (dead kernels, dead units, others), then spikes, alarms and actions taken."""
     figures: dict[str, list[tuple[str, bytes]]] = {}
-    for source, name, image in _figures(run_data, prefix):
-        figures.setdefault(source, []).append((f"{prefix}/{source}: {name}", png_bytes(image)))
+    for source, name, png in pngs:
+        figures.setdefault(source, []).append((f"{prefix}/{source}: {name}", png))
     sections = [
         HtmlSection(
             f"{_SOURCE_HEADINGS.get(source.split('/')[0], 'Readings')} ({prefix}/{source})",
