@@ -5,7 +5,9 @@ batch size; ``--models`` offers every name registered there.
 """
 
 import functools
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
@@ -14,8 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_deadunits.demo import MobileNetLike, digits_dataset
-from lightning_deadunits.probes.activations import DEFAULT_ACTIVATION_TYPES
+from lightning_deadunits.probes.module_kinds import DEFAULT_ACTIVATION_TYPES
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the demo's model and data live there
+from digits_demo import MobileNetLike, digits_dataset
 
 
 class Built(NamedTuple):

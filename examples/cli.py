@@ -9,9 +9,8 @@ YAML is the whole configuration: copy it and edit the numbers. Needs the ``examp
 the digits, jsonargparse for the CLI).
 """
 
+from digits_demo import DigitsClassifier
 from lightning.pytorch.cli import LightningCLI
-
-from lightning_deadunits.demo import DigitsClassifier
 
 
 def main(args: list[str] | None = None) -> LightningCLI:

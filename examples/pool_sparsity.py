@@ -21,11 +21,11 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from digits_demo import DigitsClassifier
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 from lightning_deadunits.callbacks.activation_monitor import ActivationMonitor
-from lightning_deadunits.demo import DigitsClassifier
 
 POOLS = {"max": nn.AdaptiveMaxPool2d, "avg": nn.AdaptiveAvgPool2d}
 FEATURE = "model.pool"

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from digits_demo import DigitsClassifier
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_deadunits import KernelNormMonitor
 from lightning_deadunits.callbacks.dead_unit_recycler import DeadUnitRecycler
-from lightning_deadunits.demo import DigitsClassifier
 
 
 def train(recycle: bool, epochs: int, out: Path, fast: bool) -> dict[str, Any]:

@@ -19,13 +19,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from digits_demo import DigitsClassifier
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from lightning_deadunits import KernelNormMonitor
 from lightning_deadunits.callbacks.loss_spike_monitor import LossSpikeMonitor
 from lightning_deadunits.cli.dump import show
-from lightning_deadunits.demo import DigitsClassifier
 from lightning_deadunits.dumps import load_dump
 
 CORRUPTED = (3, 17, 29)  # positions, in the dirty batch, of the samples the injector corrupts

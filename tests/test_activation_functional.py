@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from lightning_deadunits.functional.activations import channel_stats, dormant_channels, moments, reduction_dims
-from lightning_deadunits.panels.render import band_chart
 
 
 def _reference(values: np.ndarray, channel_axis: int, eps: float) -> dict[str, np.ndarray]:
@@ -88,26 +87,3 @@ def test_dormant_channels_follow_sokar_score() -> None:
     assert dormant_channels(mean_abs, tau=0.0).tolist() == [False, False, False, False, True]
     assert dormant_channels(torch.zeros(3), tau=0.0).all()
     assert not dormant_channels(torch.tensor([float("nan"), 1.0]), tau=0.5)[0]
-
-
-def test_band_chart_draws_ranges_and_zero_line() -> None:
-    steps, channels = 5, 4
-    lows = np.full((steps, channels), -1.0)
-    highs = np.full((steps, channels), 3.0)
-    lows[:, 0] = highs[:, 0] = 0.0  # a dead channel: a band on the zero line
-    lows[2, 1] = np.nan  # left out
-    image = band_chart(lows, highs, height=108, step_width=4)
-    assert image.shape == (108, 64, 3) and image.dtype == np.uint8
-    zero_row = 8 + round(3.0 / 4.0 * 91)
-    first_column = 9
-    assert tuple(image[zero_row, first_column]) != (255, 255, 255)
-    column = image[:, first_column]
-    painted = np.flatnonzero((column != 255).any(axis=1))
-    assert painted.min() == 8 and painted.max() == 8 + 91  # from +3 down to -1
-    # the zero row is covered by all four channels, the rows above zero by three: deeper colour at zero
-    assert column[zero_row].sum() < column[zero_row - 5].sum()
-
-
-def test_band_chart_without_finite_values_is_blank_but_valid() -> None:
-    image = band_chart(np.full((3, 2), np.inf), np.full((3, 2), -np.inf))
-    assert image.shape[2] == 3 and image.dtype == np.uint8

@@ -6,11 +6,11 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from digits_demo import DigitsClassifier
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_deadunits.callbacks.kernel_norm_monitor import KernelNormMonitor
 from lightning_deadunits.callbacks.lr_warmup import LRWarmup
-from lightning_deadunits.demo import DigitsClassifier
 from lightning_deadunits.triggers.threshold import ThresholdRule
 from lightning_deadunits.triggers.trend import TrendRule
 

@@ -5,13 +5,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from digits_demo import MobileNetLike, digits_dataset
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_deadunits import DeadUnits
 from lightning_deadunits.callbacks.loss_spike_monitor import LossSpikeMonitor
-from lightning_deadunits.demo import MobileNetLike, digits_dataset
 from lightning_deadunits.dumps import load_dump
 from lightning_deadunits.probes.loss import LossProbe
 from tests.helpers.spike_models import DigitsMLP, digits_with_dirty_batches

@@ -4,6 +4,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from digits_demo import DigitsClassifier, MobileNetLike
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_deadunits import (
@@ -14,7 +15,6 @@ from lightning_deadunits import (
     LRWarmup,
     ThresholdRule,
 )
-from lightning_deadunits.demo import DigitsClassifier, MobileNetLike
 from tests.helpers.events import load_events
 
 

@@ -16,14 +16,15 @@ __all__ = ["SkipUpdate"]
 class SkipUpdate(Action):
     """Makes the next optimizer step a no-op: called on an alarm, it arms; the step's pre-hook then drops the gradients.
 
-    The gradients are dropped inside ``optimizer.step``, right before the update: Lightning runs the closure (forward,
-    backward, every callback's ``on_before_optimizer_step``, gradient clipping) inside the step, so a step pre-hook
-    wraps the closure and drops the gradients when it returns; under fp16 AMP the closure has already run when the
-    ``GradScaler`` steps, and the pre-hook drops them at once. So every callback sees the step's gradients (gradient
-    norms of a spike are read whatever the order of the callbacks), and the ``GradScaler`` has checked them for
-    inf/NaN (an overflow backs its scale off as usual, and then the step does not run at all). Torch optimizers (all but LBFGS)
-    skip parameters whose gradient is ``None``, so the weights and the optimizer state (moments, step counts) stay
-    bit-identical. Runs on every rank, so DDP replicas stay identical. :attr:`count` counts the steps it was asked to skip.
+    The gradients are dropped inside ``optimizer.step``, right before the update: Lightning runs the closure
+    (forward, backward, every callback's ``on_before_optimizer_step``, gradient clipping) inside the step, so a step
+    pre-hook wraps the closure and drops the gradients when it returns; under fp16 AMP the closure has already run
+    when the ``GradScaler`` steps, and the pre-hook drops them at once. So every callback sees the step's gradients
+    (gradient norms of a spike are read whatever the order of the callbacks), and the ``GradScaler`` has checked
+    them for inf/NaN (an overflow backs its scale off as usual, and then the step does not run at all). Torch
+    optimizers (all but LBFGS) skip parameters whose gradient is ``None``, so the weights and the optimizer state
+    (moments, step counts) stay bit-identical. Runs on every rank, so DDP replicas stay identical. :attr:`count`
+    counts the steps it was asked to skip.
 
     Example:
         >>> skip = SkipUpdate()

@@ -13,11 +13,11 @@ from lightning_deadunits.probes.loss import BatchLoss
 
 __all__ = ["SpikeDump"]
 
-_NOT_METADATA = ("dump", "dead_after_spike", "dead_pending")
+_NOT_METADATA = ("dump", "dump_skipped", "dead_after_spike", "dead_pending")
 
 
 class SpikeDump:
-    """Writes ``<dumper.directory>/step{step:08d}-rank{rank}-batch{batch_idx:05d}.pt`` for the rank whose loss spiked.
+    """Writes ``<dumper.directory>/<tag>-step{step:08d}-rank{rank}-batch{batch_idx:05d}.pt`` for the spiking rank.
 
     Args:
         dumper: the writer (caps, atomic files, safe format).

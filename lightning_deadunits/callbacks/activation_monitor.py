@@ -140,6 +140,8 @@ class ActivationMonitor(MonitorCallback):
         log_histograms: write per-channel zero-fraction histograms (TensorBoard only).
         log_images: write the per-channel band charts (TensorBoard only).
         band_history: logs kept for the band chart (>= 1).
+        images_every_n_logs: draw the band charts at every this many training logs (>= 1; each figure takes tens of
+            ms), and at train end.
         dead_frac_above: alarm when a ``dead_frac`` (a layer's or the total, validation ones included) exceeds
             this, in [0, 1].
         max_abs_above: alarm when a layer's ``max_abs`` exceeds this (explosion), >= 0.
@@ -179,6 +181,7 @@ class ActivationMonitor(MonitorCallback):
         log_histograms: bool = True,
         log_images: bool = True,
         band_history: int = 100,
+        images_every_n_logs: int = 10,
         dead_frac_above: float | None = None,
         max_abs_above: float | None = None,
         std_below: float | None = None,
@@ -208,6 +211,7 @@ class ActivationMonitor(MonitorCallback):
         self.log_histograms = check_bool("log_histograms", log_histograms)
         self.log_images = check_bool("log_images", log_images)
         self.band_history = check_int("band_history", band_history, minimum=1)
+        self.images_every_n_logs = check_int("images_every_n_logs", images_every_n_logs, minimum=1)
         self.dead_frac_above = check_optional_float("dead_frac_above", dead_frac_above, 0.0, 1.0)
         self.max_abs_above = check_optional_float("max_abs_above", max_abs_above, minimum=0.0)
         self.std_below = check_optional_float("std_below", std_below, minimum=0.0)
@@ -228,6 +232,7 @@ class ActivationMonitor(MonitorCallback):
         self.validation_readings: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
         self.last_log_step: int | None = None
+        self.logs_done = 0
         self._sample_step: int | None = None
         self._last_sample_step: int | None = None
         self._samples_in_period = 0
@@ -302,7 +307,7 @@ class ActivationMonitor(MonitorCallback):
         if self._sample_step is not None:
             self._end_sample(trainer)
         if self._samples_in_period and self._last_sample_step is not None:
-            self.log_training(trainer, self._last_sample_step)
+            self.log_training(trainer, self._last_sample_step, final=True)
 
     @override
     def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -341,6 +346,7 @@ class ActivationMonitor(MonitorCallback):
             "samples_in_period": self._samples_in_period,
             "last_sample_step": self._last_sample_step,
             "last_log_step": self.last_log_step,
+            "logs_done": self.logs_done,
         }
 
     @override
@@ -353,11 +359,13 @@ class ActivationMonitor(MonitorCallback):
         self._samples_in_period = int(state_dict.get("samples_in_period", 0))
         self._last_sample_step = state_dict.get("last_sample_step")
         self.last_log_step = state_dict.get("last_log_step")
+        self.logs_done = int(state_dict.get("logs_done", 0))
 
-    def log_training(self, trainer: "pl.Trainer", step: int) -> dict[str, float]:
+    def log_training(self, trainer: "pl.Trainer", step: int, final: bool = False) -> dict[str, float]:
         """Reduce, log and check the training statistics of the current period at ``step``; return the readings.
 
-        Every rank must call it at the same step (the sampling schedule guarantees it).
+        Every rank must call it at the same step (the sampling schedule guarantees it). Band charts are drawn at
+        every ``images_every_n_logs``-th log, and when ``final``.
         """
         self._samples_in_period = 0
         self.last_log_step = step
@@ -373,7 +381,8 @@ class ActivationMonitor(MonitorCallback):
         )
         del self.history[:-_MAX_HISTORY]
         self.drawing.remember(summaries, step)
-        self._show(trainer, summaries, step, ())
+        self._show(trainer, summaries, step, (), images=final or self.logs_done % self.images_every_n_logs == 0)
+        self.logs_done += 1
         dead_counts = {name: float(s.dead.sum()) for name, s in summaries.items() if s.dead is not None}
         self.publish(trainer, self.reading(step, scalars, dead_counts=dead_counts, dead_masks=dead_masks))
         return scalars
@@ -391,11 +400,16 @@ class ActivationMonitor(MonitorCallback):
         return self.key(_VALIDATION, *parts)
 
     def _show(
-        self, trainer: "pl.Trainer", summaries: Mapping[str, SiteSummary], step: int, scope: tuple[str, ...]
+        self,
+        trainer: "pl.Trainer",
+        summaries: Mapping[str, SiteSummary],
+        step: int,
+        scope: tuple[str, ...],
+        images: bool = False,
     ) -> None:
         if summaries:
             self.show_layout(trainer, ACTIVATION_LAYOUT, {"": list(summaries)}, scope)
-        self.drawing.write(self.panels, trainer, summaries, step, scope)
+        self.drawing.write(self.panels, trainer, summaries, step, scope, images)
 
     def _convenience_rules(self) -> list[Rule]:
         base = f"{self.prefix}/{self.source}"

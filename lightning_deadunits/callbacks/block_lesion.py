@@ -238,7 +238,13 @@ class BlockLesion(MonitorCallback):
         self._show_layout(trainer)
         if self.log_images and result.deltas:
             delta_loss = np.array([deltas.get("loss", 0.0) for deltas in result.deltas.values()])
-            image = bar_chart(np.abs(delta_loss), highlight=delta_loss < 0)
+            image = bar_chart(
+                list(result.deltas),
+                {"loss change": delta_loss},
+                title=f"{self.prefix}/{self.source}: loss change when each block is lesioned",
+                value_label="lesioned loss - intact loss",
+                step=trainer.global_step,
+            )
             self.panels.image(trainer, self.key("delta_loss_per_block"), image, trainer.global_step)
 
     def _show_layout(self, trainer: "pl.Trainer") -> None:

@@ -77,6 +77,8 @@ class KernelNormMonitor(MonitorCallback):
         log_histograms: write per-layer norm histograms (TensorBoard only).
         log_images: write the per-layer bar chart and heat maps (TensorBoard only).
         heatmap_layers: how many layers get heat maps (0: none).
+        images_every_n_checks: draw the images at every this many checks (>= 1; each figure takes tens of ms), and
+            at train end.
         alarms: :class:`~lightning_deadunits.triggers.Rule` objects over the logged keys.
         on_alarm: actions for fired alarms (``"log"``, ``"warn"``, ``"stop"``, ``"raise"`` or callables).
         prefix: first part of every logged key.
@@ -105,6 +107,7 @@ class KernelNormMonitor(MonitorCallback):
         log_histograms: bool = True,
         log_images: bool = True,
         heatmap_layers: int = 3,
+        images_every_n_checks: int = 10,
         alarms: Sequence[Rule] = (),
         on_alarm: Sequence[AlarmAction] = ("log",),
         prefix: str = "deadunits",
@@ -120,10 +123,18 @@ class KernelNormMonitor(MonitorCallback):
         self.log_histograms = check_bool("log_histograms", log_histograms)
         self.log_images = check_bool("log_images", log_images)
         self.heatmap_layers = check_int("heatmap_layers", heatmap_layers, minimum=0)
+        self.images_every_n_checks = check_int("images_every_n_checks", images_every_n_checks, minimum=1)
         self.probe = KernelNormProbe(self.include, self.exclude, self.layer_types)
         self.tracker = KernelDeathTracker()
         self.checks = StepGate(schedules.every_n_steps(self.every_n_steps))
-        self.drawing = KernelPanels(self.key, self.log_histograms, self.log_images, self.heatmap_layers)
+        rules = {
+            "dead_abs": f"abs: L1 < {self.abs_threshold:g}",
+            "dead_rel": f"rel: L1 < {self.rel_threshold:g} x layer median",
+            "dead_bn": f"BatchNorm: |gamma| < {self.bn_threshold:g}",
+        }
+        title = f"{self.prefix}/{self.source}"
+        self.drawing = KernelPanels(self.key, title, rules, self.log_histograms, self.log_images, self.heatmap_layers)
+        self.checks_done = 0
         self.history: list[dict[str, float]] = []
         self._initial: tuple[int, list[LayerKernels]] | None = None
 
@@ -190,7 +201,7 @@ class KernelNormMonitor(MonitorCallback):
         if self._initial is not None:
             self._publish_initial(trainer)
         if self.last_check_step is not None and trainer.global_step != self.last_check_step:
-            self.check(trainer, trainer.global_step)
+            self.check(trainer, trainer.global_step, final=True)
 
     @override
     def release(self) -> None:
@@ -204,6 +215,7 @@ class KernelNormMonitor(MonitorCallback):
             "probe": self.probe.state_dict(),
             "last_check_step": self.last_check_step,
             "history": list(self.history),
+            "checks_done": self.checks_done,
         }
 
     @override
@@ -213,10 +225,14 @@ class KernelNormMonitor(MonitorCallback):
         self.probe.load_state_dict(state_dict.get("probe", {}))
         self.checks.mark(state_dict.get("last_check_step"))  # type: ignore[arg-type]
         self.history = list(state_dict.get("history", []))
+        self.checks_done = int(state_dict.get("checks_done", 0))
 
-    def check(self, trainer: "pl.Trainer", step: int) -> dict[str, float]:
-        """Measure now, log the readings at ``step`` and run the alarms; return the scalar readings."""
-        return self._process(trainer, self._read(), step)
+    def check(self, trainer: "pl.Trainer", step: int, final: bool = False) -> dict[str, float]:
+        """Measure now, log the readings at ``step`` and run the alarms; return the scalar readings.
+
+        Images are drawn at every ``images_every_n_checks``-th check, and when ``final``.
+        """
+        return self._process(trainer, self._read(), step, final)
 
     def _read(self) -> list[LayerKernels]:
         return self.probe.read(self.abs_threshold, self.rel_threshold, self.bn_threshold)
@@ -228,8 +244,12 @@ class KernelNormMonitor(MonitorCallback):
         self._initial = None
         self._process(trainer, self.probe.attribute(readings), step)
 
-    def _process(self, trainer: "pl.Trainer", layers: list[LayerKernels], step: int) -> dict[str, float]:
+    def _process(
+        self, trainer: "pl.Trainer", layers: list[LayerKernels], step: int, final: bool = False
+    ) -> dict[str, float]:
         self.checks.mark(step)
+        images = final or self.checks_done % self.images_every_n_checks == 0
+        self.checks_done += 1
         if not layers:
             return {}
         counts, totals = self.tracker.count(layers, step)
@@ -249,6 +269,5 @@ class KernelNormMonitor(MonitorCallback):
         for layer in layers:
             groups.setdefault(layer.kind, []).append(layer.name)
         self.show_layout(trainer, KERNEL_LAYOUT, groups)
-        shown = [(layer.name, layer.kind, layer.l1) for layer in layers]
-        self.drawing.write(self.panels, trainer, shown, list(dead_counts.values()), self.probe.layers, step)
+        self.drawing.write(self.panels, trainer, layers, counts, self.probe.layers, step, images)
         return scalars

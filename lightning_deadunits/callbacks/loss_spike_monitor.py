@@ -67,21 +67,23 @@ class LossSpikeMonitor(MonitorCallback):
     ``{"loss": loss, "per_sample_loss": tensor[N], "sample_ids": tensor[N] or list}``; both are stored in the
     dump, and ``deadunits dump show`` ranks the samples by their loss.
 
-    **Dumps.** The rank whose loss spiked writes ``<dump_dir>/step{step:08d}-rank{rank}-batch{batch_idx:05d}.pt``
+    **Dumps.** The rank whose loss spiked writes
+    ``<dump_dir>/<prefix>-step{step:08d}-rank{rank}-batch{batch_idx:05d}.pt`` (``-1``, ``-2``... appended rather than
+    replacing a file of that name: monitors sharing a directory, a rerun)
     (default ``dump_dir``: ``<trainer.log_dir>/deadunits/dumps``): the batch on CPU, the loss, the baseline,
     the scores, step, epoch, batch index, rank, the RNG states before the step, the per-sample losses and
     sample ids if given, and the last window of losses. Written atomically, at most ``max_dumps`` files and
     ``max_bytes`` bytes per rank, readable with ``torch.load(weights_only=True)`` or
     :func:`~lightning_deadunits.load_dump`. A failed write warns and training goes on.
 
-    **Skipping the update** (``skip_update=True``, automatic optimization only): the optimizer step of a
-    spiking batch (under accumulation, of the whole accumulation window) runs with every gradient set to
-    ``None`` (:class:`~lightning_deadunits.actions.SkipUpdate`: dropped as ``optimizer.step`` begins, after every
-    callback and gradient clipping have seen them), so torch optimizers (all but LBFGS) leave the weights and
-    their state (moments, step counts) bit-identical. Under fp16 AMP the ``GradScaler`` still checks this step's
-    gradients: an overflow backs its scale off as usual. ``trainer.global_step`` still advances, so Lightning still steps the learning-rate
-    schedulers of both intervals (``"step"``: once per global step, skipped or not; ``"epoch"``: unchanged) and
-    ``ReduceLROnPlateau`` sees only its monitored metric.
+    **Skipping the update** (``skip_update=True``, automatic optimization only): the optimizer step of a spiking
+    batch (under accumulation, of the whole accumulation window) runs with every gradient set to ``None``
+    (:class:`~lightning_deadunits.actions.SkipUpdate`: dropped as ``optimizer.step`` begins, after every callback
+    and gradient clipping have seen them), so torch optimizers (all but LBFGS) leave the weights and their state
+    (moments, step counts) bit-identical. Under fp16 AMP the ``GradScaler`` still checks this step's gradients: an
+    overflow backs its scale off as usual. ``trainer.global_step`` still advances, so Lightning still steps the
+    learning-rate schedulers of both intervals (``"step"``: once per global step, skipped or not; ``"epoch"``:
+    unchanged) and ``ReduceLROnPlateau`` sees only its monitored metric.
 
     **Spikes and dead units.** With a :class:`~lightning_deadunits.KernelNormMonitor` (or any monitor that pushes
     dead counts in its readings) in the trainer, each spike event records, per layer, how many kernels or units died
@@ -108,8 +110,9 @@ class LossSpikeMonitor(MonitorCallback):
 
     ``events`` holds one dict per spike: ``step``, ``epoch``, ``batch_idx``, ``rank``, ``loss``, ``baseline``,
     ``spread``, ``ratio``, ``spike_score``, ``threshold``, ``reason``, ``local`` (this rank's loss spiked),
-    ``skipped_update``, ``dump`` (path or ``None``), ``dead_after_spike`` (``{"<prefix>/<source>": {"unit",
-    "before_step", "after_step", "died": {layer: count}}}``) and ``dead_pending`` (checks still awaited).
+    ``skipped_update``, ``dump`` (path or ``None``), ``dump_skipped`` (why no dump was written, or ``None``),
+    ``dead_after_spike`` (``{"<prefix>/<source>": {"unit", "before_step", "after_step", "died": {layer: count}}}``)
+    and ``dead_pending`` (checks still awaited).
 
     Args:
         window: accepted losses in the baseline (>= 2).
@@ -162,7 +165,7 @@ class LossSpikeMonitor(MonitorCallback):
         if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
             raise TypeError(f"`dump_dir` must be a path or None, got {dump_dir!r}.")
         self.dump_dir = None if dump_dir is None else Path(dump_dir)
-        self.dumper = BatchDumper(self.dump_dir or Path("deadunits", "dumps"), max_dumps, max_bytes)
+        self.dumper = BatchDumper(self.dump_dir or Path("deadunits", "dumps"), max_dumps, max_bytes, tag=prefix)
         self.log_every_n_steps = (
             None if log_every_n_steps is None else check_int("log_every_n_steps", log_every_n_steps, 1)
         )
@@ -381,6 +384,7 @@ class LossSpikeMonitor(MonitorCallback):
         if verdict.spike:
             path = self.dump.write(trainer, pl_module, pending, event, outputs, batch, list(self.detector.recent))
             event["dump"] = None if path is None else str(path)
+            event["dump_skipped"] = self.dumper.last_skip_reason
         self.events.append(event)
         del self.events[:-_MAX_EVENTS]
         fields = {key: value for key, value in event.items() if key not in ("dead_after_spike", "dead_pending")}

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from lightning_deadunits._validation import check_float
 from lightning_deadunits.checkpoints import Checkpoint, CheckpointFormat
+from lightning_deadunits.cli._table import print_table
 from lightning_deadunits.functional.kernels import (
     LayerKind,
     blockwise_filter_l1,
@@ -226,47 +227,6 @@ def run(args: argparse.Namespace) -> int:
         footer=_SHAPE_NOTE if any(layer.kind_from_shape for layer in layers) else None,
     )
     return 0
-
-
-def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], footer: str | None = None) -> None:
-    """Print a table to stdout: with ``rich`` when it is installed, as aligned plain text otherwise.
-
-    Columns whose filled cells are all numbers are right-aligned.
-    """
-    numeric = [all(_is_number(cell) for cell in column if cell) for column in zip(*rows, strict=True)] or [False]
-    try:
-        from rich.console import Console
-        from rich.measure import Measurement
-        from rich.table import Table
-    except ImportError:
-        widths = [max(len(cell) for cell in column) for column in zip(columns, *rows, strict=True)]
-        print(title)
-        for line in (columns, *rows):
-            cells = [
-                cell.rjust(width) if right else cell.ljust(width)
-                for cell, width, right in zip(line, widths, numeric, strict=True)
-            ]
-            print("  ".join(cells).rstrip())
-        if footer:
-            print(footer)
-        return
-    table = Table(title=title, caption=footer, title_justify="left", caption_justify="left")
-    for column, right in zip(columns, numeric, strict=True):
-        table.add_column(column, justify="right" if right else "left", overflow="fold")
-    for row in rows:
-        table.add_row(*row)
-    console = Console()
-    # Wider than the terminal rather than folding layer names and paths (and 80 columns when piped).
-    console.width = max(console.width, Measurement.get(console, console.options, table).maximum)
-    console.print(table)
-
-
-def _is_number(cell: str) -> bool:
-    try:
-        float(cell)
-    except ValueError:
-        return False
-    return True
 
 
 def _scanned_layers(

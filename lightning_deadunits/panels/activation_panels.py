@@ -60,8 +60,9 @@ class ActivationPanels:
         summaries: Mapping[str, SiteSummary],
         step: int,
         scope: tuple[str, ...] = (),
+        images: bool = True,
     ) -> None:
-        """Draw the histograms of ``summaries`` and, for training logs (no ``scope``), the band charts."""
+        """Draw the histograms of ``summaries`` and, for training logs (no ``scope``) when ``images``, band charts."""
         if not writer.active(trainer):
             return
         if self.log_histograms:
@@ -69,14 +70,16 @@ class ActivationPanels:
                 if summary.channel_zero_frac is not None:
                     tag = self.key(*scope, name, "channel_zero_frac")
                     writer.histogram(trainer, tag, summary.channel_zero_frac, step)
-        if not self.log_images or scope:
+        if not (self.log_images and images) or scope:
             return
         for name in summaries:
             ranges = self.channel_ranges.get(name, [])
             if ranges and len({low.numel() for _, low, _ in ranges}) == 1:
                 lows = np.stack([low.numpy() for _, low, _ in ranges])
                 highs = np.stack([high.numpy() for _, _, high in ranges])
-                writer.image(trainer, self.key(name, "channel_range"), band_chart(lows, highs), step)
+                steps = [at for at, _, _ in ranges]
+                image = band_chart(lows, highs, steps=steps, layer=name, step=step)
+                writer.image(trainer, self.key(name, "channel_range"), image, step)
 
     def state_dict(self) -> dict[str, Any]:
         """The ranges kept for the band charts."""

@@ -2,6 +2,7 @@
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import lightning.pytorch as pl
 import numpy as np
@@ -32,21 +33,36 @@ KERNEL_LAYOUT = LayoutSpec(
 _MAX_HEATMAP_FILTERS = 256
 
 
+class _Layer(Protocol):
+    """What the panels need of a layer's reading (a ``probes.LayerKernels``)."""
+
+    name: str
+    kind: str
+    l1: Tensor
+
+    @property
+    def dead(self) -> Tensor: ...
+
+
 @dataclass
 class KernelPanels:
     """Draws one check's panels (TensorBoard only: nothing is computed when no writer shows panels).
 
     Args:
         key: builds the logged key from its parts (the monitor's ``key``).
+        title: the figures' title (the monitor's ``<prefix>/<source>``).
+        rules: ``{stat: legend label}`` of the dead-kernel rules, in the order drawn.
         log_histograms: per-layer histograms of filter L1 norms (``<layer>/l1``).
-        log_images: the dead-per-layer bar chart (depthwise layers highlighted) and heat maps.
+        log_images: the dead-per-layer bar chart (depthwise layers marked) and heat maps.
         heatmap_layers: how many layers (most dead first) get ``|w|`` heat maps.
 
     Example:
-        >>> panels = KernelPanels(lambda *parts: "/".join(("deadunits/kernels", *parts)), True, True, 3)
+        >>> panels = KernelPanels(lambda *p: "/".join(p), "deadunits/kernels", {"dead_abs": "abs"}, True, True, 3)
     """
 
     key: Callable[..., str]
+    title: str
+    rules: Mapping[str, str]
     log_histograms: bool
     log_images: bool
     heatmap_layers: int
@@ -55,25 +71,37 @@ class KernelPanels:
         self,
         writer: PanelWriter,
         trainer: "pl.Trainer",
-        layers: Sequence[tuple[str, str, Tensor]],
-        dead: Sequence[float],
+        layers: Sequence[_Layer],
+        counts: Sequence[Mapping[str, float]],
         modules: Mapping[str, nn.Module],
         step: int,
+        images: bool = True,
     ) -> None:
-        """Draw ``layers`` (``(name, kind, per-filter L1)``) with their ``dead`` counts at ``step``."""
+        """Draw ``layers`` with their per-rule ``counts`` at ``step`` (images only when ``images``)."""
         if not writer.active(trainer):
             return
         if self.log_histograms:
-            for name, _, l1 in layers:
-                writer.histogram(trainer, self.key(name, "l1"), l1, step)
-        if not self.log_images:
+            for layer in layers:
+                writer.histogram(trainer, self.key(layer.name, "l1"), layer.l1, step)
+        if not (self.log_images and images):
             return
-        counts = np.array(dead)
-        depthwise = np.array([kind == "depthwise" for _, kind, _ in layers])
-        writer.image(trainer, self.key("dead_per_layer"), bar_chart(counts, highlight=depthwise), step)
-        for index in sorted(range(len(layers)), key=lambda i: -counts[i])[: self.heatmap_layers]:
-            name = layers[index][0]
-            maps = filter_heatmaps(modules[name]) if name in modules else None
+        dead = np.array([layer_counts["dead"] for layer_counts in counts])
+        chart = bar_chart(
+            [layer.name for layer in layers],
+            {label: [layer_counts.get(stat, 0.0) for layer_counts in counts] for stat, label in self.rules.items()},
+            total=("any rule", dead),
+            marked=[layer.kind == "depthwise" for layer in layers],
+            marked_label="depthwise layer",
+            title=f"{self.title}: dead filters per layer",
+            value_label="dead filters (count)",
+            step=step,
+        )
+        writer.image(trainer, self.key("dead_per_layer"), chart, step)
+        for index in sorted(range(len(layers)), key=lambda i: -dead[i])[: self.heatmap_layers]:
+            layer = layers[index]
+            maps = filter_heatmaps(modules[layer.name]) if layer.name in modules else None
             if maps is not None:
                 tiles = list(maps[:_MAX_HEATMAP_FILTERS].numpy())
-                writer.image(trainer, self.key("heatmap", name), heatmap_grid(tiles), step)
+                marks = layer.dead[:_MAX_HEATMAP_FILTERS].tolist()
+                image = heatmap_grid(tiles, layer=layer.name, step=step, dead=marks)
+                writer.image(trainer, self.key("heatmap", layer.name), image, step)

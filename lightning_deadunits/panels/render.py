@@ -1,132 +1,530 @@
-"""Tiny raster renderers (numpy only) for the image panels: bar charts, heat-map grids, band charts."""
+"""The figures of the image panels and of ``deadunits report``, drawn with matplotlib's Agg renderer.
+
+Every function takes numbers and labels and returns an ``(H, W, 3)`` uint8 image (what
+``SummaryWriter.add_image(..., dataformats="HWC")`` takes), so callers never import matplotlib. Figures are drawn on
+``matplotlib.figure.Figure`` with ``FigureCanvasAgg`` directly: pyplot and the user's global backend are never
+touched. Each kind of figure reuses one ``Figure`` per thread (cleared before drawing); pass ``figure=`` to draw
+into your own instead (e.g. to read its artists back in a test). One style for all: the title ends with the step,
+axes are labelled with their units, layer names label the category axis and the legend names every colour.
+
+Figures:
+
+====================  ==========================================================================================
+:func:`bar_chart`     one value per layer, for several series (e.g. dead filters by rule), as horizontal bars
+                      with the layer names on the vertical axis (thinned beyond 120 layers)
+:func:`heatmap_grid`  one tile per filter of a layer, one colour scale, filter indices on the axes, dead filters
+                      outlined
+:func:`band_chart`    every channel's ``[min, max]`` range over training steps, as the fraction of channels
+                      covering each value, with the outermost range and a zero line
+:func:`series_chart`  lines over training steps (e.g. dead filters per layer), with marked steps (loss spikes)
+====================  ==========================================================================================
+"""
+
+import io
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-__all__ = ["band_chart", "bar_chart", "heatmap_grid"]
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
-_BACKGROUND = 255
-_AXIS = (90, 90, 90)
-_GRID = (225, 225, 225)
-_BAR = (31, 119, 180)
-_HIGHLIGHT = (214, 39, 40)
+__all__ = ["band_chart", "bar_chart", "heatmap_grid", "png_bytes", "series_chart", "shorten"]
+
+_DPI = 100
+_WIDTH = 7.5  # inches, every figure
+_FONT = 8.0  # points: tick labels, legends
+_TITLE_FONT = 10.0
+_LAYER_ROW = 0.18  # inches per layer on the category axis: 7-pt names (0.1 in) never touch
+_MAX_LABELLED_LAYERS = 120  # beyond this, every k-th layer name is shown so the figure stays under ~24 inches
+_MAX_NAME = 48  # characters of a layer name on an axis; longer names are shortened in the middle
+_MAX_LEGEND = 12  # series named in a legend; the rest are counted in one entry
+_SERIES_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
+_TOTAL_COLOUR = "#d4d4d4"
+_MARK_COLOUR = "#d62728"
+_ZERO_COLOUR = "#555555"
+_RANGE_BINS = 160
+# Margins in inches around the plot (a fixed layout: constrained layout doubled the cost of a figure).
+_TOP = 0.4  # the title
+_TOP_WITH_AXIS = 0.8  # the title, then an axis label and tick labels on top (heat maps)
+_BOTTOM = 0.6  # tick labels and the axis label, below which the legend goes
+_LEGEND_ROW = 0.2
+_LEGEND_COLUMNS = 4
+_LEFT = 0.85  # numeric tick labels and the axis label
+_RIGHT = 0.3
+_COLOUR_BAR = 1.15  # the gap, the bar, its tick labels and its label
+
+_local = threading.local()
+
+Numbers = Sequence[float] | np.ndarray
+"""One number (or bool) per layer, step or channel: a sequence or a 1-D array."""
 
 
 def bar_chart(
-    values: np.ndarray, highlight: np.ndarray | None = None, height: int = 240, bar_width: int = 12
+    layer_names: Sequence[str],
+    values: Mapping[str, Numbers],
+    *,
+    title: str,
+    value_label: str,
+    step: int,
+    total: tuple[str, Numbers] | None = None,
+    marked: Sequence[bool] | np.ndarray | None = None,
+    marked_label: str = "",
+    order: str = "in model order",
+    figure: "Figure | None" = None,
 ) -> np.ndarray:
-    """Draw ``values`` (one bar each, left to right) as an ``(H, W, 3)`` uint8 image.
+    """Horizontal bars, one row per layer (first layer on top) and one bar per series in each row.
 
-    Bars are scaled to the largest value; horizontal grid lines mark quarters of it. Bars where
-    ``highlight`` is true are drawn red.
+    ``total`` (e.g. dead filters by any rule) is drawn as a wide pale bar behind each row's series bars (e.g. the
+    counts of each rule, which overlap). Values may be negative (a zero line is drawn); non-finite values are
+    drawn as 0. Layers where ``marked`` is true get their name in red, explained by a legend entry.
 
     Args:
-        values: non-negative numbers, one per bar.
-        highlight: optional boolean mask of the same length.
-        height: image height in pixels.
-        bar_width: width of each bar in pixels (a 2-pixel gap separates bars).
+        layer_names: one name per row.
+        values: ``{legend label: one value per layer}``.
+        title: what the figure shows; `` (step <step>)`` is appended.
+        value_label: the value axis's label, with its unit.
+        step: the training step of the values.
+        total: ``(legend label, one value per layer)`` drawn behind the series.
+        marked: one bool per layer.
+        marked_label: what a red name means (required with ``marked``).
+        order: how the layers are ordered, for the axis label.
+        figure: draw into this figure instead of the reused one.
 
     Returns:
         The image.
+
+    Raises:
+        ValueError: if a sequence's length differs from ``layer_names``'s, or ``marked`` comes without
+            ``marked_label``.
+
+    Example:
+        >>> image = bar_chart(["conv1", "conv2"], {"abs": [0, 3]}, title="dead", value_label="filters", step=5)
+        >>> image.dtype, image.shape[2]
+        (dtype('uint8'), 3)
     """
-    values = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
-    margin = 8
-    step = bar_width + 2
-    width = max(2 * margin + step * len(values), 64)
-    image = np.full((height, width, 3), _BACKGROUND, dtype=np.uint8)
-    plot_height = height - 2 * margin
-    for quarter in range(1, 5):
-        row = height - margin - (plot_height * quarter) // 4
-        image[row, margin:-margin] = _GRID
-    peak = values.max(initial=0.0)
-    for index, value in enumerate(values):
-        bar_height = 0 if peak == 0 else round(plot_height * value / peak)
-        left = margin + index * step + 1
-        color = _HIGHLIGHT if highlight is not None and highlight[index] else _BAR
-        if bar_height:
-            image[height - margin - bar_height : height - margin, left : left + bar_width] = color
-    image[height - margin, margin:-margin] = _AXIS
-    image[margin : height - margin + 1, margin] = _AXIS
-    return image
+    layers = len(layer_names)
+    columns: dict[str, Numbers | Sequence[bool]] = {f"values[{label!r}]": series for label, series in values.items()}
+    if total is not None:
+        columns["total"] = total[1]
+    if marked is not None:
+        columns["marked"] = marked
+        if not marked_label:
+            raise ValueError("`marked_label` must say what a marked layer is when `marked` is given, got ''.")
+    for name, column in columns.items():
+        if len(column) != layers:
+            raise ValueError(f"`{name}` must have one entry per layer ({layers}), got {len(column)}.")
+    shown = range(0, layers, max(1, math.ceil(layers / _MAX_LABELLED_LAYERS)))
+    names = [shorten(layer_names[index]) for index in shown]
+    marked_legend = f"red name: {marked_label}"
+    legend = [*([total[0]] if total is not None else []), *values, *([marked_legend] if marked is not None else [])]
+    figure, ax, _ = _figure(
+        "bar_chart",
+        _LAYER_ROW * min(max(layers, 1), _MAX_LABELLED_LAYERS),
+        figure,
+        left=0.45 + _text_width(names, _FONT - 1),
+        legend=legend,
+    )
+    positions = np.arange(layers, dtype=np.float64)
+    handles = []
+    if total is not None:
+        handles.append(_bars(ax, positions, _finite(total[1]), 0.84, _TOTAL_COLOUR, total[0]))
+    height = 0.84 / max(len(values), 1)
+    for index, (label, series) in enumerate(values.items()):
+        offset = -0.42 + height * (index + 0.5)
+        colour = _SERIES_COLOURS[index % len(_SERIES_COLOURS)]
+        handles.append(_bars(ax, positions + offset, _finite(series), height, colour, label))
+    ax.autoscale_view()
+    ax.axvline(0.0, color=_ZERO_COLOUR, linewidth=0.8)
+    ax.set_yticks(list(shown), names, fontsize=_FONT - 1)
+    ax.set_ylim(max(layers, 1) - 0.5, -0.5)
+    if marked is not None:
+        for tick, index in zip(ax.get_yticklabels(), shown, strict=True):
+            if marked[index]:
+                tick.set_color(_MARK_COLOUR)
+        from matplotlib.patches import Patch
+
+        handles.append(Patch(color="none", label=marked_legend))
+    if all(float(value).is_integer() for series in columns.values() for value in _finite(series)):
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(axis="x", alpha=0.3)
+    skipped = "" if len(shown) == layers else f", every {shown.step}th name shown"
+    _label(ax, title, step, x_label=value_label, y_label=f"layer ({layers}, {order}{skipped})")
+    _legend(figure, handles)
+    return _pixels(figure)
 
 
-def heatmap_grid(maps: list[np.ndarray], scale: int = 8, columns: int = 16) -> np.ndarray:
-    """Tile 2-D maps into one grey ``(H, W, 3)`` uint8 image, each map normalised by the grid's maximum.
+def heatmap_grid(
+    maps: Sequence[np.ndarray] | np.ndarray,
+    *,
+    layer: str,
+    step: int,
+    dead: Sequence[bool] | np.ndarray | None = None,
+    value_label: str = "sum of |w| over input channels",
+    columns: int = 16,
+    figure: "Figure | None" = None,
+) -> np.ndarray:
+    """One tile per filter (row-major, ``columns`` per row) on one colour scale from 0, dead filters outlined red.
 
-    A collapsed filter shows as a black tile among bright ones, because all tiles share one scale.
+    A collapsed filter shows as a black tile among bright ones, because all tiles share one scale, shown by the
+    colour bar. The axes give the filter index: the row's first filter on the left, plus the column on top.
 
     Args:
-        maps: 2-D non-negative arrays (e.g. ``|w|`` of one filter, summed over input channels), all one shape.
-        scale: each map cell becomes a ``scale x scale`` block.
-        columns: tiles per row.
+        maps: 2-D arrays (e.g. ``|w|`` of one filter summed over input channels), all one shape, filter 0 first.
+        layer: the layer's name, for the title.
+        step: the training step of the weights.
+        dead: one bool per map: outlined when true.
+        value_label: the colour bar's label, with its unit.
+        columns: tiles per row (>= 1).
+        figure: draw into this figure instead of the reused one.
 
     Returns:
         The image.
+
+    Raises:
+        ValueError: if ``columns`` < 1, the maps differ in shape or are not 2-D, or ``dead`` has another length.
     """
-    if not maps:
-        return np.full((8, 8, 3), _BACKGROUND, dtype=np.uint8)
-    stack = np.stack([np.asarray(m, dtype=np.float64) for m in maps])
-    peak = np.nanmax(stack) if np.isfinite(stack).any() else 0.0
-    normalised = np.zeros_like(stack) if peak <= 0 else np.nan_to_num(stack / peak).clip(0, 1)
-    count, rows_per_map, cols_per_map = normalised.shape
-    tile_h, tile_w = rows_per_map * scale, cols_per_map * scale
-    columns = min(columns, count)
-    rows = -(-count // columns)
-    gap = 2
-    image = np.full((rows * (tile_h + gap) + gap, columns * (tile_w + gap) + gap, 3), _BACKGROUND, np.uint8)
-    pixels = (normalised.repeat(scale, axis=1).repeat(scale, axis=2) * 255).astype(np.uint8)
-    for index, tile in enumerate(pixels):
-        top = gap + (index // columns) * (tile_h + gap)
-        left = gap + (index % columns) * (tile_w + gap)
-        image[top : top + tile_h, left : left + tile_w] = tile[..., None]
-    return image
+    if columns < 1:
+        raise ValueError(f"`columns` must be an int >= 1, got {columns!r}.")
+    stack = np.stack([np.asarray(tile, dtype=np.float64) for tile in maps]) if len(maps) else np.zeros((0, 1, 1))
+    if stack.ndim != 3:
+        raise ValueError(f"`maps` must be 2-D arrays of one shape, got an array of shape {stack.shape}.")
+    count, tile_rows, tile_cols = stack.shape
+    if dead is not None and len(dead) != count:
+        raise ValueError(f"`dead` must have one entry per map ({count}), got {len(dead)}.")
+    columns = max(1, min(columns, count))
+    rows = max(1, -(-count // columns))
+    # One mosaic with a blank cell between tiles: one image artist however many filters.
+    mosaic = np.full((rows * (tile_rows + 1) - 1, columns * (tile_cols + 1) - 1), np.nan)
+    for index, tile in enumerate(stack):
+        top, left = (index // columns) * (tile_rows + 1), (index % columns) * (tile_cols + 1)
+        mosaic[top : top + tile_rows, left : left + tile_cols] = tile
+    finite = stack[np.isfinite(stack)]
+    peak = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    aspect = mosaic.shape[0] / max(mosaic.shape[1], 1)
+    plot_width = _WIDTH - _LEFT - _COLOUR_BAR
+    dead_indices = [] if dead is None else [index for index, is_dead in enumerate(dead) if is_dead]
+    dead_legend = f"dead filter ({len(dead_indices)} of {count})"
+    figure, ax, colour_axes = _figure(
+        "heatmap_grid",
+        min(plot_width * aspect, 16.0),
+        figure,
+        top=_TOP_WITH_AXIS,
+        bottom=0.2,
+        legend=[] if dead is None else [dead_legend],
+        colour_bar=True,
+    )
+    from matplotlib import colormaps
+    from matplotlib.patches import Rectangle
+
+    image = ax.imshow(mosaic, cmap=colormaps["magma"].with_extremes(bad="white"), vmin=0.0, vmax=peak, aspect="auto")
+    _colour_bar(figure, image, colour_axes, value_label)
+    centres = [column * (tile_cols + 1) + (tile_cols - 1) / 2 for column in range(columns)]
+    ax.set_xticks(centres, [f"+{column}" for column in range(columns)], fontsize=_FONT - 1)
+    row_step = max(1, math.ceil(rows / 32))
+    ax.set_yticks(
+        [row * (tile_rows + 1) + (tile_rows - 1) / 2 for row in range(0, rows, row_step)],
+        [str(row * columns) for row in range(0, rows, row_step)],
+        fontsize=_FONT - 1,
+    )
+    ax.tick_params(length=0)
+    for index in dead_indices:
+        corner = ((index % columns) * (tile_cols + 1) - 0.5, (index // columns) * (tile_rows + 1) - 0.5)
+        ax.add_patch(Rectangle(corner, tile_cols, tile_rows, fill=False, edgecolor=_MARK_COLOUR, linewidth=1.5))
+    handles = [] if dead is None else [Rectangle((0, 0), 1, 1, fill=False, edgecolor=_MARK_COLOUR, label=dead_legend)]
+    _label(
+        ax,
+        f"{layer}: kernel magnitude per filter",
+        step,
+        x_label="filter index: row start + column",
+        y_label="row start (filter index)",
+    )
+    ax.xaxis.set_label_position("top")
+    ax.xaxis.tick_top()
+    _legend(figure, handles)
+    return _pixels(figure)
 
 
-def band_chart(mins: np.ndarray, maxs: np.ndarray, height: int = 240, step_width: int = 4) -> np.ndarray:
-    """Draw every channel's ``[min, max]`` range at every time step as an ``(H, W, 3)`` uint8 image.
+def band_chart(
+    mins: np.ndarray,
+    maxs: np.ndarray,
+    *,
+    steps: Sequence[int],
+    layer: str,
+    step: int,
+    value_label: str = "activation value",
+    figure: "Figure | None" = None,
+) -> np.ndarray:
+    """Every channel's ``[min, max]`` at each training step, shaded by the fraction of channels covering a value.
 
-    ``mins`` and ``maxs`` are ``(T, C)``: ``T`` time steps, left to right, of ``C`` channels. At each step every
-    channel paints its range; the colour deepens with the fraction of channels covering a value, and a value any
-    channel covers is at least faintly coloured, so one exploding channel stays visible. One y scale spans every
-    finite value and 0, where a grey line is drawn: channels collapsing towards 0 show as the band narrowing onto
-    that line, dead ReLU channels as a band on it. Non-finite ranges are left out.
+    ``mins`` and ``maxs`` are ``(T, C)``: ``T`` steps of ``C`` channels. Channels collapsing towards 0 show as the
+    band narrowing onto the zero line, dead ReLU channels as a band on it; one exploding channel stays visible as
+    the outermost range (the lowest minimum and highest maximum, drawn as lines). Non-finite ranges are left out.
 
     Args:
         mins: per-step, per-channel minima.
         maxs: per-step, per-channel maxima, same shape.
-        height: image height in pixels.
-        step_width: pixels per time step (the last one is a gap when there are two or more).
+        steps: the training step of each row, increasing.
+        layer: the layer's name, for the title.
+        step: the training step of the figure.
+        value_label: the value axis's label, with its unit.
+        figure: draw into this figure instead of the reused one.
+
+    Returns:
+        The image.
+
+    Raises:
+        ValueError: if ``mins`` and ``maxs`` differ in shape or ``steps`` has another length than their rows.
+    """
+    lows = np.atleast_2d(np.asarray(mins, dtype=np.float64))
+    highs = np.atleast_2d(np.asarray(maxs, dtype=np.float64))
+    if lows.shape != highs.shape:
+        raise ValueError(f"`mins` and `maxs` must have one shape, got {lows.shape} and {highs.shape}.")
+    if len(steps) != lows.shape[0]:
+        raise ValueError(f"`steps` must have one entry per row of `mins` ({lows.shape[0]}), got {len(steps)}.")
+    channels = lows.shape[1]
+    finite = np.isfinite(lows) & np.isfinite(highs) & (lows <= highs)
+    bottom = min(float(lows[finite].min(initial=0.0)), 0.0)
+    top = max(float(highs[finite].max(initial=0.0)), 0.0)
+    span = (top - bottom) or 1.0
+    edges = np.linspace(bottom - 0.02 * span, top + 0.02 * span, _RANGE_BINS + 1)
+    first = np.clip(np.searchsorted(edges, np.where(finite, lows, 0.0), side="right") - 1, 0, _RANGE_BINS - 1)
+    last = np.clip(np.searchsorted(edges, np.where(finite, highs, 0.0), side="right") - 1, 0, _RANGE_BINS - 1)
+    # Coverage of every bin at every step at once: +1 where a range starts, -1 past where it ends, summed.
+    changes = np.zeros((lows.shape[0], _RANGE_BINS + 1))
+    rows = np.arange(lows.shape[0])[:, None].repeat(channels, axis=1)
+    np.add.at(changes, (rows[finite], first[finite]), 1.0)
+    np.add.at(changes, (rows[finite], last[finite] + 1), -1.0)
+    coverage = np.cumsum(changes, axis=1)[:, :_RANGE_BINS] / max(channels, 1)
+    step_values = np.asarray(steps, dtype=np.float64)
+    legend = ["highest max", "lowest min", "zero"]
+    figure, ax, colour_axes = _figure("band_chart", 3.0, figure, legend=legend, colour_bar=True)
+    from matplotlib import colormaps
+
+    mesh = ax.pcolormesh(
+        _edges(step_values),
+        edges,
+        np.where(coverage > 0, coverage, np.nan).T,
+        cmap=colormaps["Blues"].with_extremes(bad="white"),
+        vmin=0.0,
+        vmax=1.0,
+    )
+    _colour_bar(figure, mesh, colour_axes, "fraction of channels covering the value")
+    lowest = np.where(finite, lows, np.inf).min(axis=1)
+    highest = np.where(finite, highs, -np.inf).max(axis=1)
+    shown = np.isfinite(lowest)
+    marker = "o" if lows.shape[0] == 1 else None
+    handles = [
+        ax.plot(step_values[shown], highest[shown], color=_SERIES_COLOURS[1], marker=marker, label="highest max")[0],
+        ax.plot(step_values[shown], lowest[shown], color=_SERIES_COLOURS[0], marker=marker, label="lowest min")[0],
+        ax.axhline(0.0, color=_ZERO_COLOUR, linewidth=0.9, linestyle="--", label="zero"),
+    ]
+    ax.grid(alpha=0.3)
+    _label(ax, f"{layer}: per-channel [min, max] of {channels} channels", step, "training step", value_label)
+    _legend(figure, handles)
+    return _pixels(figure)
+
+
+def series_chart(
+    series: Mapping[str, Sequence[tuple[int, float]]],
+    *,
+    title: str,
+    value_label: str,
+    step: int,
+    marks: Sequence[int] = (),
+    marks_label: str = "loss spike",
+    figure: "Figure | None" = None,
+) -> np.ndarray:
+    """Lines of values over training steps, with dashed red lines at ``marks`` (e.g. loss spikes).
+
+    With more than 12 series the legend names the 12 with the largest last values and counts the others.
+
+    Args:
+        series: ``{legend label: [(step, value), ...]}``; non-finite values leave gaps.
+        title: what the figure shows; `` (step <step>)`` is appended.
+        value_label: the value axis's label, with its unit.
+        step: the last training step shown.
+        marks: steps to mark.
+        marks_label: what a mark is, for the legend.
+        figure: draw into this figure instead of the reused one.
 
     Returns:
         The image.
     """
-    lows = np.atleast_2d(np.asarray(mins, dtype=np.float64))
-    highs = np.atleast_2d(np.asarray(maxs, dtype=np.float64))
-    steps, channels = lows.shape
-    margin = 8
-    width = max(2 * margin + steps * step_width, 64)
-    image = np.full((height, width, 3), _BACKGROUND, dtype=np.uint8)
-    plot_height = height - 2 * margin
-    finite = np.isfinite(lows) & np.isfinite(highs) & (lows <= highs)
-    bottom_value = min(float(lows[finite].min(initial=0.0)), 0.0)
-    top_value = max(float(highs[finite].max(initial=0.0)), 0.0)
-    span = (top_value - bottom_value) or 1.0
+    more_legend = f"and {len(series) - _MAX_LEGEND} more (smaller last values)"
+    legend = [*list(series)[:_MAX_LEGEND], *([more_legend] if len(series) > _MAX_LEGEND else [])]
+    figure, ax, _ = _figure("series_chart", 3.0, figure, legend=[*legend, *([marks_label] if marks else [])])
+    lines = []
+    for index, (label, points) in enumerate(series.items()):
+        steps = [point[0] for point in points]
+        values = [point[1] if math.isfinite(point[1]) else math.nan for point in points]
+        colour = _SERIES_COLOURS[index % len(_SERIES_COLOURS)]
+        (line,) = ax.plot(steps, values, ".-", color=colour, linewidth=1.2, markersize=3, label=label)
+        lines.append((values[-1] if values and math.isfinite(values[-1]) else -math.inf, line))
+    named = set(sorted(range(len(lines)), key=lambda index: -lines[index][0])[:_MAX_LEGEND])
+    handles: list[Any] = [line for index, (_, line) in enumerate(lines) if index in named]
+    if len(lines) > _MAX_LEGEND:
+        from matplotlib.patches import Patch
 
-    def rows(values: np.ndarray) -> np.ndarray:
-        return margin + np.round((top_value - values) / span * (plot_height - 1)).astype(np.int64)
+        handles.append(Patch(color="none", label=more_legend))
+    for index, mark in enumerate(sorted(set(marks))):
+        line = ax.axvline(mark, color=_MARK_COLOUR, linestyle="--", linewidth=0.8, label=marks_label)
+        if index == 0:
+            handles.append(line)
+    ax.grid(alpha=0.3)
+    _label(ax, title, step, "training step", value_label)
+    _legend(figure, handles)
+    return _pixels(figure)
 
-    image[rows(np.zeros(1))[0], margin:-margin] = _AXIS
-    image[margin : height - margin, margin] = _AXIS
-    # Coverage of every pixel row at every step at once: +1 where a range starts, -1 below where it ends, summed.
-    columns = height + 1
-    offsets = np.arange(steps)[:, None] * columns
-    weights = finite.astype(np.float64).ravel()
-    starts = np.bincount((offsets + rows(np.where(finite, highs, 0.0))).ravel(), weights, steps * columns)
-    ends = np.bincount((offsets + rows(np.where(finite, lows, 0.0)) + 1).ravel(), weights, steps * columns)
-    coverage = np.cumsum((starts - ends).reshape(steps, columns), axis=1)[:, :height]
-    step_index, row_index = np.nonzero(coverage > 0)
-    strength = (0.25 + 0.75 * coverage[step_index, row_index] / max(channels, 1))[:, None]
-    colours = (_BACKGROUND * (1 - strength) + np.array(_BAR, dtype=np.float64) * strength).astype(np.uint8)
-    drawn = max(step_width - 1, 1)
-    pixel_columns = margin + 1 + step_index[:, None] * step_width + np.arange(drawn)
-    image[row_index[:, None], pixel_columns] = colours[:, None, :]
-    return image
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """The PNG encoding of an ``(H, W, 3)`` uint8 image (e.g. to embed a figure in HTML)."""
+    from matplotlib.image import imsave
+
+    buffer = io.BytesIO()
+    imsave(buffer, image, format="png")
+    return buffer.getvalue()
+
+
+def shorten(name: str, width: int = _MAX_NAME) -> str:
+    """``name`` if it fits in ``width`` characters, else its start and end around ``…`` (never a line break).
+
+    Example:
+        >>> shorten("backbone.stages.3.blocks.11.attention.proj", 24)
+        'backbone.sta…ention.proj'
+
+    Raises:
+        ValueError: if ``width`` < 1.
+    """
+    if width < 1:
+        raise ValueError(f"`width` must be an int >= 1, got {width!r}.")
+    if len(name) <= width:
+        return name
+    head = width // 2
+    tail = width - 1 - head
+    return name[:head] + "…" + (name[-tail:] if tail else "")
+
+
+def _figure(
+    kind: str,
+    plot_height: float,
+    figure: "Figure | None",
+    *,
+    left: float = _LEFT,
+    top: float = _TOP,
+    bottom: float = _BOTTOM,
+    legend: Sequence[str] = (),
+    colour_bar: bool = False,
+) -> tuple["Figure", "Axes", "Axes | None"]:
+    """``figure`` (or this thread's reused figure of ``kind``) cleared, sized, on an Agg canvas, with its axes.
+
+    The plot is ``plot_height`` inches high and as wide as the figure allows beside the margins (in inches): the
+    title above, ``bottom`` (tick labels and the axis label) and the rows of the ``legend`` entries below, and a
+    colour bar's axes on the right.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if figure is None:
+        cache: dict[str, Figure] = _local.__dict__.setdefault("figures", {})
+        if kind not in cache:
+            cache[kind] = Figure()
+        figure = cache[kind]
+    figure.clear()
+    if not isinstance(figure.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(figure)
+    right = _COLOUR_BAR if colour_bar else _RIGHT
+    width = max(_WIDTH, left + right + 2.0)
+    if legend:
+        bottom += _LEGEND_ROW * math.ceil(len(legend) / _legend_columns(legend, width)) + 0.1
+    height = plot_height + top + bottom
+    figure.set_dpi(_DPI)
+    figure.set_size_inches(width, height)
+    figure.set_layout_engine("none")
+    ax = figure.add_axes((left / width, bottom / height, (width - left - right) / width, plot_height / height))
+    colour_axes = None
+    if colour_bar:
+        colour_axes = figure.add_axes(
+            ((width - right + 0.15) / width, bottom / height, 0.15 / width, plot_height / height)
+        )
+    return figure, ax, colour_axes
+
+
+def _text_width(texts: Sequence[str], size: float) -> float:
+    """The width in inches of the widest of ``texts`` in the figures' font at ``size`` points (0 for none)."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextToPath
+
+    longest = sorted(texts, key=len)[-3:]  # the widest is among the longest
+    measure = TextToPath()
+    font = FontProperties(size=size)
+    return max(
+        (measure.get_text_width_height_descent(text, font, ismath=False)[0] / 72 for text in longest), default=0.0
+    )
+
+
+def _legend_columns(labels: Sequence[str], width: float) -> int:
+    """As many legend columns (up to 4) as fit ``width`` inches, each as wide as the widest entry and its key."""
+    column = _text_width(labels, _FONT) + 0.6
+    return max(1, min(len(labels), _LEGEND_COLUMNS, int((width - 0.2) // column)))
+
+
+def _colour_bar(figure: "Figure", mappable: Any, colour_axes: "Axes | None", label: str) -> None:
+    colour_bar = figure.colorbar(mappable, cax=colour_axes)
+    colour_bar.set_label(label, fontsize=_FONT + 1)
+    colour_bar.ax.tick_params(labelsize=_FONT)
+
+
+def _label(ax: "Axes", title: str, step: int, x_label: str, y_label: str) -> None:
+    ax.set_title(f"{title} (step {step})", fontsize=_TITLE_FONT, loc="left")
+    ax.set_xlabel(x_label, fontsize=_FONT + 1)
+    ax.set_ylabel(y_label, fontsize=_FONT + 1)
+    ax.tick_params(axis="x", labelsize=_FONT)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+def _legend(figure: "Figure", handles: Sequence[Any]) -> None:
+    if handles:
+        figure.legend(
+            handles=handles,
+            loc="lower center",
+            bbox_to_anchor=(0.5, 0.0),
+            ncols=_legend_columns([handle.get_label() for handle in handles], figure.get_figwidth()),
+            fontsize=_FONT,
+            frameon=False,
+        )
+
+
+def _pixels(figure: "Figure") -> np.ndarray:
+    figure.canvas.draw()
+    return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()  # type: ignore[attr-defined]
+
+
+def _bars(ax: "Axes", centres: np.ndarray, lengths: np.ndarray, height: float, colour: str, label: str) -> Any:
+    """Horizontal bars as one collection (a patch per bar costs ~1 ms each to add and draw); its legend handle."""
+    from matplotlib.collections import PolyCollection
+    from matplotlib.patches import Patch
+
+    low, high = centres - height / 2, centres + height / 2
+    zeros = np.zeros_like(lengths)
+    corners = np.stack([[zeros, low], [lengths, low], [lengths, high], [zeros, high]]).transpose(2, 0, 1)
+    ax.add_collection(PolyCollection(list(corners), facecolors=colour, edgecolors="none"), autolim=True)
+    return Patch(color=colour, label=label)
+
+
+def _finite(values: Numbers | Sequence[bool]) -> np.ndarray:
+    return np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _edges(centres: np.ndarray) -> np.ndarray:
+    """Cell edges around increasing ``centres``: midpoints, and half a gap beyond each end (1 for one centre)."""
+    if centres.size == 1:
+        return np.array([centres[0] - 0.5, centres[0] + 0.5])
+    middle = (centres[1:] + centres[:-1]) / 2
+    return np.concatenate([[2 * centres[0] - middle[0]], middle, [2 * centres[-1] - middle[-1]]])

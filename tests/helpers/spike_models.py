@@ -6,10 +6,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from digits_demo import digits_dataset
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-
-from lightning_deadunits.demo import digits_dataset
 
 DIRTY_SAMPLES = (2, 7, 11)
 """Positions, inside a dirty batch, of the corrupted samples."""

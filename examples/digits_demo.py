@@ -1,6 +1,8 @@
 """The demo's model and data: a small MobileNet-like CNN on scikit-learn's digits, upsampled (ships offline).
 
-Used by the examples, the benchmarks and the tests; needs ``scikit-learn`` (the ``examples`` extra) for the data.
+Used by the examples (``from digits_demo import DigitsClassifier``: a script's folder is on ``sys.path``), the
+benchmarks and the tests (which put this folder on ``sys.path``). Not part of the package: it needs
+``scikit-learn`` (the ``examples`` extra) for the data.
 """
 
 from typing import Any, Literal
