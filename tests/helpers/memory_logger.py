@@ -26,6 +26,10 @@ class MemoryLogger(Logger):
             series.setdefault(key, {})[step] = value
         return series
 
+    def series(self, key: str) -> dict[int, float | str]:
+        """``{step: value}`` of one key."""
+        return self.metrics.get(key, {})
+
     @property
     @override
     def name(self) -> str:
