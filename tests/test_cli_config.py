@@ -67,7 +67,7 @@ def test_cli_config_puts_every_threshold_into_the_callbacks(tmp_path: Path) -> N
     assert (warmup.warmup_steps, warmup.shape, warmup.rewarm_on, warmup.rewarm_floor, warmup.rewarm_steps) == (
         100,
         "quadratic",
-        ("deadunits/loss/spike",),
+        ("loss/spike",),
         0.1,
         50,
     )

@@ -398,7 +398,6 @@ def test_report_on_a_real_run_counts_planted_filters(tmp_path: Path) -> None:
     assert kernels["total"]["filters"]["last"] == 4 + 2
 
 
-@pytest.mark.xfail(reason="the callbacks write deadunits/events.jsonl once the events writer lands", strict=True)
 def test_report_on_a_real_run_lists_alarms_and_the_spike_with_its_dump_and_deaths(tmp_path: Path) -> None:
     planted = 40
     spikes = LossSpikeMonitor(window=30, warmup=20, dump_dir=tmp_path / "dumps")
@@ -417,7 +416,7 @@ def test_report_on_a_real_run_lists_alarms_and_the_spike_with_its_dump_and_death
 
     (run,) = summarise_logdir(tmp_path)["runs"]
     (spike,) = run["spikes"]
-    dump = tmp_path / "dumps" / f"step{planted:08d}-rank0-batch{planted:05d}.pt"
+    dump = tmp_path / "dumps" / f"deadunits-step{planted:08d}-rank0-batch{planted:05d}.pt"
     assert (spike["step"], spike["batch_idx"], spike["rank"], spike["dump"]) == (planted, planted, 0, str(dump))
     assert dump.is_file() and "kernels" in spike["deaths"]
     assert run["alarms"] and all(alarm["rule"] for alarm in run["alarms"])

@@ -535,17 +535,7 @@ def test_modules_replaced_between_epochs_train_to_the_end_and_keep_no_hooks(tmp_
     assert _hooks(task) == []
 
 
-_STALE_MODULES = pytest.mark.xfail(
-    strict=True,
-    reason="probes build their {name: module} map once, at setup: after `conv2`/`relu2` are replaced, "
-    "KernelNormMonitor keeps measuring the detached old conv2 and ActivationMonitor stops measuring relu2, "
-    "with no warning (fix in probes/kernel_norms.py and probes/activations.py)",
-)
-
-
-@pytest.mark.parametrize(
-    "monitor", [pytest.param("kernels", marks=_STALE_MODULES), pytest.param("activations", marks=_STALE_MODULES)]
-)
+@pytest.mark.parametrize("monitor", ["kernels", "activations"])
 def test_modules_replaced_between_epochs_are_the_ones_measured(tmp_path: Path, monitor: str) -> None:
     task, _, callback = _replaced_fit(tmp_path, monitor)
     if isinstance(callback, KernelNormMonitor):

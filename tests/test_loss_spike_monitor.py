@@ -57,7 +57,7 @@ def test_planted_spike_is_flagged_at_its_step_and_its_batch_dumped_exactly(tmp_p
 
     assert monitor.spike_steps == [PLANTED] and trainer.global_step == PLANTED + 1  # "stop" ended the run
     (event,) = monitor.events
-    path = tmp_path / "deadunits" / "dumps" / f"step{PLANTED:08d}-rank0-batch{PLANTED:05d}.pt"
+    path = tmp_path / "deadunits" / "dumps" / f"deadunits-step{PLANTED:08d}-rank0-batch{PLANTED:05d}.pt"
     assert event["dump"] == str(path) and event["local"] and event["reason"] == "ratio and z-score"
     (images, labels, ids), metadata = load_dump(path)
     rows = slice(PLANTED * BATCH, (PLANTED + 1) * BATCH)

@@ -3,11 +3,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_deadunits import LossSpikeMonitor
 from lightning_deadunits.callbacks.lr_warmup import LRWarmup
 from lightning_deadunits.errors import DeadUnitsWarning
 from lightning_deadunits.functional.warmup import ramp, rewarm_factor, warmup_factor
@@ -24,6 +26,7 @@ from tests.helpers.alarm_helpers import (
     spikes_at,
 )
 from tests.helpers.events import load_events, scalar_series
+from tests.helpers.spike_models import DigitsMLP, digits_with_dirty_batches
 
 # The documented curves, written out independently of the implementation.
 SHAPES = {
@@ -252,3 +255,20 @@ def test_warmup_functions_match_the_documented_formulas() -> None:
 def test_lr_warmup_rejects_bad_arguments(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         LRWarmup(**kwargs)
+
+
+def test_lr_warmup_rewarms_on_the_spike_of_a_loss_monitor_with_a_custom_prefix(tmp_path: Path) -> None:
+    monitor = LossSpikeMonitor(window=30, warmup=20, prefix="x")
+    warmup = LRWarmup(warmup_steps=0, rewarm_steps=5)  # default rewarm_on: the route "loss/spike"
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=45,
+        callbacks=[monitor, warmup],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(DigitsMLP(digits_with_dirty_batches(dirty_batches=[40])))
+    assert monitor.spike_steps == [40] and monitor.alarm_log[0].key == "x/loss/spike"
+    assert warmup.rewarm_starts == [41]  # the alarm comes at the end of the spiking batch, after its step

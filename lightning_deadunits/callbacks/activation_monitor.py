@@ -289,6 +289,7 @@ class ActivationMonitor(MonitorCallback):
                 self._end_sample(trainer)
             self._sample_step = step
             self.stats.begin_sample()
+            self.reattach(pl_module, self.probe.modules, self.probe.attach)
         self.probe.start(self.stats)
 
     @override

@@ -232,6 +232,7 @@ class KernelNormMonitor(MonitorCallback):
 
         Images are drawn at every ``images_every_n_checks``-th check, and when ``final``.
         """
+        self.reattach(trainer.lightning_module, self.probe.layers, self.probe.attach)
         return self._process(trainer, self._read(), step, final)
 
     def _read(self) -> list[LayerKernels]:

@@ -1,12 +1,13 @@
 """The base every monitor extends: named keys, pushed readings, alarm rules and actions, events, and their state."""
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_deadunits._validation import check_prefix
@@ -15,11 +16,14 @@ from lightning_deadunits.events import EventLog, events_file
 from lightning_deadunits.panels.layout import LayoutSpec, build_layout
 from lightning_deadunits.panels.tensorboard import TensorBoardPanels
 from lightning_deadunits.panels.writer import PanelWriter
+from lightning_deadunits.probes.selection import replaced_modules
 from lightning_deadunits.readings import Reading, announce_alarm, announce_reading
 from lightning_deadunits.triggers.alarm import Alarm
 from lightning_deadunits.triggers.rule import Rule
 
 __all__ = ["MonitorCallback"]
+
+log = logging.getLogger("lightning_deadunits")
 
 _MAX_ALARM_LOG = 1000
 
@@ -121,6 +125,21 @@ class MonitorCallback(Callback):
 
     def release(self) -> None:
         """Remove whatever the monitor attached to the model; safe to call at any time. Nothing by default."""
+
+    def reattach(
+        self, pl_module: "pl.LightningModule", watched: Mapping[str, nn.Module], attach: Callable[[nn.Module], None]
+    ) -> None:
+        """Find the watched modules again when some were replaced in the model since (e.g. by surgery between epochs).
+
+        Args:
+            pl_module: the model being trained.
+            watched: the probe's ``{name: module}``.
+            attach: the probe's ``attach``.
+        """
+        replaced = replaced_modules(pl_module, watched)
+        if replaced:
+            log.info("deadunits: `%s` watches the new %s, which replaced the old ones", type(self).__name__, replaced)
+            attach(pl_module)
 
     def publish(self, trainer: "pl.Trainer", reading: Reading) -> list[Alarm]:
         """Log ``reading``, hand it to the listeners, run the alarm rules on it and act on what fires."""

@@ -1,11 +1,11 @@
 """Choosing modules by name glob and by type: one rule for every probe."""
 
 import fnmatch
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from torch import nn
 
-__all__ = ["ModuleSelector"]
+__all__ = ["ModuleSelector", "replaced_modules"]
 
 
 class ModuleSelector:
@@ -38,3 +38,17 @@ class ModuleSelector:
         """Whether ``name`` passes the include and exclude globs."""
         included = not self.include or any(fnmatch.fnmatchcase(name, p) for p in self.include)
         return included and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+
+
+def replaced_modules(model: nn.Module, watched: Mapping[str, nn.Module]) -> list[str]:
+    """The names in ``watched`` whose module in ``model`` is now another object, or gone (e.g. swapped by surgery).
+
+    Example:
+        >>> model = nn.Sequential(nn.ReLU())
+        >>> watched = dict(model.named_children())
+        >>> model[0] = nn.ReLU()
+        >>> replaced_modules(model, watched)
+        ['0']
+    """
+    current = dict(model.named_modules())
+    return [name for name, module in watched.items() if current.get(name) is not module]
