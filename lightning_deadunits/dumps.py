@@ -157,7 +157,7 @@ def load_dump(path: str | Path) -> LoadedDump:
             or holds anything but tensors and plain values.
 
     Example:
-        >>> batch, metadata = load_dump("logs/deadunits/dumps/deadunits-step00001800-rank0-batch00012.pt")  # doctest: +SKIP
+        >>> batch, metadata = load_dump("logs/deadunits/dumps/deadunits-step00001800-rank0.pt")  # doctest: +SKIP
         >>> metadata["loss"], metadata["baseline"]  # doctest: +SKIP
     """
     try:
