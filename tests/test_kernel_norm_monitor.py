@@ -259,3 +259,12 @@ def test_bad_numbers_and_choices_raise_value_error(kwargs: dict[str, Any], messa
 def test_bad_types_raise_type_error(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(TypeError, match=message):
         KernelNormMonitor(**kwargs)
+
+
+def test_kernel_images_are_drawn_at_every_nth_check_and_at_the_train_end_check(tmp_path: Path) -> None:
+    monitor = KernelNormMonitor(every_n_steps=2, images_every_n_checks=2, heatmap_layers=0)
+    _trainer(tmp_path, [monitor], max_steps=7).fit(LitWrapper(AllKinds()))
+    events = load_events(tmp_path)
+    # checks at 0 (fit start), 2, 4, 6 and 7 (train end): images at the 1st and 3rd, and at train end
+    assert [event.step for event in events.Images("deadunits/kernels/dead_per_layer")] == [0, 4, 7]
+    assert len(events.Histograms("deadunits/kernels/model.stem/l1")) == 5

@@ -11,6 +11,7 @@ RUN = "fit/version_0"
 def test_tensorboard_server_serves_layout_scalars_images_and_alarm_text(tmp_path: Path) -> None:
     monitor = KernelNormMonitor(
         every_n_steps=2,
+        images_every_n_checks=1,
         alarms=[
             ThresholdRule("deadunits/kernels/total/dead", above=1, name="dead total"),
             ThresholdRule("deadunits/kernels/*/dead_abs", above=1, name="dead abs"),

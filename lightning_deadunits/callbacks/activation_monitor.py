@@ -140,8 +140,8 @@ class ActivationMonitor(MonitorCallback):
         log_histograms: write per-channel zero-fraction histograms (TensorBoard only).
         log_images: write the per-channel band charts (TensorBoard only).
         band_history: logs kept for the band chart (>= 1).
-        images_every_n_logs: draw the band charts at every this many training logs (>= 1; each figure takes tens of
-            ms), and at train end.
+        images_every_n_logs: draw the band charts at every this many training logs, the first included (>= 1; each
+            figure takes tens of milliseconds), and at the log made when training ends within a log period.
         dead_frac_above: alarm when a ``dead_frac`` (a layer's or the total, validation ones included) exceeds
             this, in [0, 1].
         max_abs_above: alarm when a layer's ``max_abs`` exceeds this (explosion), >= 0.

@@ -10,7 +10,7 @@ class MemoryLogger(Logger):
     """A logger Lightning knows nothing special about.
 
     ``records`` holds every ``(step, key, value)`` in order (NaN kept as the string ``"nan"`` so records compare);
-    ``metrics`` is ``{key: {step: value}}`` (the last value logged at a step); ``keep=False`` keeps nothing, so
+    ``metrics`` is ``{key: {step: value}}`` (the last float logged at a step, NaN as NaN); ``keep=False`` keeps nothing, so
     logging code paths run without the logger itself growing.
     """
 
@@ -20,13 +20,13 @@ class MemoryLogger(Logger):
         self.records: list[tuple[int, str, float | str]] = []
 
     @property
-    def metrics(self) -> dict[str, dict[int, float | str]]:
-        series: dict[str, dict[int, float | str]] = {}
+    def metrics(self) -> dict[str, dict[int, float]]:
+        series: dict[str, dict[int, float]] = {}
         for step, key, value in self.records:
-            series.setdefault(key, {})[step] = value
+            series.setdefault(key, {})[step] = float(value)
         return series
 
-    def series(self, key: str) -> dict[int, float | str]:
+    def series(self, key: str) -> dict[int, float]:
         """``{step: value}`` of one key."""
         return self.metrics.get(key, {})
 
