@@ -10,8 +10,8 @@ class MemoryLogger(Logger):
     """A logger Lightning knows nothing special about.
 
     ``records`` holds every ``(step, key, value)`` in order (NaN kept as the string ``"nan"`` so records compare);
-    ``metrics`` is ``{key: {step: value}}`` (the last float logged at a step, NaN as NaN); ``keep=False`` keeps nothing, so
-    logging code paths run without the logger itself growing.
+    ``metrics`` is ``{key: {step: value}}`` (the last float logged at a step, NaN as NaN); ``keep=False`` keeps
+    nothing, so logging code paths run without the logger itself growing.
     """
 
     def __init__(self, keep: bool = True) -> None:
