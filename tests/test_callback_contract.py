@@ -1,6 +1,7 @@
 """The contract every public callback keeps, driven by tests/helpers/callback_registry.py."""
 
 import inspect
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +135,25 @@ def _portable(state: Any) -> Any:
     if isinstance(state, (list, tuple)):
         return type(state)(_portable(v) for v in state)
     return state
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=IDS)
+def test_callback_resumes_from_a_checkpoint_of_an_older_version_with_defaults_and_a_note(
+    entry: Entry, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    checkpoint = ModelCheckpoint(tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    _fit(entry, tmp_path / "old", [entry.build(), checkpoint])
+    path = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+    saved = torch.load(path, weights_only=False)
+    stripped = 0
+    for key, state in saved["callbacks"].items():
+        if any(str(key).startswith(name) for name in PUBLIC_CALLBACKS) and len(state) > 1:
+            oldest = next(iter(state))  # an older version saved fewer keys: keep only the first
+            saved["callbacks"][key] = {oldest: state[oldest]}
+            stripped += 1
+    torch.save(saved, path)
+    with caplog.at_level(logging.INFO, logger="lightning_deadunits"):
+        trainer = _fit(entry, tmp_path / "new", [entry.build()], ckpt_path=str(path))
+    assert trainer.global_step == 8
+    notes = [r for r in caplog.records if "(written by an older version): their defaults are used" in r.getMessage()]
+    assert len(notes) == stripped

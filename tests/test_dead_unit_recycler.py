@@ -375,3 +375,20 @@ def test_dead_unit_recycler_ddp_ranks_recycle_the_same_rows_with_the_same_values
     assert torch.equal(weight[~recycled], initial[~recycled])
     fresh = fresh_parameters(module.model.a, recycle_seed(0, 1, A_INDEX))
     assert torch.equal(weight[recycled], fresh["weight"][recycled])
+
+
+def test_dead_unit_recycler_recycles_at_least_one_unit_of_a_small_layer(tmp_path: Path) -> None:
+    planted = PlantedMasks({"model.a": (0, 1)}, {"model.a": 8})
+    recycler = DeadUnitRecycler(every_n_steps=1)  # max_fraction 0.1 of 8 units: 0.8, rounded up to one unit
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=3, callbacks=[planted, recycler], **TRAINER_OPTIONS)
+    trainer.fit(ChainModule(lr=0.0))
+    assert [(entry["step"], entry["flagged"], entry["recycled"]) for entry in recycler.history] == [(1.0, 2.0, 1.0)]
+
+
+def test_dead_unit_recycler_keeps_a_bounded_history(tmp_path: Path) -> None:
+    recycler = DeadUnitRecycler()
+    recycler.load_state_dict({"history": [{"step": float(step)} for step in range(1500)]})
+    planted = PlantedMasks({"model.a": (0,)}, {"model.a": 8})
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=3, callbacks=[planted, recycler], **TRAINER_OPTIONS)
+    trainer.fit(ChainModule(lr=0.0))
+    assert len(recycler.history) == 1000 and recycler.history[-1]["step"] == 1.0

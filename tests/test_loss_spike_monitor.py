@@ -286,3 +286,18 @@ def test_spike_event_records_the_kernels_that_died_after_it(tmp_path: Path, capl
 def test_monitor_rejects_bad_arguments(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         LossSpikeMonitor(**kwargs)
+
+
+def test_spike_events_panel_shows_one_table_per_step_with_pipes_escaped(tmp_path: Path) -> None:
+    monitor = _monitor(dump_dir=tmp_path / "a|b c")
+    kernels = KernelNormMonitor(every_n_steps=1, log_histograms=False, log_images=False)
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    _trainer(tmp_path, [monitor, kernels], max_steps=PLANTED + 2, logger=logger).fit(
+        DigitsMLP(digits_with_dirty_batches(dirty_batches=[PLANTED]))
+    )
+    texts = [
+        entry.tensor_proto.string_val[0].decode()
+        for entry in load_events(tmp_path).Tensors("deadunits/loss/spike_events/text_summary")
+    ]
+    assert texts and all(text.count("| step | epoch |") == 1 for text in texts)
+    assert all("a\\|b c" in text for text in texts)

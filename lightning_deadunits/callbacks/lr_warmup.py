@@ -16,6 +16,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_deadunits import schedules
+from lightning_deadunits._state import note_missing_keys
 from lightning_deadunits._strategies import reject_sharded_strategy
 from lightning_deadunits._validation import check_choice, check_float, check_int, check_prefix, check_strings
 from lightning_deadunits.errors import DeadUnitsWarning
@@ -205,6 +206,7 @@ class LRWarmup(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        note_missing_keys(self, state_dict)
         self.rewarm_starts = [int(step) for step in state_dict.get("rewarm_starts", [])]
 
     def _scale(self, trainer: "pl.Trainer", index: int, optimizer: Optimizer, args: Any, kwargs: Any) -> None:

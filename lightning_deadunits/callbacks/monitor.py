@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_deadunits._state import note_missing_keys
 from lightning_deadunits._validation import check_prefix
 from lightning_deadunits.actions.alarm_handler import AlarmAction, AlarmHandler
 from lightning_deadunits.events import EventLog, events_file
@@ -216,7 +217,8 @@ class MonitorCallback(Callback):
         }
 
     def load_base_state(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore :meth:`base_state`'s output; missing keys keep their defaults."""
+        """Restore :meth:`base_state`'s output; missing keys (of the whole state) keep their defaults, with a note."""
+        note_missing_keys(self, state_dict)
         for rule, rule_state in zip(self.alarms, state_dict.get("rules", []), strict=False):
             rule.load_state_dict(rule_state)
         self.alarm_log = [Alarm.from_dict(alarm) for alarm in state_dict.get("alarm_log", [])]
