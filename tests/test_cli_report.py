@@ -418,6 +418,6 @@ def test_report_on_a_real_run_lists_alarms_and_the_spike_with_its_dump_and_death
     (spike,) = run["spikes"]
     dump = tmp_path / "dumps" / f"deadunits-step{planted:08d}-rank0-batch{planted:05d}.pt"
     assert (spike["step"], spike["batch_idx"], spike["rank"], spike["dump"]) == (planted, planted, 0, str(dump))
-    assert dump.is_file() and "kernels" in spike["deaths"]
+    assert dump.is_file() and "deadunits/kernels" in spike["deaths"]
     assert run["alarms"] and all(alarm["rule"] for alarm in run["alarms"])
     assert run["sources"]["kernels"]["total"]["dead"]["points"] == 6  # checks at steps 0, 10, ..., 50
