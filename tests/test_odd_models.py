@@ -173,6 +173,7 @@ def test_batches_of_any_structure_are_dumped_and_read_back(tmp_path: Path, kind:
         max_epochs=1,
         callbacks=[bundle],
         logger=False,
+        default_root_dir=tmp_path,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -238,6 +239,7 @@ def test_non_finite_inputs_activations_and_losses_are_reported_and_never_crash(t
         max_epochs=1,
         callbacks=[bundle],
         logger=[memory, TensorBoardLogger(tmp_path, name="", version="")],  # panels see the non-finite values
+        default_root_dir=tmp_path,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
