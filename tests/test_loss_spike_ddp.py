@@ -45,7 +45,7 @@ def test_a_spike_on_one_rank_is_acted_on_by_all_ranks_and_dumped_by_that_rank(tm
     trainer.fit(DigitsMLP(data))
 
     rank0, rank1 = read_ranks(tmp_path / "ranks")
-    dump = tmp_path / "deadunits" / "dumps" / f"step{PLANTED:08d}-rank1-batch{PLANTED:05d}.pt"
+    dump = tmp_path / "deadunits" / "dumps" / f"deadunits-step{PLANTED:08d}-rank1-batch{PLANTED:05d}.pt"
     assert rank0["spike_steps"] == rank1["spike_steps"] == [PLANTED]
     assert rank0["alarms"] == rank1["alarms"] == [PLANTED]
     assert rank1["events"] == [{"local": True, "dump": str(dump), "reason": "ratio and z-score", "rank": 1}]

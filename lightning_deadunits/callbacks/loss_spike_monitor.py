@@ -25,6 +25,7 @@ from lightning_deadunits.callbacks.monitor import MonitorCallback
 from lightning_deadunits.errors import DeadUnitsWarning
 from lightning_deadunits.metrics.spike_deaths import SpikeDeathLedger
 from lightning_deadunits.panels.spike_text import deaths_message, spike_events_table, spike_message
+from lightning_deadunits.probes.grad_norms import GradNormProbe
 from lightning_deadunits.probes.loss import BatchLoss, LossProbe
 from lightning_deadunits.readings import Reading
 from lightning_deadunits.schedules import StepGate, every_n_steps
@@ -150,6 +151,9 @@ class LossSpikeMonitor(MonitorCallback):
         z_score: float = 8.0,
         patience: int = 1,
         rebaseline_after: int | None = 100,
+        min_excess: float = 0.25,
+        episode_gap: int = 5,
+        grad_signal: bool = True,
         skip_update: bool = False,
         dump_dir: str | os.PathLike[str] | None = None,
         max_dumps: int = 20,
@@ -160,7 +164,10 @@ class LossSpikeMonitor(MonitorCallback):
         prefix: str = "deadunits",
     ) -> None:
         super().__init__(prefix=prefix, alarms=alarms, on_alarm=on_alarm)
-        self.detector = SpikeDetector(window, warmup, ratio, z_score, patience, rebaseline_after)
+        self.detector = SpikeDetector(
+            window, warmup, ratio, z_score, patience, rebaseline_after, min_excess, episode_gap=episode_gap
+        )
+        self.grad_probe = GradNormProbe() if check_bool("grad_signal", grad_signal) else None
         self.skip_update = check_bool("skip_update", skip_update)
         if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
             raise TypeError(f"`dump_dir` must be a path or None, got {dump_dir!r}.")
@@ -251,6 +258,10 @@ class LossSpikeMonitor(MonitorCallback):
     def on_before_optimizer_step(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Optimizer
     ) -> None:
+        if self.grad_probe is not None and self._batch is not None:
+            norms = self.grad_probe.step_norms()
+            if norms is not None:
+                self._batch.grads, self._batch.grad_layers = norms
         if not self.skip_update:
             return
         if self._batch is not None:
@@ -261,6 +272,8 @@ class LossSpikeMonitor(MonitorCallback):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.grad_probe is not None:
+            self.grad_probe.attach(pl_module)
         if self.skip_update:
             self.skip.attach(trainer.optimizers)
 
@@ -287,6 +300,7 @@ class LossSpikeMonitor(MonitorCallback):
         if self._deferred is not None:
             self._finish_batch(trainer, pl_module, *self._deferred)
             self._deferred = None
+        self._record_episode(trainer, self.detector.finish())
 
     @override
     def release(self) -> None:
@@ -319,8 +333,15 @@ class LossSpikeMonitor(MonitorCallback):
             return self._judged[1:]
         if pending.loss is None:
             return None
-        verdict = self.detector.update(pending.value(), pending.step)
-        spike = bool(trainer.strategy.reduce_boolean_decision(verdict.spike, all=False))
+        grad_norm, layer_norms = pending.grad_values()
+        verdict = self.detector.update(
+            pending.value(),
+            pending.step,
+            grad_norm,
+            layer_norms,
+            agree=lambda spike: bool(trainer.strategy.reduce_boolean_decision(spike, all=False)),
+        )
+        spike = verdict.spike
         self._judged = (pending, verdict, spike)
         self._skip_pending |= spike and self.skip_update
         if verdict.rebaselined:
@@ -342,13 +363,31 @@ class LossSpikeMonitor(MonitorCallback):
             self._warn_no_loss(pl_module, outputs, pending)
             return
         verdict, spike = judged
+        self._record_episode(trainer, verdict.ended_episode)
+        for step, loss, score in verdict.late:
+            _log_late(step, loss, score)
+            self.record_event(
+                trainer,
+                {
+                    "type": "spike",
+                    "prefix": self.prefix,
+                    "source": self.source,
+                    "step": step,
+                    "loss": loss,
+                    "spike_score": score,
+                    "reason": "warm-up outlier",
+                    "late": True,
+                    "local": True,
+                },
+                local=True,
+            )
         alarm = (
             self._record_spike(trainer, pl_module, pending, verdict, deaths_before, outputs, batch) if spike else None
         )
         if self.logs.due(pending.step) or spike:
             self.logs.mark(pending.step)
             self.publish(trainer, self.reading(pending.step, self._scalars(trainer, pl_module, verdict)))
-        if alarm is not None:
+        if alarm is not None and verdict.episode_start:
             self.raise_alarms(trainer, [alarm])
 
     def _record_spike(
@@ -361,8 +400,11 @@ class LossSpikeMonitor(MonitorCallback):
         outputs: Any,
         batch: Any,
     ) -> Alarm:
-        """Count the spike, dump this rank's batch if its loss spiked, keep and write the event; return its alarm."""
-        self.spike_count += 1
+        """Count a new episode, dump this rank's batch at its start and peak, keep and write the event; return its
+        alarm (raised only at the episode's start).
+        """  # noqa: D205
+        episode = verdict.episode or {}
+        self.spike_count = self.detector.episodes.count
         event: dict[str, Any] = {
             "step": pending.step,
             "epoch": pending.epoch,
@@ -374,14 +416,22 @@ class LossSpikeMonitor(MonitorCallback):
             "ratio": verdict.ratio,
             "spike_score": verdict.score,
             "threshold": verdict.limit,
-            "reason": verdict.reason if verdict.spike else "spike on another rank",
-            "local": verdict.spike,
+            "reason": verdict.reason if verdict.flagged else "spike on another rank",
+            "local": verdict.flagged,
+            "signal": verdict.signal,
+            "grad_norm": verdict.grad_norm,
+            "grad_baseline": verdict.grad_baseline,
+            "grad_score": verdict.grad_score,
+            "layers": verdict.layers,
+            "episode_start": episode.get("start_step", pending.step),
+            "episode_length": episode.get("length", 1),
+            "episode_peak_step": episode.get("peak_step", pending.step),
             "skipped_update": self.skip_update,
             "dump": None,
             "dead_after_spike": {},
             "dead_pending": {origin: dict(before) for origin, before in deaths_before.items()},
         }
-        if verdict.spike:
+        if verdict.flagged and (verdict.episode_start or episode.get("peak_step") == pending.step):
             path = self.dump.write(trainer, pl_module, pending, event, outputs, batch, list(self.detector.recent))
             event["dump"] = None if path is None else str(path)
             event["dump_skipped"] = self.dumper.last_skip_reason
@@ -389,7 +439,7 @@ class LossSpikeMonitor(MonitorCallback):
         del self.events[:-_MAX_EVENTS]
         fields = {key: value for key, value in event.items() if key not in ("dead_after_spike", "dead_pending")}
         self.record_event(
-            trainer, {"type": "spike", "prefix": self.prefix, "source": self.source, **fields}, local=verdict.spike
+            trainer, {"type": "spike", "prefix": self.prefix, "source": self.source, **fields}, local=verdict.flagged
         )
         self._resolve_deaths(trainer)
         self._write_events_panel(trainer)
@@ -407,6 +457,13 @@ class LossSpikeMonitor(MonitorCallback):
             type(self).__name__,
             "spike",
         )
+
+    def _record_episode(self, trainer: "pl.Trainer", episode: dict[str, Any] | None) -> None:
+        """Write an ended episode to the events file (rank zero: the episode is the same on every rank)."""
+        if episode is None:
+            return
+        fields = {key: value for key, value in episode.items() if key != "signals"}
+        self.record_event(trainer, {"type": "episode", "prefix": self.prefix, "source": self.source, **fields})
 
     def _skip_alarm(self, step: int) -> Alarm:
         """The alarm the skip action acts on: the spike's own alarm comes once the batch has been dumped."""
@@ -454,6 +511,8 @@ class LossSpikeMonitor(MonitorCallback):
             values = reduced.cpu().tolist()
         loss, baseline, score = values
         scalars = {self.key("value"): loss, self.key("spikes"): float(self.spike_count)}
+        if verdict.episode is not None:
+            scalars[self.key("episode_length")] = float(verdict.episode["length"])
         if verdict.baseline is not None:
             scalars[self.key("baseline")] = baseline
             scalars[self.key("spike_score")] = score
@@ -482,6 +541,16 @@ class LossSpikeMonitor(MonitorCallback):
 @rank_zero_only  # type: ignore[untyped-decorator,misc]
 def _log_deaths(message: str) -> None:
     log.warning("deadunits: %s", message)
+
+
+@rank_zero_only  # type: ignore[untyped-decorator,misc]
+def _log_late(step: int, loss: float, score: float) -> None:
+    log.warning(
+        "deadunits: warm-up loss %.4g at step %s was an outlier (robust z %.3g), found as warm-up ended.",
+        loss,
+        step,
+        score,
+    )
 
 
 @rank_zero_only  # type: ignore[untyped-decorator,misc]
