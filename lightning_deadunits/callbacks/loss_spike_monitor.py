@@ -404,6 +404,8 @@ class LossSpikeMonitor(MonitorCallback):
         alarm (raised only at the episode's start).
         """  # noqa: D205
         episode = verdict.episode or {}
+        # Under DDP the gradient is all-reduced, so its norm spikes on every rank: only the loss says whose batch it was.
+        local = verdict.flagged and ("loss" in verdict.signal or trainer.world_size == 1)
         self.spike_count = self.detector.episodes.count
         event: dict[str, Any] = {
             "step": pending.step,
@@ -416,8 +418,8 @@ class LossSpikeMonitor(MonitorCallback):
             "ratio": verdict.ratio,
             "spike_score": verdict.score,
             "threshold": verdict.limit,
-            "reason": verdict.reason if verdict.flagged else "spike on another rank",
-            "local": verdict.flagged,
+            "reason": verdict.reason if local else "spike on another rank",
+            "local": local,
             "signal": verdict.signal,
             "grad_norm": verdict.grad_norm,
             "grad_baseline": verdict.grad_baseline,
@@ -431,7 +433,7 @@ class LossSpikeMonitor(MonitorCallback):
             "dead_after_spike": {},
             "dead_pending": {origin: dict(before) for origin, before in deaths_before.items()},
         }
-        if verdict.flagged and (verdict.episode_start or episode.get("peak_step") == pending.step):
+        if local and (verdict.episode_start or episode.get("peak_step") == pending.step):
             path = self.dump.write(trainer, pl_module, pending, event, outputs, batch, list(self.detector.recent))
             event["dump"] = None if path is None else str(path)
             event["dump_skipped"] = self.dumper.last_skip_reason
@@ -439,7 +441,7 @@ class LossSpikeMonitor(MonitorCallback):
         del self.events[:-_MAX_EVENTS]
         fields = {key: value for key, value in event.items() if key not in ("dead_after_spike", "dead_pending")}
         self.record_event(
-            trainer, {"type": "spike", "prefix": self.prefix, "source": self.source, **fields}, local=verdict.flagged
+            trainer, {"type": "spike", "prefix": self.prefix, "source": self.source, **fields}, local=local
         )
         self._resolve_deaths(trainer)
         self._write_events_panel(trainer)
