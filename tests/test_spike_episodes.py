@@ -19,7 +19,7 @@ def _feed(detector: SpikeDetector, losses: list[float], start: int = 0, **kwargs
 
 def _converged_run() -> list[float]:
     """The issue's clean CNN: 2.3 falling to ~0.01 in 100 steps, then 300 steps at 0.002-0.012 with a hard batch
-    (one misclassified sample) of 0.11-0.13 every 17 steps."""  # noqa: D205
+    (one misclassified sample) of 0.11-0.13 every 17 steps."""
     young = [2.3 * math.exp(-step / 20) + 0.01 for step in range(100)]
     late = [0.002 + 0.01 * ((step * 7) % 13) / 12 for step in range(300)]
     for hard in range(5, 300, 17):

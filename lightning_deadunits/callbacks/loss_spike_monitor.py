@@ -44,18 +44,41 @@ class LossSpikeMonitor(MonitorCallback):
     r"""Detects loss spikes on every training batch, dumps the offending batch and can skip its update.
 
     **Detection.** Each batch's loss (under gradient accumulation each micro-batch's, scaled back to what
-    ``training_step`` returned) goes to a :class:`~lightning_deadunits.triggers.SpikeDetector`: after ``warmup``
-    accepted losses, a loss is flagged when it exceeds both ``ratio`` times the median of the last ``window``
-    accepted losses and ``z_score`` robust standard deviations above it (the larger of 1.4826 x MAD and the
-    median's distance to the 95th percentile over 1.645, so the hard batches of a skewed run are not spikes);
-    NaN and Inf are always spikes. Flagged losses never enter the baseline. ``patience`` flagged losses in a
-    row make a spike. A loss belongs to ``trainer.global_step`` as its batch starts (the optimizer steps done
-    before it), so the spike of the 1801st batch of a run without accumulation is at step 1800. The loss is read
-    from ``on_before_backward`` in automatic optimization, and from what ``training_step`` returns (a tensor or
+    ``training_step`` returned) and, with ``grad_signal``, the global gradient norm of each optimizer step (read in
+    ``on_before_optimizer_step``: after AMP unscaling and accumulation, and under DDP after the all-reduce, before
+    clipping) go to a :class:`~lightning_deadunits.triggers.SpikeDetector`. Each signal keeps a window of its last
+    ``window`` accepted values, their median ``m``, robust spread ``s = 1.4826 x MAD`` and a reference ``r``: the
+    median of its first ``warmup`` accepted values (its level while training was young). A value ``x`` is flagged
+    when ``x > ratio * m`` and ``(x - m) / s > z_score`` and ``x - m > min_excess * |r|``: far above the recent
+    values, and large for this signal (the scale floor: late in a converged run the median nears 0 and an ordinary
+    hard batch is 20x it and many spreads above it, yet a few percent of the young loss). The MAD ignores up to half
+    of the window, so spikes in warm-up cannot widen it; judging starts after 10 accepted values (a provisional
+    baseline), and when warm-up ends the window is screened by its own baseline: earlier outliers are logged and
+    written to the events file as ``"spike"`` records with ``"late": true``. NaN and Inf losses are always spikes;
+    a non-finite gradient norm is ignored (fp16 overflows are the ``GradScaler``'s). Flagged values never enter a
+    window. A batch is flagged when its loss *or* its gradient norm is (``signal`` says which); ``patience`` flagged
+    batches in a row make a spike. A loss belongs to ``trainer.global_step`` as its batch starts (the optimizer steps
+    done before it), so the spike of the 1801st batch of a run without accumulation is at step 1800. The loss is
+    read from ``on_before_backward`` in automatic optimization, and from what ``training_step`` returns (a tensor or
     ``{"loss": ...}``) in manual optimization; when there is none, one warning says so. A batch whose
     ``training_step`` returns ``None`` in automatic optimization (Lightning's way to skip it) is not watched.
 
-    **Cost.** One scalar device-to-host copy per batch (the loss). On CUDA it does not wait for the device: the
+    **Episodes.** Spikes no more than ``episode_gap`` steps apart are one episode (a corrupted batch and the
+    aftershocks of the weights it damaged): one alarm and one count in ``<p>/loss/spikes`` per episode, at its
+    start; a ``"spike"`` event per spiking batch (with ``episode_start``, ``episode_length`` so far and
+    ``episode_peak_step``), dumps of the first batch and of each new peak, and with ``skip_update`` every spiking
+    batch's update is skipped. When an episode ends (more than ``episode_gap`` steps after its last spike, or at
+    train end) an ``"episode"`` record is written: ``start_step``, ``peak_step``, ``end_step``, ``length``,
+    ``peak_loss``, ``peak_score``, ``signal`` and ``layers``.
+
+    **Gradient attribution.** At a spike, each watched layer's gradient norm (convolutions and ``nn.Linear``) is
+    compared with the median of its own last ``window`` norms; the event, the dump, the alarm message and the text
+    panel name the layers furthest above theirs ("layer4.1.conv2 gradient 40x its baseline"). Under DDP the gradient
+    is all-reduced, so a gradient-only spike is acted on by every rank but dumped by none (only the loss tells whose
+    batch it was).
+
+    **Cost.** One small device-to-host copy per batch (the loss, and with ``grad_signal`` the global and per-layer
+    gradient norms, computed on the device at each optimizer step). On CUDA it does not wait for the device: the
     copy goes to pinned memory as the batch ends and the loss is judged at the end of the *next* batch (or at
     train end), so a spike's event, dump and alarm come one batch later (still with the spike's own step); with
     ``skip_update=True`` the decision is needed before the optimizer step, so the loss is read at once, which
@@ -92,7 +115,8 @@ class LossSpikeMonitor(MonitorCallback):
     TensorBoard text panel, in the events file, in the log ("spike at step 1800: 37 kernels of layer4.1 died") and
     in the dump. The monitors' order in ``callbacks=[...]`` does not matter.
 
-    **Alarms.** Every spike raises an :class:`~lightning_deadunits.Alarm` with source ``"loss"`` and key
+    **Alarms.** Every episode raises, at its first spike, an :class:`~lightning_deadunits.Alarm` with source
+    ``"loss"`` and key
     ``<p>/loss/spike`` (value: the loss; threshold: the limit it crossed; level ``"error"`` for a non-finite
     loss), handed to ``on_alarm`` and to every callback with ``on_deadunits_alarm``.
 
@@ -102,26 +126,34 @@ class LossSpikeMonitor(MonitorCallback):
     ``<p>/loss/value``          the loss (mean over ranks)
     ``<p>/loss/baseline``       the median of the accepted losses (after the first loss)
     ``<p>/loss/spike_score``    the robust z-score of the loss against the baseline
-    ``<p>/loss/spikes``         spike events so far
+    ``<p>/loss/spikes``         spike episodes so far
+    ``<p>/loss/episode_length`` at a spike: spiking batches of its episode so far (1 at its start)
     ==========================  ========================================================================
+
+    The reading published at every spiking batch (to every ``on_deadunits_reading`` listener) carries these keys.
 
     With TensorBoard, the text panel ``<p>/loss/spike_events`` lists the events with their dump paths. Every event
     is also written as data to the run's events file (``<log_dir>/deadunits/events.jsonl``, see
     :mod:`lightning_deadunits.events`), which ``deadunits report`` reads.
 
-    ``events`` holds one dict per spike: ``step``, ``epoch``, ``batch_idx``, ``rank``, ``loss``, ``baseline``,
+    ``events`` holds one dict per spiking batch: ``step``, ``epoch``, ``batch_idx``, ``rank``, ``loss``, ``baseline``,
     ``spread``, ``ratio``, ``spike_score``, ``threshold``, ``reason``, ``local`` (this rank's loss spiked),
-    ``skipped_update``, ``dump`` (path or ``None``), ``dump_skipped`` (why no dump was written, or ``None``),
+    ``skipped_update``, ``signal``, ``grad_norm``, ``grad_baseline``, ``grad_score``, ``layers`` (``[{"layer",
+    "norm", "baseline", "ratio"}]``, most first), ``episode_start``, ``episode_length``, ``episode_peak_step``,
+    ``dump`` (path or ``None``), ``dump_skipped`` (why no dump was written, or ``None``),
     ``dead_after_spike`` (``{"<prefix>/<source>": {"unit", "before_step", "after_step", "died": {layer: count}}}``)
     and ``dead_pending`` (checks still awaited).
 
     Args:
-        window: accepted losses in the baseline (>= 2).
-        warmup: accepted losses before any decision (1 ... ``window``).
+        window: accepted values in each baseline (>= 2).
+        warmup: accepted values that fix the young level and end warm-up (1 ... ``window``).
         ratio: a spike exceeds this multiple of the baseline (> 1).
         z_score: ... and this many robust standard deviations above it (> 0).
         patience: consecutive flagged losses that make a spike (>= 1).
         rebaseline_after: flagged losses in a row after which they become the baseline (``None``: never).
+        min_excess: ... and exceeds the median by this fraction of the signal's young level (>= 0; the scale floor).
+        episode_gap: the most steps between two spikes of one episode (>= 0).
+        grad_signal: also judge the global gradient norm, and attribute spikes to layers.
         skip_update: skip the optimizer step of spiking batches (automatic optimization only).
         dump_dir: where dumps go (default ``<trainer.log_dir>/deadunits/dumps``).
         max_dumps: the most dump files per rank (0: no dumps).
@@ -404,7 +436,7 @@ class LossSpikeMonitor(MonitorCallback):
         alarm (raised only at the episode's start).
         """  # noqa: D205
         episode = verdict.episode or {}
-        # Under DDP the gradient is all-reduced, so its norm spikes on every rank: only the loss says whose batch it was.
+        # Under DDP the gradient is all-reduced, so its norm spikes on every rank: only the loss says whose batch.
         local = verdict.flagged and ("loss" in verdict.signal or trainer.world_size == 1)
         self.spike_count = self.detector.episodes.count
         event: dict[str, Any] = {

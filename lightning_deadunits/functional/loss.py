@@ -1,6 +1,7 @@
 """Math on recent losses: a robust baseline (median and spread) and how far a loss sits above it.
 
-Losses (and gradient norms) are host scalars, one per step, and a baseline looks at a window of about a hundred of them: plain Python
+Losses (and gradient norms) are host scalars, one per step, and a baseline looks at a window of about a hundred of
+them: plain Python
 floats, which at that size are several times cheaper than tensor operations (this runs on every training step).
 """
 
@@ -66,8 +67,9 @@ def spike_scores(loss: float, center: float, spread: float) -> tuple[float, floa
 
 
 def spike_limit(center: float, spread: float, ratio: float, z_score: float, min_excess: float = 0.0) -> float:
-    """The loss above which ``spike_scores(...)`` exceed ``ratio`` and ``z_score`` and the excess over the median
-    exceeds ``min_excess`` (the scale floor): the limit a spike crosses.
+    """The loss above which ``spike_scores`` exceed ``ratio`` and ``z_score`` and the excess exceeds ``min_excess``.
+
+    ``min_excess`` is the scale floor, an absolute excess over the median; the result is the limit a spike crosses.
 
     Example:
         >>> spike_limit(2.0, 0.1, ratio=2.0, z_score=6.0)

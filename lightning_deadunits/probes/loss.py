@@ -1,4 +1,6 @@
-"""What the loss-spike monitor measures: each batch's loss (and its step's gradient norms), as ``training_step`` computed it, read without stalls.
+"""What the loss-spike monitor measures: each batch's loss as ``training_step`` computed it, read without stalls.
+
+With the gradient signal, the step's gradient norms travel with the loss (:attr:`BatchLoss.grads`).
 
 In automatic optimization the loss comes from ``on_before_backward``, where Lightning hands it divided by
 ``accumulate_grad_batches`` and, under fp16 AMP, multiplied by the ``GradScaler``'s scale (a power of two, so
