@@ -48,8 +48,9 @@ class LossSpikeMonitor(MonitorCallback):
     ``on_before_optimizer_step``: after AMP unscaling and accumulation, and under DDP after the all-reduce, before
     clipping) go to a :class:`~lightning_deadunits.triggers.SpikeDetector`. Each signal keeps a window of its last
     ``window`` accepted values, their median ``m``, robust spread ``s = 1.4826 x MAD`` and a reference ``r``: the
-    median of its first ``warmup`` accepted values (its level while training was young). A value ``x`` is flagged
-    when ``x > ratio * m`` and ``(x - m) / s > z_score`` and ``x - m > min_excess * |r|``: far above the recent
+    median of its first 10 accepted values (its level while training was young). A value ``x`` is flagged when
+    ``x > ratio * m`` and ``(x - m) / s > z_score`` and ``x - m > min_excess * |r|`` (``grad_min_excess`` for the
+    gradient norm, whose hard batches are far more heavy-tailed): far above the recent
     values, and large for this signal (the scale floor: late in a converged run the median nears 0 and an ordinary
     hard batch is 20x it and many spreads above it, yet a few percent of the young loss). The MAD ignores up to half
     of the window, so spikes in warm-up cannot widen it; judging starts after 10 accepted values (a provisional
@@ -154,6 +155,8 @@ class LossSpikeMonitor(MonitorCallback):
         min_excess: ... and exceeds the median by this fraction of the signal's young level (>= 0; the scale floor).
         episode_gap: the most steps between two spikes of one episode (>= 0).
         grad_signal: also judge the global gradient norm, and attribute spikes to layers.
+        grad_min_excess: the gradient norm's scale floor, as a multiple of its young level (>= 0; see
+            :class:`~lightning_deadunits.triggers.SpikeDetector`).
         skip_update: skip the optimizer step of spiking batches (automatic optimization only).
         dump_dir: where dumps go (default ``<trainer.log_dir>/deadunits/dumps``).
         max_dumps: the most dump files per rank (0: no dumps).
@@ -186,6 +189,7 @@ class LossSpikeMonitor(MonitorCallback):
         min_excess: float = 0.25,
         episode_gap: int = 5,
         grad_signal: bool = True,
+        grad_min_excess: float = 4.0,
         skip_update: bool = False,
         dump_dir: str | os.PathLike[str] | None = None,
         max_dumps: int = 20,
@@ -197,7 +201,15 @@ class LossSpikeMonitor(MonitorCallback):
     ) -> None:
         super().__init__(prefix=prefix, alarms=alarms, on_alarm=on_alarm)
         self.detector = SpikeDetector(
-            window, warmup, ratio, z_score, patience, rebaseline_after, min_excess, episode_gap=episode_gap
+            window,
+            warmup,
+            ratio,
+            z_score,
+            patience,
+            rebaseline_after,
+            min_excess,
+            episode_gap=episode_gap,
+            grad_min_excess=grad_min_excess,
         )
         self.grad_probe = GradNormProbe() if check_bool("grad_signal", grad_signal) else None
         self.skip_update = check_bool("skip_update", skip_update)

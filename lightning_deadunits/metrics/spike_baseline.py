@@ -33,7 +33,7 @@ class SpikeBaseline:
     A finite value is *flagged* when all three hold against the median and robust spread (1.4826 x MAD) of the
     last ``window`` accepted values: it exceeds ``ratio`` times the median, it lies ``z_score`` spreads above it,
     and its excess over the median exceeds ``min_excess`` times the *reference*, the median of the first
-    ``warmup`` accepted values (the signal's level while training was young; until then the current median).
+    ``provisional`` accepted values (the signal's level while training was young; until then the current median).
     The third condition is the scale floor: late in training a near-zero median makes an ordinary hard batch
     many times the median and many spreads above it, yet its excess is tiny next to the loss's own scale.
 
@@ -43,11 +43,11 @@ class SpikeBaseline:
 
     Args:
         window: accepted values in the baseline (>= 2).
-        warmup: accepted values that fix the reference (1 ... ``window``).
+        warmup: accepted values after which the window is screened (1 ... ``window``).
         ratio: a spike exceeds this multiple of the median (> 1).
         z_score: ... and this many robust spreads above it (> 0).
         min_excess: ... and exceeds the median by this fraction of the reference (>= 0).
-        provisional: accepted values before judging starts (1 ... ``warmup``).
+        provisional: accepted values before judging starts, whose median is the reference (1 ... ``warmup``).
 
     Example:
         >>> baseline = SpikeBaseline(window=20, warmup=5, min_excess=0.25, provisional=3)
@@ -67,11 +67,12 @@ class SpikeBaseline:
         self.provisional = provisional
         self.window: deque[tuple[int, float]] = deque(maxlen=window)
         self.reference: float | None = None
+        self.screened = False
 
     @property
     def warming_up(self) -> bool:
-        """Whether the reference is not fixed yet (fewer than ``warmup`` values accepted so far)."""
-        return self.reference is None
+        """Whether the window has not been screened yet (fewer than ``warmup`` values accepted so far)."""
+        return not self.screened
 
     def values(self) -> list[float]:
         """The accepted values, oldest first."""
@@ -95,12 +96,14 @@ class SpikeBaseline:
             ``(step, value, z-score)`` of every value the screening removed (empty otherwise).
         """
         self.window.append((step, value))
-        if self.reference is not None or len(self.window) < self.warmup:
+        if self.reference is None and len(self.window) >= self.provisional:
+            self.reference = robust_baseline(self.values())[0]
+        if self.screened or len(self.window) < self.warmup:
             return []
+        self.screened = True
         judgements = [(item, self.judge(item[1])) for item in self.window]
         outliers = [(s, v, math.inf if j.score is None else j.score) for (s, v), j in judgements if j.flagged]
         self.replace([item for item, judgement in judgements if not judgement.flagged])
-        self.reference = robust_baseline(self.values())[0]
         return outliers
 
     def replace(self, items: list[tuple[int, float]]) -> None:
@@ -110,7 +113,7 @@ class SpikeBaseline:
 
     def state_dict(self) -> dict[str, Any]:
         """The window and the reference, as plain Python values."""
-        return {"window": [list(item) for item in self.window], "reference": self.reference}
+        return {"window": [list(item) for item in self.window], "reference": self.reference, "screened": self.screened}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; missing keys keep their defaults."""
@@ -120,3 +123,4 @@ class SpikeBaseline:
         self.window.extend((int(step), float(value)) for step, value in items)
         reference = state_dict.get("reference")
         self.reference = None if reference is None else float(reference)
+        self.screened = bool(state_dict.get("screened", len(self.window) >= self.warmup))

@@ -7,6 +7,13 @@ from lightning_deadunits.triggers.spike_episodes import SpikeEpisodes
 from lightning_deadunits.triggers.threshold import ThresholdRule
 from lightning_deadunits.triggers.trend import TrendRule
 
-__all__ = ["Alarm", "AlarmLevel", "Rule", "SpikeDetector",
+__all__ = [
+    "Alarm",
+    "AlarmLevel",
+    "Rule",
+    "SpikeDetector",
     "SpikeEpisodes",
-    "SpikeVerdict", "ThresholdRule", "TrendRule"]
+    "SpikeVerdict",
+    "ThresholdRule",
+    "TrendRule",
+]

@@ -78,10 +78,12 @@ class SpikeDetector:
 
     **The rule.** Each signal (the loss; the global gradient norm when given) keeps the last ``window`` accepted
     values, their median :math:`m`, robust spread :math:`s = 1.4826\,\mathrm{MAD}` and a *reference*
-    :math:`r`, the median of its first ``warmup`` accepted values (its level while training was young). A value
-    :math:`x` is flagged when
+    :math:`r`, the median of its first ``provisional`` accepted values (its level while training was young). A
+    value :math:`x` is flagged when
 
-    .. math:: x > m\,\mathrm{ratio}, \quad (x - m) / s > z, \quad x - m > \mathrm{min\_excess} \cdot |r|.
+    .. math:: x > m\,\mathrm{ratio}, \quad (x - m) / s > z, \quad x - m > \mathrm{min\_excess} \cdot |r|
+
+    (``grad_min_excess`` instead of ``min_excess`` for the gradient norm).
 
     The first two say "far above the recent losses"; the third, the scale floor, says "and large for this
     loss": late in a converged run the median nears 0, so an ordinary batch with one misclassified sample is
@@ -110,6 +112,10 @@ class SpikeDetector:
         min_excess: ... and its excess over the median exceeds this fraction of the reference (>= 0).
         provisional: accepted values before judging starts (1 ... ``warmup``; default ``min(10, warmup)``).
         episode_gap: the most steps between two spikes of one episode (>= 0).
+        grad_min_excess: the gradient norm's scale floor, as a multiple of its young level (>= 0). Gradient norms
+            are far more heavy-tailed than losses: late in a converged run an ordinary hard batch's gradient norm
+            is 10-30x the median and reaches the norm the model had at initialisation, so a gradient spike must
+            exceed the median by 4x that level (corrupted batches measured 14-120x it, see the benchmark).
 
     Raises:
         ValueError: on an out-of-range argument, ``warmup > window`` or ``provisional > warmup``.
@@ -133,6 +139,7 @@ class SpikeDetector:
         min_excess: float = 0.25,
         provisional: int | None = None,
         episode_gap: int = 5,
+        grad_min_excess: float = 4.0,
     ) -> None:
         self.window_size = check_int("window", window, minimum=2)
         self.warmup = check_int("warmup", warmup, minimum=1)
@@ -147,9 +154,10 @@ class SpikeDetector:
         if self.provisional > self.warmup:
             raise ValueError(f"`provisional` must not exceed `warmup` ({warmup}), got {provisional!r}.")
         self.episode_gap = check_int("episode_gap", episode_gap, minimum=0)
-        options = (self.window_size, self.warmup, self.ratio, self.z_score, self.min_excess, self.provisional)
-        self.loss_baseline = SpikeBaseline(*options)
-        self.grad_baseline = SpikeBaseline(*options)
+        self.grad_min_excess = check_float("grad_min_excess", grad_min_excess, minimum=0.0)
+        thresholds = (self.window_size, self.warmup, self.ratio, self.z_score)
+        self.loss_baseline = SpikeBaseline(*thresholds, self.min_excess, self.provisional)
+        self.grad_baseline = SpikeBaseline(*thresholds, self.grad_min_excess, self.provisional)
         self.layer_baselines = LayerGradBaselines(self.window_size)
         self.episodes = SpikeEpisodes(self.episode_gap)
         self.recent: deque[tuple[int, float]] = deque(maxlen=self.window_size)
