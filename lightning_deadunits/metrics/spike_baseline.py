@@ -50,7 +50,7 @@ class SpikeBaseline:
         provisional: accepted values before judging starts, whose median is the reference (1 ... ``warmup``).
 
     Example:
-        >>> baseline = SpikeBaseline(window=20, warmup=5, min_excess=0.25, provisional=3)
+        >>> baseline = SpikeBaseline(window=20, warmup=5, ratio=2.0, z_score=8.0, min_excess=0.25, provisional=3)
         >>> for step in range(10):
         ...     baseline.accept(step, 1.0 + 0.01 * (step % 3))
         >>> baseline.judge(5.0).flagged, baseline.judge(1.02).flagged
