@@ -269,7 +269,26 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {row['scenario']} | {row['rule']} | {row['caught']} | {row['late']} | {row['missed']} "
             f"| {row['false_per_1000']:.1f} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", *closing_notes(report)]) + "\n"
+
+
+def closing_notes(report: dict[str, Any]) -> list[str]:
+    """Where this project's rule misses, is late or alarms falsely, and every row a published rule wins."""
+    ours_name = next(iter(RULES))
+    notes = []
+    for ours in (row for row in report["rows"] if row["rule"] == ours_name):
+        if ours["missed"] or ours["late"] or ours["false"]:
+            notes.append(
+                f"- {ours['scenario']}: this project's rule misses {ours['missed']}, is late on {ours['late']} and "
+                f"raises {ours['false']} false alarm(s)."
+            )
+        for other in report["rows"]:
+            wins = other["caught"] > ours["caught"] or (
+                other["caught"] == ours["caught"] and other["false_per_1000"] < ours["false_per_1000"]
+            )
+            if other["scenario"] == ours["scenario"] and other["rule"] != ours_name and wins:
+                notes.append(f"- {ours['scenario']}: {other['rule']} wins this row.")
+    return ["Notes:", "", *(notes or ["- this project's rule is at least as good as every other rule in every row."])]
 
 
 def main() -> None:

@@ -51,8 +51,7 @@ class SpikeBaseline:
 
     Example:
         >>> baseline = SpikeBaseline(window=20, warmup=5, ratio=2.0, z_score=8.0, min_excess=0.25, provisional=3)
-        >>> for step in range(10):
-        ...     baseline.accept(step, 1.0 + 0.01 * (step % 3))
+        >>> screened_out = [baseline.accept(step, 1.0 + 0.01 * (step % 3)) for step in range(10)]
         >>> baseline.judge(5.0).flagged, baseline.judge(1.02).flagged
         (True, False)
     """
