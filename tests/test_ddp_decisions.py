@@ -108,7 +108,7 @@ def test_every_decision_is_taken_by_all_ranks_at_the_same_step(tmp_path: Path) -
     lrs = {int(step): lr[0] for step, lr in rank0["lrs"].items()}
     assert lrs[SPIKE] == LR and lrs[SPIKE + 1] == pytest.approx(LR / 2) and lrs[SPIKE + 2] == pytest.approx(0.75 * LR)
     # dumps per rank: only the rank whose loss spiked writes one
-    dump = tmp_path / "dumps" / f"step{SPIKE:08d}-rank1-batch{SPIKE:05d}.pt"
+    dump = tmp_path / "dumps" / f"deadunits-step{SPIKE:08d}-rank1-batch{SPIKE:05d}.pt"
     assert rank1["events"] == [{"local": True, "dump": str(dump), "rank": 1, "reason": "ratio and z-score"}]
     assert rank0["events"] == [{"local": False, "dump": None, "rank": 0, "reason": "spike on another rank"}]
     assert list((tmp_path / "dumps").iterdir()) == [dump]

@@ -9,6 +9,7 @@ import pytest
 
 from lightning_deadunits.callbacks.loss_spike_monitor import LossSpikeMonitor
 from lightning_deadunits.events import events_file, read_events
+from lightning_deadunits.readings import Reading
 from lightning_deadunits.triggers.loss_spike import SpikeDetector, SpikeVerdict
 from tests.helpers.spike_models import DigitsMLP, digits_with_dirty_batches
 
@@ -153,9 +154,21 @@ def test_gradient_only_spike_in_a_real_run_is_caught_attributed_and_skipped(tmp_
     assert event["layers"][0]["ratio"] > 20 and monitor.skipped_updates == 1 and monitor.spike_count == 1
 
 
+class ReadingRecorder(pl.Callback):
+    """Keeps the loss monitor's readings, as a callback escalating from short spikes to episodes reads them."""
+
+    def __init__(self) -> None:
+        self.readings: list[Reading] = []
+
+    def on_deadunits_reading(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reading: Reading) -> None:
+        self.readings.append(reading)
+
+
 def test_aftershock_in_a_real_run_is_one_episode_one_alarm_and_an_episode_record(tmp_path: Path) -> None:
-    monitor = LossSpikeMonitor(window=30, warmup=20, max_dumps=5)
+    monitor = LossSpikeMonitor(window=30, warmup=20, max_dumps=5, log_every_n_steps=1000)
+    recorder = ReadingRecorder()
     trainer = _trainer(tmp_path, monitor, 60)
+    trainer.callbacks.append(recorder)  # type: ignore[attr-defined]
     trainer.fit(DigitsMLP(digits_with_dirty_batches(dirty_batches=[40, 41, 42])))
     assert monitor.spike_count == 1 and [alarm.step for alarm in monitor.alarm_log] == [40]
     assert [event["step"] for event in monitor.events][:3] == [40, 41, 42]
@@ -168,3 +181,10 @@ def test_aftershock_in_a_real_run_is_one_episode_one_alarm_and_an_episode_record
     assert episode["start_step"] == 40 and episode["length"] == len(monitor.events) and episode["signal"]
     spikes = [record for record in records if record["type"] == "spike"]
     assert [record["episode_start"] for record in spikes] == [40] * len(spikes)
+    # a reading at every spiking batch carries the episode's length so far and the episodes so far
+    at_spikes = [reading for reading in recorder.readings if "deadunits/loss/episode_length" in reading.scalars]
+    assert [reading.step for reading in at_spikes] == [event["step"] for event in monitor.events]
+    assert [reading.scalars["deadunits/loss/episode_length"] for reading in at_spikes] == list(
+        range(1, len(monitor.events) + 1)
+    )
+    assert {reading.scalars["deadunits/loss/spikes"] for reading in at_spikes} == {1.0}
