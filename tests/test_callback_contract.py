@@ -2,6 +2,7 @@
 
 import inspect
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,8 @@ def _portable(state: Any) -> Any:
         return {k: _portable(v) for k, v in state.items() if k != "dump"}
     if isinstance(state, (list, tuple)):
         return type(state)(_portable(v) for v in state)
+    if isinstance(state, str):  # e.g. a dump path inside an alarm message
+        return re.sub(r"\S*/(whole|resumed)/", "<run>/", state)
     return state
 
 

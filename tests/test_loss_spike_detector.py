@@ -62,7 +62,8 @@ def test_detector_patience_needs_consecutive_flags() -> None:
     _feed(detector, _calm(20))
     verdicts = _feed(detector, [30.0, 1.0, 30.0, 30.0, 30.0, 30.0], start=20)
     assert [v.flagged for v in verdicts] == [True, False, True, True, True, True]
-    assert [v.spike for v in verdicts] == [False, False, False, True, False, True]
+    # the second flag in a row starts the episode; while it is open every flagged batch is a spike
+    assert [v.spike for v in verdicts] == [False, False, False, True, True, True]
 
 
 def test_detector_takes_a_lasting_new_level_as_the_baseline() -> None:

@@ -25,6 +25,7 @@ from lightning_deadunits.callbacks.monitor import MonitorCallback
 from lightning_deadunits.errors import DeadUnitsWarning
 from lightning_deadunits.metrics.spike_deaths import SpikeDeathLedger
 from lightning_deadunits.panels.spike_text import deaths_message, spike_events_table, spike_message
+from lightning_deadunits.probes.grad_norms import GradNormProbe
 from lightning_deadunits.probes.loss import BatchLoss, LossProbe
 from lightning_deadunits.readings import Reading
 from lightning_deadunits.schedules import StepGate, every_n_steps
@@ -43,18 +44,42 @@ class LossSpikeMonitor(MonitorCallback):
     r"""Detects loss spikes on every training batch, dumps the offending batch and can skip its update.
 
     **Detection.** Each batch's loss (under gradient accumulation each micro-batch's, scaled back to what
-    ``training_step`` returned) goes to a :class:`~lightning_deadunits.triggers.SpikeDetector`: after ``warmup``
-    accepted losses, a loss is flagged when it exceeds both ``ratio`` times the median of the last ``window``
-    accepted losses and ``z_score`` robust standard deviations above it (the larger of 1.4826 x MAD and the
-    median's distance to the 95th percentile over 1.645, so the hard batches of a skewed run are not spikes);
-    NaN and Inf are always spikes. Flagged losses never enter the baseline. ``patience`` flagged losses in a
-    row make a spike. A loss belongs to ``trainer.global_step`` as its batch starts (the optimizer steps done
-    before it), so the spike of the 1801st batch of a run without accumulation is at step 1800. The loss is read
-    from ``on_before_backward`` in automatic optimization, and from what ``training_step`` returns (a tensor or
+    ``training_step`` returned) and, with ``grad_signal``, the global gradient norm of each optimizer step (read in
+    ``on_before_optimizer_step``: after AMP unscaling and accumulation, and under DDP after the all-reduce, before
+    clipping) go to a :class:`~lightning_deadunits.triggers.SpikeDetector`. Each signal keeps a window of its last
+    ``window`` accepted values, their median ``m``, robust spread ``s = 1.4826 x MAD`` and a reference ``r``: the
+    median of its first 10 accepted values (its level while training was young). A value ``x`` is flagged when
+    ``x > ratio * m`` and ``(x - m) / s > z_score`` and ``x - m > min_excess * |r|`` (``grad_min_excess`` for the
+    gradient norm, whose hard batches are far more heavy-tailed): far above the recent
+    values, and large for this signal (the scale floor: late in a converged run the median nears 0 and an ordinary
+    hard batch is 20x it and many spreads above it, yet a few percent of the young loss). The MAD ignores up to half
+    of the window, so spikes in warm-up cannot widen it; judging starts after 10 accepted values (a provisional
+    baseline), and when warm-up ends the window is screened by its own baseline: earlier outliers are logged and
+    written to the events file as ``"spike"`` records with ``"late": true``. NaN and Inf losses are always spikes;
+    a non-finite gradient norm is ignored (fp16 overflows are the ``GradScaler``'s). Flagged values never enter a
+    window. A batch is flagged when its loss *or* its gradient norm is (``signal`` says which); ``patience`` flagged
+    batches in a row make a spike. A loss belongs to ``trainer.global_step`` as its batch starts (the optimizer steps
+    done before it), so the spike of the 1801st batch of a run without accumulation is at step 1800. The loss is
+    read from ``on_before_backward`` in automatic optimization, and from what ``training_step`` returns (a tensor or
     ``{"loss": ...}``) in manual optimization; when there is none, one warning says so. A batch whose
     ``training_step`` returns ``None`` in automatic optimization (Lightning's way to skip it) is not watched.
 
-    **Cost.** One scalar device-to-host copy per batch (the loss). On CUDA it does not wait for the device: the
+    **Episodes.** Spikes no more than ``episode_gap`` steps apart are one episode (a corrupted batch and the
+    aftershocks of the weights it damaged): one alarm and one count in ``<p>/loss/spikes`` per episode, at its
+    start; a ``"spike"`` event per spiking batch (with ``episode_start``, ``episode_length`` so far and
+    ``episode_peak_step``), dumps of the first batch and of each new peak, and with ``skip_update`` every spiking
+    batch's update is skipped. When an episode ends (more than ``episode_gap`` steps after its last spike, or at
+    train end) an ``"episode"`` record is written: ``start_step``, ``peak_step``, ``end_step``, ``length``,
+    ``peak_loss``, ``peak_score``, ``signal`` and ``layers``.
+
+    **Gradient attribution.** At a spike, each watched layer's gradient norm (convolutions and ``nn.Linear``) is
+    compared with the median of its own last ``window`` norms; the event, the dump, the alarm message and the text
+    panel name the layers furthest above theirs ("layer4.1.conv2 gradient 40x its baseline"). Under DDP the gradient
+    is all-reduced, so a gradient-only spike is acted on by every rank but dumped by none (only the loss tells whose
+    batch it was).
+
+    **Cost.** One small device-to-host copy per batch (the loss, and with ``grad_signal`` the global and per-layer
+    gradient norms, computed on the device at each optimizer step). On CUDA it does not wait for the device: the
     copy goes to pinned memory as the batch ends and the loss is judged at the end of the *next* batch (or at
     train end), so a spike's event, dump and alarm come one batch later (still with the spike's own step); with
     ``skip_update=True`` the decision is needed before the optimizer step, so the loss is read at once, which
@@ -91,7 +116,8 @@ class LossSpikeMonitor(MonitorCallback):
     TensorBoard text panel, in the events file, in the log ("spike at step 1800: 37 kernels of layer4.1 died") and
     in the dump. The monitors' order in ``callbacks=[...]`` does not matter.
 
-    **Alarms.** Every spike raises an :class:`~lightning_deadunits.Alarm` with source ``"loss"`` and key
+    **Alarms.** Every episode raises, at its first spike, an :class:`~lightning_deadunits.Alarm` with source
+    ``"loss"`` and key
     ``<p>/loss/spike`` (value: the loss; threshold: the limit it crossed; level ``"error"`` for a non-finite
     loss), handed to ``on_alarm`` and to every callback with ``on_deadunits_alarm``.
 
@@ -101,26 +127,36 @@ class LossSpikeMonitor(MonitorCallback):
     ``<p>/loss/value``          the loss (mean over ranks)
     ``<p>/loss/baseline``       the median of the accepted losses (after the first loss)
     ``<p>/loss/spike_score``    the robust z-score of the loss against the baseline
-    ``<p>/loss/spikes``         spike events so far
+    ``<p>/loss/spikes``         spike episodes so far
+    ``<p>/loss/episode_length`` at a spike: spiking batches of its episode so far (1 at its start)
     ==========================  ========================================================================
+
+    The reading published at every spiking batch (to every ``on_deadunits_reading`` listener) carries these keys.
 
     With TensorBoard, the text panel ``<p>/loss/spike_events`` lists the events with their dump paths. Every event
     is also written as data to the run's events file (``<log_dir>/deadunits/events.jsonl``, see
     :mod:`lightning_deadunits.events`), which ``deadunits report`` reads.
 
-    ``events`` holds one dict per spike: ``step``, ``epoch``, ``batch_idx``, ``rank``, ``loss``, ``baseline``,
+    ``events`` holds one dict per spiking batch: ``step``, ``epoch``, ``batch_idx``, ``rank``, ``loss``, ``baseline``,
     ``spread``, ``ratio``, ``spike_score``, ``threshold``, ``reason``, ``local`` (this rank's loss spiked),
-    ``skipped_update``, ``dump`` (path or ``None``), ``dump_skipped`` (why no dump was written, or ``None``),
+    ``skipped_update``, ``signal``, ``grad_norm``, ``grad_baseline``, ``grad_score``, ``layers`` (``[{"layer",
+    "norm", "baseline", "ratio"}]``, most first), ``episode_start``, ``episode_length``, ``episode_peak_step``,
+    ``dump`` (path or ``None``), ``dump_skipped`` (why no dump was written, or ``None``),
     ``dead_after_spike`` (``{"<prefix>/<source>": {"unit", "before_step", "after_step", "died": {layer: count}}}``)
     and ``dead_pending`` (checks still awaited).
 
     Args:
-        window: accepted losses in the baseline (>= 2).
-        warmup: accepted losses before any decision (1 ... ``window``).
+        window: accepted values in each baseline (>= 2).
+        warmup: accepted values that fix the young level and end warm-up (1 ... ``window``).
         ratio: a spike exceeds this multiple of the baseline (> 1).
         z_score: ... and this many robust standard deviations above it (> 0).
         patience: consecutive flagged losses that make a spike (>= 1).
         rebaseline_after: flagged losses in a row after which they become the baseline (``None``: never).
+        min_excess: ... and exceeds the median by this fraction of the signal's young level (>= 0; the scale floor).
+        episode_gap: the most steps between two spikes of one episode (>= 0).
+        grad_signal: also judge the global gradient norm, and attribute spikes to layers.
+        grad_min_excess: the gradient norm's scale floor, as a multiple of its young level (>= 0; see
+            :class:`~lightning_deadunits.triggers.SpikeDetector`).
         skip_update: skip the optimizer step of spiking batches (automatic optimization only).
         dump_dir: where dumps go (default ``<trainer.log_dir>/deadunits/dumps``).
         max_dumps: the most dump files per rank (0: no dumps).
@@ -146,10 +182,14 @@ class LossSpikeMonitor(MonitorCallback):
         self,
         window: int = 100,
         warmup: int = 50,
-        ratio: float = 2.0,
-        z_score: float = 8.0,
+        ratio: float = 1.5,
+        z_score: float = 6.0,
         patience: int = 1,
         rebaseline_after: int | None = 100,
+        min_excess: float = 0.25,
+        episode_gap: int = 5,
+        grad_signal: bool = True,
+        grad_min_excess: float = 4.0,
         skip_update: bool = False,
         dump_dir: str | os.PathLike[str] | None = None,
         max_dumps: int = 20,
@@ -160,7 +200,18 @@ class LossSpikeMonitor(MonitorCallback):
         prefix: str = "deadunits",
     ) -> None:
         super().__init__(prefix=prefix, alarms=alarms, on_alarm=on_alarm)
-        self.detector = SpikeDetector(window, warmup, ratio, z_score, patience, rebaseline_after)
+        self.detector = SpikeDetector(
+            window,
+            warmup,
+            ratio,
+            z_score,
+            patience,
+            rebaseline_after,
+            min_excess,
+            episode_gap=episode_gap,
+            grad_min_excess=grad_min_excess,
+        )
+        self.grad_probe = GradNormProbe() if check_bool("grad_signal", grad_signal) else None
         self.skip_update = check_bool("skip_update", skip_update)
         if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
             raise TypeError(f"`dump_dir` must be a path or None, got {dump_dir!r}.")
@@ -251,6 +302,10 @@ class LossSpikeMonitor(MonitorCallback):
     def on_before_optimizer_step(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Optimizer
     ) -> None:
+        if self.grad_probe is not None and self._batch is not None:
+            norms = self.grad_probe.step_norms()
+            if norms is not None:
+                self._batch.grads, self._batch.grad_layers = norms
         if not self.skip_update:
             return
         if self._batch is not None:
@@ -261,6 +316,8 @@ class LossSpikeMonitor(MonitorCallback):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.grad_probe is not None:
+            self.grad_probe.attach(pl_module)
         if self.skip_update:
             self.skip.attach(trainer.optimizers)
 
@@ -287,6 +344,7 @@ class LossSpikeMonitor(MonitorCallback):
         if self._deferred is not None:
             self._finish_batch(trainer, pl_module, *self._deferred)
             self._deferred = None
+        self._record_episode(trainer, self.detector.finish())
 
     @override
     def release(self) -> None:
@@ -319,8 +377,15 @@ class LossSpikeMonitor(MonitorCallback):
             return self._judged[1:]
         if pending.loss is None:
             return None
-        verdict = self.detector.update(pending.value(), pending.step)
-        spike = bool(trainer.strategy.reduce_boolean_decision(verdict.spike, all=False))
+        grad_norm, layer_norms = pending.grad_values()
+        verdict = self.detector.update(
+            pending.value(),
+            pending.step,
+            grad_norm,
+            layer_norms,
+            agree=lambda spike: bool(trainer.strategy.reduce_boolean_decision(spike, all=False)),
+        )
+        spike = verdict.spike
         self._judged = (pending, verdict, spike)
         self._skip_pending |= spike and self.skip_update
         if verdict.rebaselined:
@@ -342,13 +407,31 @@ class LossSpikeMonitor(MonitorCallback):
             self._warn_no_loss(pl_module, outputs, pending)
             return
         verdict, spike = judged
+        self._record_episode(trainer, verdict.ended_episode)
+        for step, loss, score in verdict.late:
+            _log_late(step, loss, score)
+            self.record_event(
+                trainer,
+                {
+                    "type": "spike",
+                    "prefix": self.prefix,
+                    "source": self.source,
+                    "step": step,
+                    "loss": loss,
+                    "spike_score": score,
+                    "reason": "warm-up outlier",
+                    "late": True,
+                    "local": True,
+                },
+                local=True,
+            )
         alarm = (
             self._record_spike(trainer, pl_module, pending, verdict, deaths_before, outputs, batch) if spike else None
         )
         if self.logs.due(pending.step) or spike:
             self.logs.mark(pending.step)
             self.publish(trainer, self.reading(pending.step, self._scalars(trainer, pl_module, verdict)))
-        if alarm is not None:
+        if alarm is not None and verdict.episode_start:
             self.raise_alarms(trainer, [alarm])
 
     def _record_spike(
@@ -361,8 +444,13 @@ class LossSpikeMonitor(MonitorCallback):
         outputs: Any,
         batch: Any,
     ) -> Alarm:
-        """Count the spike, dump this rank's batch if its loss spiked, keep and write the event; return its alarm."""
-        self.spike_count += 1
+        """Count a new episode, dump this rank's batch at its start and peak, keep and write the event; return its
+        alarm (raised only at the episode's start).
+        """  # noqa: D205
+        episode = verdict.episode or {}
+        # Under DDP the gradient is all-reduced, so its norm spikes on every rank: only the loss says whose batch.
+        local = verdict.flagged and ("loss" in verdict.signal or trainer.world_size == 1)
+        self.spike_count = self.detector.episodes.count
         event: dict[str, Any] = {
             "step": pending.step,
             "epoch": pending.epoch,
@@ -374,14 +462,22 @@ class LossSpikeMonitor(MonitorCallback):
             "ratio": verdict.ratio,
             "spike_score": verdict.score,
             "threshold": verdict.limit,
-            "reason": verdict.reason if verdict.spike else "spike on another rank",
-            "local": verdict.spike,
+            "reason": verdict.reason if local else "spike on another rank",
+            "local": local,
+            "signal": verdict.signal,
+            "grad_norm": verdict.grad_norm,
+            "grad_baseline": verdict.grad_baseline,
+            "grad_score": verdict.grad_score,
+            "layers": verdict.layers,
+            "episode_start": episode.get("start_step", pending.step),
+            "episode_length": episode.get("length", 1),
+            "episode_peak_step": episode.get("peak_step", pending.step),
             "skipped_update": self.skip_update,
             "dump": None,
             "dead_after_spike": {},
             "dead_pending": {origin: dict(before) for origin, before in deaths_before.items()},
         }
-        if verdict.spike:
+        if local and (verdict.episode_start or episode.get("peak_step") == pending.step):
             path = self.dump.write(trainer, pl_module, pending, event, outputs, batch, list(self.detector.recent))
             event["dump"] = None if path is None else str(path)
             event["dump_skipped"] = self.dumper.last_skip_reason
@@ -389,7 +485,7 @@ class LossSpikeMonitor(MonitorCallback):
         del self.events[:-_MAX_EVENTS]
         fields = {key: value for key, value in event.items() if key not in ("dead_after_spike", "dead_pending")}
         self.record_event(
-            trainer, {"type": "spike", "prefix": self.prefix, "source": self.source, **fields}, local=verdict.spike
+            trainer, {"type": "spike", "prefix": self.prefix, "source": self.source, **fields}, local=local
         )
         self._resolve_deaths(trainer)
         self._write_events_panel(trainer)
@@ -407,6 +503,13 @@ class LossSpikeMonitor(MonitorCallback):
             type(self).__name__,
             "spike",
         )
+
+    def _record_episode(self, trainer: "pl.Trainer", episode: dict[str, Any] | None) -> None:
+        """Write an ended episode to the events file (rank zero: the episode is the same on every rank)."""
+        if episode is None:
+            return
+        fields = {key: value for key, value in episode.items() if key != "signals"}
+        self.record_event(trainer, {"type": "episode", "prefix": self.prefix, "source": self.source, **fields})
 
     def _skip_alarm(self, step: int) -> Alarm:
         """The alarm the skip action acts on: the spike's own alarm comes once the batch has been dumped."""
@@ -454,6 +557,8 @@ class LossSpikeMonitor(MonitorCallback):
             values = reduced.cpu().tolist()
         loss, baseline, score = values
         scalars = {self.key("value"): loss, self.key("spikes"): float(self.spike_count)}
+        if verdict.episode is not None:
+            scalars[self.key("episode_length")] = float(verdict.episode["length"])
         if verdict.baseline is not None:
             scalars[self.key("baseline")] = baseline
             scalars[self.key("spike_score")] = score
@@ -482,6 +587,16 @@ class LossSpikeMonitor(MonitorCallback):
 @rank_zero_only  # type: ignore[untyped-decorator,misc]
 def _log_deaths(message: str) -> None:
     log.warning("deadunits: %s", message)
+
+
+@rank_zero_only  # type: ignore[untyped-decorator,misc]
+def _log_late(step: int, loss: float, score: float) -> None:
+    log.warning(
+        "deadunits: warm-up loss %.4g at step %s was an outlier (robust z %.3g), found as warm-up ended.",
+        loss,
+        step,
+        score,
+    )
 
 
 @rank_zero_only  # type: ignore[untyped-decorator,misc]

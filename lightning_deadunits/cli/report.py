@@ -43,6 +43,8 @@ _SPIKE_COLUMNS = {
     "loss": "loss",
     "baseline": "baseline",
     "score": "spike_score",
+    "signal": "signal",
+    "episode": "episode_start",
     "dump": "dump",
 }
 _ALARM_COLUMNS = {

@@ -1,6 +1,7 @@
 """Math on recent losses: a robust baseline (median and spread) and how far a loss sits above it.
 
-Losses are host scalars, one per step, and a baseline looks at a window of about a hundred of them: plain Python
+Losses (and gradient norms) are host scalars, one per step, and a baseline looks at a window of about a hundred of
+them: plain Python
 floats, which at that size are several times cheaper than tensor operations (this runs on every training step).
 """
 
@@ -15,39 +16,30 @@ __all__ = ["MAD_TO_SIGMA", "robust_baseline", "spike_limit", "spike_scores"]
 MAD_TO_SIGMA = 1.4826
 """Scales a median absolute deviation to a standard deviation for normally distributed values."""
 
-_UPPER_QUANTILE_CUTS = 20  # the 19th of 20-quantile cut points is the 95th percentile
-_UPPER_QUANTILE_TO_SIGMA = 1.6449  # the normal distribution's 95th percentile, in standard deviations
-
 # A window of identical losses has spread 0; the z-score then divides by this fraction of the baseline instead.
 _RELATIVE_SCALE_FLOOR = 1e-6
 _ABSOLUTE_SCALE_FLOOR = 1e-12
 
 
 def robust_baseline(losses: Iterable[float] | Tensor) -> tuple[float, float]:
-    """Return ``(median, spread)`` of finite ``losses``: their median and a robust standard deviation above it.
+    """Return ``(median, spread)`` of finite ``losses``: their median and ``1.4826 x`` their median absolute deviation.
 
-    ``spread = max(1.4826 * MAD, (q95 - median) / 1.645)``: the median absolute deviation scaled to a standard
-    deviation, or, when the losses have a heavy upper tail (small batches late in training, where a few hard
-    batches sit far above a near-zero median), the distance to their 95th percentile scaled likewise. For
-    normal noise both agree; the MAD alone would call every hard batch of a skewed run a spike. Both ignore a
-    few outliers (up to half for the median and MAD, 5% for the percentile), so a spike left in a window
-    barely moves them. Medians and the percentile interpolate linearly as numpy's do; an empty window gives
-    zeros. A tensor is read as its flattened values.
+    Both have a 50% breakdown point: up to half of the window may be outliers (spikes of a contaminated warm-up)
+    without moving them far, so a loss at the outliers' level still scores a large z. A heavy upper tail of benign
+    hard batches (late in training) is *not* widened into the spread here: the detector's scale floor
+    (:func:`spike_limit`'s ``min_excess``) tells those apart from spikes. Medians interpolate linearly as numpy's
+    do; an empty window gives zeros. A tensor is read as its flattened values.
 
     Example:
         >>> center, spread = robust_baseline([1.0, 2.0, 3.0, 4.0, 5.0])
         >>> center, round(spread, 4)
         (3.0, 1.4826)
     """
-    values = sorted(losses.detach().flatten().tolist() if isinstance(losses, Tensor) else map(float, losses))
+    values = losses.detach().flatten().tolist() if isinstance(losses, Tensor) else list(map(float, losses))
     if not values:
         return 0.0, 0.0
     center = float(statistics.median(values))
-    by_mad = MAD_TO_SIGMA * statistics.median(abs(value - center) for value in values)
-    upper = values[-1]
-    if len(values) > 1:
-        upper = statistics.quantiles(values, n=_UPPER_QUANTILE_CUTS, method="inclusive")[-1]
-    return center, max(by_mad, (upper - center) / _UPPER_QUANTILE_TO_SIGMA)
+    return center, MAD_TO_SIGMA * statistics.median(abs(value - center) for value in values)
 
 
 def _floored(center: float, spread: float) -> float:
@@ -74,11 +66,15 @@ def spike_scores(loss: float, center: float, spread: float) -> tuple[float, floa
     return (1 + excess / abs(center) if center else unscaled), excess / _floored(center, spread)
 
 
-def spike_limit(center: float, spread: float, ratio: float, z_score: float) -> float:
-    """The loss above which both ``spike_scores(...)`` exceed ``ratio`` and ``z_score``: the limit a spike crosses.
+def spike_limit(center: float, spread: float, ratio: float, z_score: float, min_excess: float = 0.0) -> float:
+    """The loss above which ``spike_scores`` exceed ``ratio`` and ``z_score`` and the excess exceeds ``min_excess``.
+
+    ``min_excess`` is the scale floor, an absolute excess over the median; the result is the limit a spike crosses.
 
     Example:
         >>> spike_limit(2.0, 0.1, ratio=2.0, z_score=6.0)
         4.0
+        >>> spike_limit(0.01, 0.001, ratio=2.0, z_score=6.0, min_excess=0.5)
+        0.51
     """
-    return max(center + (ratio - 1) * abs(center), center + z_score * _floored(center, spread))
+    return max(center + (ratio - 1) * abs(center), center + z_score * _floored(center, spread), center + min_excess)

@@ -3,13 +3,22 @@
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["deaths_message", "deaths_summary", "spike_events_table", "spike_message"]
+__all__ = ["deaths_message", "deaths_summary", "gradient_summary", "spike_events_table", "spike_message"]
 
 _MAX_TABLE_ROWS = 50
 
 
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
+
+
+def gradient_summary(event: Mapping[str, Any]) -> str:
+    """``"layer4.1.conv2 gradient 40x its baseline, fc gradient 3.1x its baseline"`` (layers above 2x), or ``""``."""
+    return ", ".join(
+        f"{row['layer']} gradient {row['ratio']:.3g}x its baseline"
+        for row in event.get("layers") or []
+        if row["ratio"] > 2
+    )
 
 
 def spike_message(event: Mapping[str, Any]) -> str:
@@ -19,11 +28,22 @@ def spike_message(event: Mapping[str, Any]) -> str:
         text = f"loss spike on another rank at step {event['step']}; this rank's loss {_number(event['loss'])}"
     elif event["reason"] == "non-finite":
         text = f"non-finite loss {event['loss']} at {where}"
+    elif "loss" not in event.get("signal", "loss"):
+        text = (
+            f"gradient-norm spike at {where}: norm {_number(event['grad_norm'])} against the baseline "
+            f"{_number(event['grad_baseline'])} (robust z {_number(event['grad_score'])}); "
+            f"loss {_number(event['loss'])}"
+        )
     else:
         text = (
             f"loss spike at {where}: loss {_number(event['loss'])} is {event['ratio']:.3g}x the baseline "
             f"{_number(event['baseline'])} (robust z {event['spike_score']:.3g})"
         )
+    gradients = gradient_summary(event)
+    if gradients:
+        text += f"; {gradients}"
+    if event.get("episode_length", 1) > 1:
+        text += f" (batch {event['episode_length']} of the episode that started at step {event['episode_start']})"
     if event["skipped_update"]:
         text += "; its update is skipped"
     if event["dump"] is not None:
@@ -56,14 +76,16 @@ def _cell(text: str) -> str:
 def spike_events_table(events: Sequence[Mapping[str, Any]]) -> str:
     """The last 50 events as a Markdown table (``|`` in cells escaped)."""
     rows = [
-        "| step | epoch | batch | rank | loss | baseline | z | dump | died |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "| step | episode | epoch | batch | rank | loss | baseline | z | gradients | dump | died |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
     ]
     for event in events[-_MAX_TABLE_ROWS:]:
         awaiting = " (awaiting a check)" if event["dead_pending"] else ""
         rows.append(
-            f"| {event['step']} | {event['epoch']} | {event['batch_idx']} | {event['rank']} "
+            f"| {event['step']} | {event.get('episode_start', event['step'])} | {event['epoch']} "
+            f"| {event['batch_idx']} | {event['rank']} "
             f"| {_number(event['loss'])} | {_number(event['baseline'])} | {_number(event['spike_score'])} "
-            f"| {_cell(event['dump'] or '-')} | {_cell(deaths_summary(event) or '-')}{awaiting} |"
+            f"| {_cell(gradient_summary(event) or '-')} | {_cell(event['dump'] or '-')} "
+            f"| {_cell(deaths_summary(event) or '-')}{awaiting} |"
         )
     return "\n".join(rows)

@@ -73,20 +73,16 @@ class GradNormProbe:
 
     def sample(self) -> None:
         """Add the current gradients to the period (device operations only)."""
-        grads = [p.grad for p in self.parameters if p.grad is not None]
-        if not grads:
+        total = self._total_square()
+        if total is None:
             return
-        total = torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]).square().sum()
         self._total_squares = total if self._total_squares is None else self._total_squares + total
         for name, module in self.layers.items():
             weight: Tensor = module.weight  # type: ignore[assignment]
             if weight.grad is None:
                 continue
             grad = weight.grad.detach()
-            squares = grad.float().square().sum()
-            bias = getattr(module, "bias", None)
-            if isinstance(bias, Tensor) and bias.grad is not None:
-                squares = squares + bias.grad.detach().float().square().sum()
+            squares = _layer_square(module)
             self._squares[name] = self._squares[name] + squares if name in self._squares else squares
             groups, transposed = getattr(module, "groups", 1), getattr(module, "transposed", False)
             nonzero = weight_filter_norms(grad, groups, transposed)[0] > 0
@@ -112,6 +108,27 @@ class GradNormProbe:
         self._squares, self._total_squares, self._period = {}, None, 0
         return norms, total, dead
 
+    def step_norms(self) -> tuple[Tensor, list[str]] | None:
+        """This step's global gradient norm and per-layer norms, stacked in one device tensor (no host sync).
+
+        Returns:
+            ``(norms, layers)``: ``norms[0]`` is the global norm, ``norms[1 + i]`` the norm of ``layers[i]`` (weight
+            and bias gradients together); ``None`` when no parameter has a gradient. Does not touch the period.
+        """
+        total = self._total_square()
+        if total is None:
+            return None
+        layers = [name for name, module in self.layers.items() if getattr(module.weight, "grad", None) is not None]
+        squares = [total, *(_layer_square(self.layers[name]) for name in layers)]
+        return torch.stack([square.to(total.device) for square in squares]).sqrt(), layers
+
+    def _total_square(self) -> Tensor | None:
+        """The squared global norm of every gradient of the model, on the device (``None``: no gradient)."""
+        grads = [p.grad for p in self.parameters if p.grad is not None]
+        if not grads:
+            return None
+        return torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]).square().sum()
+
     def state_dict(self) -> dict[str, Any]:
         """The sample count and each row's last sample with a nonzero gradient (the gradient-dead window)."""
         return {"samples": self.samples, "last_nonzero": {n: t.cpu() for n, t in self._last_nonzero.items()}}
@@ -120,3 +137,14 @@ class GradNormProbe:
         """Restore :meth:`state_dict`'s output; missing keys keep their defaults."""
         self.samples = int(state_dict.get("samples", 0))
         self._last_nonzero = {n: t.clone() for n, t in state_dict.get("last_nonzero", {}).items()}
+
+
+def _layer_square(module: nn.Module) -> Tensor:
+    """The squared norm of a layer's weight and bias gradients together (its weight has a gradient)."""
+    weight: Tensor = module.weight  # type: ignore[assignment]
+    assert weight.grad is not None
+    squares = weight.grad.detach().float().square().sum()
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, Tensor) and bias.grad is not None:
+        squares = squares + bias.grad.detach().float().square().sum()
+    return squares

@@ -1,4 +1,6 @@
-"""What the loss-spike monitor measures: each batch's loss, as ``training_step`` computed it, read without stalls.
+"""What the loss-spike monitor measures: each batch's loss as ``training_step`` computed it, read without stalls.
+
+With the gradient signal, the step's gradient norms travel with the loss (:attr:`BatchLoss.grads`).
 
 In automatic optimization the loss comes from ``on_before_backward``, where Lightning hands it divided by
 ``accumulate_grad_batches`` and, under fp16 AMP, multiplied by the ``GradScaler``'s scale (a power of two, so
@@ -8,7 +10,7 @@ without waiting (:meth:`LossProbe.start_host_copy`) and read one batch later.
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
@@ -31,6 +33,10 @@ class BatchLoss:
         rng: host RNG states before the batch (for dumps), or ``None``.
         loss: the loss on its device, or a pinned host copy in flight (see ``arrived``), or ``None``.
         arrived: the CUDA event after which a pinned ``loss`` may be read, or ``None``.
+        grads: the step's global and per-layer gradient norms (see
+            :meth:`~lightning_deadunits.probes.grad_norms.GradNormProbe.step_norms`) on the device or in flight like
+            the loss, or ``None`` (no optimizer step at this batch, or the gradient signal is off).
+        grad_layers: the layer names of ``grads[1:]``.
     """
 
     step: int
@@ -39,6 +45,8 @@ class BatchLoss:
     rng: dict[str, Any] | None
     loss: Tensor | None = None
     arrived: Any = None
+    grads: Tensor | None = None
+    grad_layers: list[str] = field(default_factory=list)
 
     def value(self) -> float:
         """The loss as a float: waits for its own host copy (never for the whole device)."""
@@ -46,6 +54,15 @@ class BatchLoss:
         if self.arrived is not None:
             self.arrived.synchronize()
         return float(self.loss)
+
+    def grad_values(self) -> tuple[float | None, dict[str, float]]:
+        """The global gradient norm (or ``None``) and the per-layer norms, as floats."""
+        if self.grads is None:
+            return None, {}
+        if self.arrived is not None:
+            self.arrived.synchronize()
+        values = self.grads.tolist()
+        return values[0], dict(zip(self.grad_layers, values[1:], strict=True))
 
 
 class LossProbe:
@@ -87,9 +104,16 @@ class LossProbe:
             return False
         if loss.device.type != "cuda":
             return True
-        host = torch.empty(loss.shape, dtype=loss.dtype, pin_memory=True)
-        host.copy_(loss, non_blocking=True)
+        batch.loss = _pinned_copy(loss)
+        if batch.grads is not None:
+            batch.grads = _pinned_copy(batch.grads)
         batch.arrived = torch.cuda.Event()  # type: ignore[no-untyped-call]
         batch.arrived.record(torch.cuda.current_stream(loss.device))
-        batch.loss = host
         return True
+
+
+def _pinned_copy(tensor: Tensor) -> Tensor:
+    """Start copying a CUDA tensor to pinned host memory without waiting."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host

@@ -1,13 +1,16 @@
-"""When a loss is a spike: a robust baseline of recent accepted losses, thresholds, warm-up and patience."""
+"""When a batch is a spike: loss and gradient-norm baselines, a scale floor, warm-up screening, patience, episodes."""
 
 import math
 from collections import deque
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lightning_deadunits._validation import check_float, check_int
-from lightning_deadunits.functional.loss import robust_baseline, spike_limit, spike_scores
+from lightning_deadunits.functional.loss import robust_baseline
+from lightning_deadunits.metrics.grad_baselines import LayerGradBaselines
+from lightning_deadunits.metrics.spike_baseline import SpikeBaseline
+from lightning_deadunits.triggers.spike_episodes import SpikeEpisodes
 
 __all__ = ["SpikeDetector", "SpikeVerdict"]
 
@@ -25,10 +28,23 @@ class SpikeVerdict:
         ratio: ``1 + (loss - baseline) / |baseline|`` (``None`` while the window is empty).
         score: the robust z-score ``(loss - baseline) / spread`` (``None`` while the window is empty).
         limit: the loss above which both thresholds are crossed (``None`` while the window is empty).
-        flagged: the loss is non-finite, or crossed both thresholds after warm-up; it did not enter the window.
-        spike: a spike event: a non-finite loss, or the ``patience``-th consecutive flagged loss.
+        flagged: this rank's loss is non-finite, or its loss or gradient norm crossed every threshold; neither
+            entered its window.
+        spike: a spike batch (on any rank when the detector was given ``agree``): a non-finite loss, or the
+            ``patience``-th flagged batch in a row, or a batch of an open episode that is flagged again.
         reason: ``"non-finite"``, ``"ratio and z-score"`` (flagged), ``"warm-up"`` or ``""`` (accepted).
         rebaselined: this loss ended a run of ``rebaseline_after`` flagged losses, which became the new window.
+        signal: which signal flagged the batch: ``"loss"``, ``"grad_norm"``, ``"grad_norm+loss"`` or ``""``.
+        grad_norm: the global gradient norm of the step (``None`` when not given).
+        grad_baseline: the median of the accepted gradient norms (``None`` when unknown).
+        grad_score: the gradient norm's robust z-score (``None`` when unknown).
+        layers: at a spike, the layers whose gradient norm is furthest above their own median (see
+            :class:`~lightning_deadunits.metrics.grad_baselines.LayerGradBaselines`).
+        episode: at a spike, the open episode's fields (see :class:`~lightning_deadunits.triggers.SpikeEpisodes`).
+        episode_start: this spike started its episode (the alarm is raised here).
+        ended_episode: the episode that ended at this batch (more than ``episode_gap`` steps after its last spike).
+        late: ``(step, loss, z-score)`` of warm-up losses found to be outliers when warm-up ended, before judging
+            had started: reported after the fact.
     """
 
     step: int
@@ -42,6 +58,15 @@ class SpikeVerdict:
     spike: bool
     reason: str
     rebaselined: bool = False
+    signal: str = ""
+    grad_norm: float | None = None
+    grad_baseline: float | None = None
+    grad_score: float | None = None
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    episode: dict[str, Any] | None = None
+    episode_start: bool = False
+    ended_episode: dict[str, Any] | None = None
+    late: list[tuple[int, float, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The verdict as a plain dict."""
@@ -49,31 +74,51 @@ class SpikeVerdict:
 
 
 class SpikeDetector:
-    """Flags losses far above a robust baseline of recent losses; pure Python state, so it serialises.
+    r"""Flags batches whose loss or gradient norm jumps far above its own robust baseline; groups them in episodes.
 
-    The baseline is the median and a robust standard deviation (the larger of 1.4826 x MAD and the distance
-    from the median to the 95th percentile over 1.645, see
-    :func:`~lightning_deadunits.functional.loss.robust_baseline`) of the last ``window`` *accepted* losses. A
-    finite loss is *flagged* when, after ``warmup`` losses have been accepted, it exceeds both ``ratio`` times
-    the baseline (``1 + (loss - median) / |median| > ratio``) and ``z_score`` robust standard deviations above
-    it (``(loss - median) / spread > z_score``). A non-finite loss is always flagged.
-    Flagged losses never enter the window, so a spike cannot raise the baseline that judges the next one.
+    **The rule.** Each signal (the loss; the global gradient norm when given) keeps the last ``window`` accepted
+    values, their median :math:`m`, robust spread :math:`s = 1.4826\,\mathrm{MAD}` and a *reference*
+    :math:`r`, the median of its first ``provisional`` accepted values (its level while training was young). A
+    value :math:`x` is flagged when
 
-    A *spike* (event) is a non-finite loss (at once, also during warm-up), or the ``patience``-th flagged finite
-    loss in a row (the count then restarts). After ``rebaseline_after`` flagged finite losses in a row the
-    detector takes them as the new normal: they replace the window (a lasting change of loss level, e.g. a new
-    data phase, would otherwise be flagged forever, and with ``skip_update`` training would never move again).
+    .. math:: x > m\,\mathrm{ratio}, \quad (x - m) / s > z, \quad x - m > \mathrm{min\_excess} \cdot |r|
+
+    (``grad_min_excess`` instead of ``min_excess`` for the gradient norm).
+
+    The first two say "far above the recent losses"; the third, the scale floor, says "and large for this
+    loss": late in a converged run the median nears 0, so an ordinary batch with one misclassified sample is
+    20x the median and 9 spreads above it, but its excess is a few percent of the young loss. The MAD ignores up
+    to half of the window, so a contaminated warm-up cannot widen the spread. Judging starts after
+    ``provisional`` accepted values (a provisional baseline, so spikes during warm-up are caught and kept out);
+    when ``warmup`` values have been accepted, the window is screened by its own baseline and the outliers from
+    before judging started are removed and reported in :attr:`SpikeVerdict.late`. A NaN or infinite loss is
+    always flagged; a non-finite gradient norm is ignored (fp16 AMP overflows are the ``GradScaler``'s business).
+    Flagged values never enter a window; ``rebaseline_after`` flagged losses in a row become the new window (a
+    lasting change of level, e.g. a new data phase).
+
+    **Spikes and episodes.** A flagged batch is a spike once ``patience`` batches in a row were flagged (or while
+    its episode is open). With ``agree`` (under DDP: ``reduce_boolean_decision``) every rank gets the same spike
+    decision. Spikes no more than ``episode_gap`` steps apart form one episode
+    (:class:`~lightning_deadunits.triggers.SpikeEpisodes`); per-layer gradient norms of a spike are compared with
+    their own recent medians (:class:`~lightning_deadunits.metrics.grad_baselines.LayerGradBaselines`).
 
     Args:
-        window: how many accepted losses the baseline looks at (>= 2).
-        warmup: accepted losses before any finite loss is judged (1 ... ``window``).
-        ratio: the loss must exceed this multiple of the baseline (> 1).
-        z_score: ... and this many robust standard deviations above it (> 0).
-        patience: consecutive flagged losses that make a spike (>= 1).
+        window: accepted values each baseline looks at (>= 2).
+        warmup: accepted values that fix the reference and end warm-up (1 ... ``window``).
+        ratio: a spike exceeds this multiple of the median (> 1).
+        z_score: ... and this many robust spreads above it (> 0).
+        patience: consecutive flagged batches that make a spike (>= 1).
         rebaseline_after: flagged losses in a row after which they become the baseline (``None``: never).
+        min_excess: ... and its excess over the median exceeds this fraction of the reference (>= 0).
+        provisional: accepted values before judging starts (1 ... ``warmup``; default ``min(10, warmup)``).
+        episode_gap: the most steps between two spikes of one episode (>= 0).
+        grad_min_excess: the gradient norm's scale floor, as a multiple of its young level (>= 0). Gradient norms
+            are far more heavy-tailed than losses: late in a converged run an ordinary hard batch's gradient norm
+            is 10-30x the median and reaches the norm the model had at initialisation, so a gradient spike must
+            exceed the median by 4x that level (corrupted batches measured 14-120x it, see the benchmark).
 
     Raises:
-        ValueError: on an out-of-range argument or ``warmup > window``.
+        ValueError: on an out-of-range argument, ``warmup > window`` or ``provisional > warmup``.
 
     Example:
         >>> detector = SpikeDetector(window=20, warmup=5)
@@ -87,10 +132,14 @@ class SpikeDetector:
         self,
         window: int = 100,
         warmup: int = 50,
-        ratio: float = 2.0,
-        z_score: float = 8.0,
+        ratio: float = 1.5,
+        z_score: float = 6.0,
         patience: int = 1,
         rebaseline_after: int | None = 100,
+        min_excess: float = 0.25,
+        provisional: int | None = None,
+        episode_gap: int = 5,
+        grad_min_excess: float = 4.0,
     ) -> None:
         self.window_size = check_int("window", window, minimum=2)
         self.warmup = check_int("warmup", warmup, minimum=1)
@@ -100,78 +149,147 @@ class SpikeDetector:
         self.z_score = check_float("z_score", z_score, minimum=0.0, min_inclusive=False)
         self.patience = check_int("patience", patience, minimum=1)
         self.rebaseline_after = None if rebaseline_after is None else check_int("rebaseline_after", rebaseline_after, 1)
-        self.window: deque[float] = deque(maxlen=self.window_size)
+        self.min_excess = check_float("min_excess", min_excess, minimum=0.0)
+        self.provisional = min(10, self.warmup) if provisional is None else check_int("provisional", provisional, 1)
+        if self.provisional > self.warmup:
+            raise ValueError(f"`provisional` must not exceed `warmup` ({warmup}), got {provisional!r}.")
+        self.episode_gap = check_int("episode_gap", episode_gap, minimum=0)
+        self.grad_min_excess = check_float("grad_min_excess", grad_min_excess, minimum=0.0)
+        thresholds = (self.window_size, self.warmup, self.ratio, self.z_score)
+        self.loss_baseline = SpikeBaseline(*thresholds, self.min_excess, self.provisional)
+        self.grad_baseline = SpikeBaseline(*thresholds, self.grad_min_excess, self.provisional)
+        self.layer_baselines = LayerGradBaselines(self.window_size)
+        self.episodes = SpikeEpisodes(self.episode_gap)
         self.recent: deque[tuple[int, float]] = deque(maxlen=self.window_size)
         self._streak = 0
-        self._flagged_run: list[float] = []
+        self._flagged_run: list[tuple[int, float]] = []
+
+    @property
+    def window(self) -> list[float]:
+        """The accepted losses, oldest first."""
+        return self.loss_baseline.values()
 
     @property
     def warming_up(self) -> bool:
-        """Whether fewer than ``warmup`` losses have been accepted, so finite losses are not judged yet."""
-        return len(self.window) < self.warmup
+        """Whether fewer than ``warmup`` losses have been accepted (the loss's reference is not fixed yet)."""
+        return self.loss_baseline.warming_up
 
-    def update(self, loss: float, step: int) -> SpikeVerdict:
-        """Judge one loss against the current baseline, then let it into the window unless it was flagged."""
+    def update(
+        self,
+        loss: float,
+        step: int,
+        grad_norm: float | None = None,
+        layer_norms: Mapping[str, float] | None = None,
+        agree: Callable[[bool], bool] | None = None,
+    ) -> SpikeVerdict:
+        """Judge one batch, share the spike decision through ``agree``, update the windows and the episodes.
+
+        Args:
+            loss: the batch's loss.
+            step: its global step.
+            grad_norm: the global gradient norm of its optimizer step (``None``: not judged).
+            layer_norms: per-layer gradient norms of that step, for attribution.
+            agree: turns this rank's spike decision into everyone's (``None``: this rank alone).
+        """
         self.recent.append((step, loss))
-        scores = self._scores(loss)
-        if not math.isfinite(loss):  # ends a run of flagged finite losses, as an accepted loss does
-            self._streak = 0
-            self._flagged_run.clear()
-            return SpikeVerdict(step, loss, *scores, flagged=True, spike=True, reason="non-finite")
-        if self.warming_up:
-            self.window.append(loss)
-            return SpikeVerdict(step, loss, *scores, flagged=False, spike=False, reason="warm-up")
-        _, _, ratio, score, _ = scores
-        assert ratio is not None and score is not None
-        if not (ratio > self.ratio and score > self.z_score):
-            self._streak = 0
-            self._flagged_run.clear()
-            self.window.append(loss)
-            return SpikeVerdict(step, loss, *scores, flagged=False, spike=False, reason="")
-        self._streak += 1
-        if self.rebaseline_after is not None:  # only a re-baseline reads the run; without one it would grow forever
-            self._flagged_run.append(loss)
-        spike = self._streak >= self.patience
-        if spike:
-            self._streak = 0
-        rebaselined = self.rebaseline_after is not None and len(self._flagged_run) >= self.rebaseline_after
-        if rebaselined:
-            self.window.clear()
-            self.window.extend(self._flagged_run)
-            self._flagged_run.clear()
-            self._streak = 0
-        return SpikeVerdict(
-            step, loss, *scores, flagged=True, spike=spike, reason="ratio and z-score", rebaselined=rebaselined
+        warming_up = self.warming_up
+        judged = self.loss_baseline.judge(loss) if math.isfinite(loss) else self.loss_baseline.judge(0.0)
+        grad_finite = grad_norm is not None and math.isfinite(grad_norm)
+        grad = self.grad_baseline.judge(grad_norm) if grad_finite and grad_norm is not None else None
+        loss_flagged = not math.isfinite(loss) or judged.flagged
+        grad_flagged = grad is not None and grad.flagged
+        flagged = loss_flagged or grad_flagged
+        signal = "+".join(name for name, hit in (("grad_norm", grad_flagged), ("loss", loss_flagged)) if hit)
+        reason = "non-finite" if not math.isfinite(loss) else "ratio and z-score" if flagged else ""
+        self._streak = self._streak + 1 if flagged and math.isfinite(loss) else 0
+        spike = not math.isfinite(loss) or (
+            flagged and (self._streak >= self.patience or self.episodes.current is not None)
         )
+        if spike and self._streak >= self.patience:
+            self._streak = 0
+        if agree is not None:
+            spike = bool(agree(spike))
+        layers = self.layer_baselines.attribute(layer_norms) if spike and layer_norms else []
+        scores = [judged.score, None if grad is None else grad.score]
+        score = max((value for value in scores if value is not None), default=math.inf)
+        if not math.isfinite(loss):
+            score = math.inf
+        episode, started, ended = self.episodes.update(
+            step, spike, loss, score if flagged else -math.inf, signal, layers
+        )
+        late: list[tuple[int, float, float]] = []
+        rebaselined = False
+        if not loss_flagged:
+            late = self.loss_baseline.accept(step, loss)
+            self._flagged_run.clear()
+        elif math.isfinite(loss) and self.rebaseline_after is not None:
+            self._flagged_run.append((step, loss))
+            if len(self._flagged_run) >= self.rebaseline_after:
+                self.loss_baseline.replace(self._flagged_run)
+                self._flagged_run = []
+                self._streak = 0
+                rebaselined = True
+        else:
+            self._flagged_run.clear()
+        if grad_finite and not grad_flagged and grad_norm is not None:
+            self.grad_baseline.accept(step, grad_norm)
+        if layer_norms and not flagged:
+            self.layer_baselines.accept(layer_norms)
+        return SpikeVerdict(
+            step,
+            loss,
+            judged.baseline,
+            judged.spread,
+            judged.ratio if math.isfinite(loss) else None if judged.ratio is None else math.nan,
+            judged.score if math.isfinite(loss) else None if judged.score is None else math.nan,
+            judged.limit,
+            flagged=flagged,
+            spike=spike,
+            reason=reason or ("warm-up" if warming_up else ""),
+            rebaselined=rebaselined,
+            signal=signal,
+            grad_norm=grad_norm,
+            grad_baseline=None if grad is None else grad.baseline,
+            grad_score=None if grad is None else grad.score,
+            layers=layers,
+            episode=None if episode is None or not spike else dict(episode),
+            episode_start=started,
+            ended_episode=ended,
+            late=late,
+        )
+
+    def finish(self) -> dict[str, Any] | None:
+        """End the open episode (training ended) and return it, or ``None``."""
+        return self.episodes.finish()
 
     def baseline(self) -> tuple[float, float] | None:
         """``(median, spread)`` of the accepted losses, or ``None`` when none has been accepted."""
-        if not self.window:
-            return None
-        return robust_baseline(self.window)
+        values = self.window
+        return robust_baseline(values) if values else None
 
     def state_dict(self) -> dict[str, Any]:
-        """The window, the recent losses and the counters, as plain Python values."""
+        """Both baselines, the layer baselines, the episodes, the recent losses and the counters, as plain values."""
         return {
-            "window": list(self.window),
+            "loss_baseline": self.loss_baseline.state_dict(),
+            "grad_baseline": self.grad_baseline.state_dict(),
+            "layer_baselines": self.layer_baselines.state_dict(),
+            "episodes": self.episodes.state_dict(),
             "recent": [list(item) for item in self.recent],
             "streak": self._streak,
-            "flagged_run": list(self._flagged_run),
+            "flagged_run": [list(item) for item in self._flagged_run],
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; keys missing from older checkpoints keep their defaults."""
-        self.window = deque((float(loss) for loss in state_dict.get("window", [])), maxlen=self.window_size)
+        self.loss_baseline.load_state_dict(state_dict.get("loss_baseline", {"window": state_dict.get("window", [])}))
+        self.grad_baseline.load_state_dict(state_dict.get("grad_baseline", {}))
+        self.layer_baselines.load_state_dict(state_dict.get("layer_baselines", {}))
+        self.episodes.load_state_dict(state_dict.get("episodes", {}))
         self.recent = deque(
             ((int(step), float(loss)) for step, loss in state_dict.get("recent", [])), maxlen=self.window_size
         )
         self._streak = int(state_dict.get("streak", 0))
-        self._flagged_run = [float(loss) for loss in state_dict.get("flagged_run", [])]
-
-    def _scores(self, loss: float) -> tuple[float | None, float | None, float | None, float | None, float | None]:
-        """``(baseline, spread, ratio, score, limit)`` of ``loss`` against the window, all ``None`` if it is empty."""
-        if not self.window:
-            return None, None, None, None, None
-        center, spread = robust_baseline(self.window)
-        ratio, score = spike_scores(loss, center, spread)
-        return center, spread, ratio, score, spike_limit(center, spread, self.ratio, self.z_score)
+        self._flagged_run = [
+            (int(item[0]), float(item[1])) if isinstance(item, (list, tuple)) else (-1, float(item))
+            for item in state_dict.get("flagged_run", [])
+        ]
