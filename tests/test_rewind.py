@@ -45,7 +45,7 @@ def _state(trainer: pl.Trainer) -> dict[str, Any]:
         {
             "parameters": {name: p.detach().clone() for name, p in module.named_parameters()},
             "optimizer": trainer.optimizers[0].state_dict(),
-            "scheduler": trainer.lr_scheduler_configs[0].scheduler.state_dict(),
+            "schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
             "torch": torch.get_rng_state(),
             "numpy": np.random.get_state(),
             "python": random.getstate(),
@@ -125,3 +125,113 @@ def test_a_first_spike_is_left_to_the_update_skip(tmp_path: Path) -> None:
     trainer.fit(ScheduledMLP(_digits()))
     assert rewind.count == 0
     assert [batch_idx for _, batch_idx, _, _ in recorder.trained] == list(range(10))
+
+
+def _episodes(*episodes: tuple[int, int]) -> PlantedReadings:
+    """A planted loss monitor: per `(start, length)` an alarm at `start` and episode lengths 1..length."""
+    readings: dict[int, dict[str, float]] = {}
+    for start, length in episodes:
+        readings[start] = {SPIKE_KEY: 1.0, EPISODE_KEY: 1.0}
+        readings.update({start + i: {EPISODE_KEY: float(i + 1)} for i in range(1, length)})
+    return PlantedReadings(readings, [ThresholdRule(SPIKE_KEY, above=0.5, name="spike")])
+
+
+def test_an_episode_rewinds_when_its_length_reaches_two_and_is_recorded(tmp_path: Path) -> None:
+    rewind = Rewind(snapshot_every=3, skip_batches=4, window=10, rewarm=False)
+    logger = MemoryLogger()
+    trainer = _trainer(tmp_path, [rewind, _episodes((5, 1), (20, 3))], max_steps=25, logger=logger)
+    trainer.fit(ScheduledMLP(_digits()))
+
+    # The one-batch spike at step 5 is not rewound; the episode from step 20 is, at its second batch (step 21).
+    assert rewind.count == 1
+    events = [e for e in read_events(events_file(trainer.log_dir or tmp_path)) if e["type"] == "action"]
+    (event,) = events
+    # Step 20's alarm ended batch 19; the newest snapshot before it is step 18's (end of batch 17).
+    assert event["reason"] == "spike episode" and event["episode_start"] == 20 and event["snapshot_step"] == 18
+    assert event["from_step"] == 21 and event["step"] == 18
+    assert event["skipped_batch_indices"] == [18, 19, 20, 21, 22]
+    assert logger.series("deadunits/rewind/count") == {18: 1.0}
+    assert logger.series("deadunits/rewind/skipped_batches") == {18: 5.0}
+
+
+def test_too_many_rewinds_stop_training_with_the_reason_in_the_log_and_the_alarm_panel(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from tests.helpers.events import load_events
+
+    rewind = Rewind(snapshot_every=2, skip_batches=2, max_rewinds=1, window=100, rewarm=False)
+    trainer = _trainer(
+        tmp_path, [rewind, _episodes((5, 2), (12, 2))], max_steps=30, logger=TensorBoardLogger(tmp_path, name="tb")
+    )
+    with caplog.at_level("WARNING", logger="lightning_deadunits"):
+        trainer.fit(ScheduledMLP(_digits()))
+
+    assert rewind.count == 1
+    assert rewind.stop_reason is not None and "1 rewinds within 100 batches" in rewind.stop_reason
+    assert trainer.global_step == 13  # stopped at the end of the batch where the second episode went on
+    assert "stopping training" in caplog.text and "[rewind] 1 rewinds within 100 batches" in caplog.text
+    texts = load_events(tmp_path / "tb" / "version_0").Tensors("deadunits/alarms/text_summary")
+    assert any("**stop**: [rewind] 1 rewinds" in t.tensor_proto.string_val[0].decode() for t in texts)
+
+
+def test_a_repeated_spike_of_the_real_loss_monitor_rewinds_past_both_dirty_batches(tmp_path: Path) -> None:
+    monitor = LossSpikeMonitor(window=10, warmup=5, skip_update=True)
+    rewind = Rewind(snapshot_every=5, skip_batches=10, window=20)
+    recorder = BatchRecorder()
+    trainer = _trainer(tmp_path, [monitor, rewind, recorder], max_steps=40)
+    trainer.fit(DigitsMLP(_digits(60, dirty=(20, 24)), per_sample=False))
+
+    assert rewind.count == 1
+    trained = [batch_idx for _, batch_idx, _, _ in recorder.trained]
+    assert 20 in trained and 24 in trained  # both trained once (the first skipped by the monitor), then undone
+    (span,) = rewind.skipped.ranges
+    assert span[1] <= 20 and span[2] >= 29  # the skip runs 10 batches from the first spike
+    assert trained[trained.index(24) + 1] == span[2] + 1
+
+
+def test_rewarm_restarts_the_lr_warmup_from_the_restored_step(tmp_path: Path) -> None:
+    warmup = LRWarmup(warmup_steps=0, rewarm_on=("rewind/rewound",), rewarm_steps=5)
+    rewind = Rewind(snapshot_every=4, skip_batches=3, window=10)
+    trainer = _trainer(tmp_path, [warmup, spikes_at(9, 10), rewind], max_steps=14)
+    trainer.fit(ScheduledMLP(_digits()))
+    assert rewind.count == 1
+    assert warmup.rewarm_starts == [8]  # the restored step (the snapshot of step 8)
+
+
+def test_a_snapshot_larger_than_max_bytes_fails_at_train_start(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="`max_bytes` of Rewind is 1000, but one snapshot"):
+        _trainer(tmp_path, [Rewind(max_bytes=1000)]).fit(ScheduledMLP(_digits()))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"snapshot_every": 0}, "snapshot_every"),
+        ({"keep": 0}, "keep"),
+        ({"max_rewinds": -1}, "max_rewinds"),
+        ({"window": 0}, "window"),
+        ({"on": 3}, "on"),
+        ({"rewarm": "yes"}, "rewarm"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=message):
+        Rewind(**kwargs)
+
+
+def test_skipped_batches_are_not_trained_after_a_resume_and_the_ring_is_rebuilt(tmp_path: Path) -> None:
+    # The skip list survives the checkpoint: a resumed run that replays the epoch skips the same positions.
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
+    rewind = Rewind(snapshot_every=2, skip_batches=4, window=10)
+    trainer = _trainer(tmp_path, [spikes_at(5, 6), rewind, checkpoint], max_steps=8, enable_checkpointing=True)
+    trainer.fit(ScheduledMLP(_digits()))
+    assert rewind.skipped.ranges == [(0, 4, 7)]
+
+    resumed, recorder = Rewind(snapshot_every=2, skip_batches=4, window=10), BatchRecorder()
+    trainer = _trainer(tmp_path, [resumed, recorder], max_steps=40, max_epochs=2)
+    trainer.fit(ScheduledMLP(_digits()), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=6.ckpt"))
+    assert resumed.skipped.ranges == [(0, 4, 7)] and resumed.count == 1
+    assert not any(epoch == 0 and 4 <= batch_idx <= 7 for epoch, batch_idx, _, _ in recorder.trained)
+    assert resumed.ring.steps == [] and trainer.global_step == 40  # cleared at teardown, rebuilt while training

@@ -11,12 +11,16 @@ __all__ = ["SkippedBatches"]
 
 
 class SkippedBatches:
-    """Data positions ``(epoch, batch_idx)`` never to train on, kept as ranges, saved in checkpoints.
+    """Batch positions ``(epoch, batch_idx)`` never to train on, kept as ranges, saved in checkpoints.
 
     :meth:`drop_upcoming` takes the batches at the next positions out of the fit loop's data fetcher unused (they
-    count as processed, so ``batch_idx`` keeps naming data positions). This works the same for map-style and
-    iterable loaders, with or without a sampler, because it reads them through the iterator Lightning itself reads
-    (each skipped batch is loaded, then dropped); it cannot drop past the end of an epoch.
+    count as processed batches, so ``batch_idx`` keeps naming positions in the epoch's data). This works the same
+    for map-style and iterable loaders, with or without a sampler, because it reads them through the iterator
+    Lightning itself reads (each skipped batch is loaded, then dropped); it cannot drop past the end of an epoch.
+    A run resumed from a checkpoint drops the saved positions when its ``batch_idx`` reaches them. Positions are
+    Lightning's: after a mid-epoch resume a resumable (stateful) loader continues its data where it stopped, but a
+    plain one restarts the epoch's data while ``batch_idx`` continues (Lightning warns about it), so the data of
+    skipped positions can come back; checkpoint at epoch ends or use a resumable loader.
 
     Example:
         >>> skipped = SkippedBatches()
@@ -43,7 +47,7 @@ class SkippedBatches:
         return any(e == epoch and first <= batch_idx <= last for e, first, last in self.ranges)
 
     def drop_upcoming(self, trainer: "pl.Trainer") -> list[int]:
-        """Drop the coming batches while their positions are skipped; their indices."""
+        """Drop the coming batches while their positions are skipped; their positions."""
         dropped: list[int] = []
         epoch_loop = trainer.fit_loop.epoch_loop
         while self.contains(trainer.current_epoch, epoch_loop.batch_idx + 1) and drop_next_train_batch(trainer):
