@@ -235,3 +235,34 @@ def test_skipped_batches_are_not_trained_after_a_resume_and_the_ring_is_rebuilt(
     assert resumed.skipped.ranges == [(0, 4, 7)] and resumed.count == 1
     assert not any(epoch == 0 and 4 <= batch_idx <= 7 for epoch, batch_idx, _, _ in recorder.trained)
     assert resumed.ring.steps == [] and trainer.global_step == 40  # cleared at teardown, rebuilt while training
+
+
+def _final_loss(data: TensorDataset, callbacks: list[pl.Callback], tmp_path: Path) -> tuple[float, torch.Tensor]:
+    """Train the digits MLP (SGD, LR 0.1) for 50 steps; its loss on the clean digits, and its weights."""
+    torch.manual_seed(0)
+    module = DigitsMLP(data, per_sample=False, optimizer="sgd", lr=0.1)
+    _trainer(tmp_path, callbacks, max_steps=50, max_epochs=3).fit(module)
+    images, labels, _ = digits_with_dirty_batches().tensors
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(module.net(images), labels).item()
+    return loss, torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+def test_a_run_rewound_past_a_burst_of_dirty_batches_ends_as_its_clean_twin_and_one_without_rewind_does_not(
+    tmp_path: Path,
+) -> None:
+    burst = digits_with_dirty_batches(dirty_batches=range(25, 30), scale=50.0)
+    monitor = LossSpikeMonitor(window=10, warmup=5, skip_update=True, dump_dir=tmp_path / "dumps", max_dumps=0)
+    rewind = Rewind(snapshot_every=5, skip_batches=8, window=50)
+    rewound, rewound_weights = _final_loss(burst, [monitor, rewind], tmp_path)
+    plain, _ = _final_loss(burst, [], tmp_path)
+
+    # The clean twin: the same seed and data, minus the batches the rewind skipped.
+    (epoch, first, last), *others = rewind.skipped.ranges
+    assert not others and epoch == 0 and first <= 25 and last >= 29 and rewind.count == 1
+    kept = [row for row in range(len(burst)) if not first <= row // BATCH <= last]
+    twin, twin_weights = _final_loss(TensorDataset(*(t[kept] for t in digits_with_dirty_batches().tensors)), [], tmp_path)
+
+    assert abs(rewound - twin) <= 0.02 * twin
+    assert torch.equal(rewound_weights, twin_weights)  # in fact bit for bit: the rewind restored everything
+    assert plain > 2 * twin
