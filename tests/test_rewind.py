@@ -266,3 +266,15 @@ def test_a_run_rewound_past_a_burst_of_dirty_batches_ends_as_its_clean_twin_and_
     assert abs(rewound - twin) <= 0.02 * twin
     assert torch.equal(rewound_weights, twin_weights)  # in fact bit for bit: the rewind restored everything
     assert plain > 2 * twin
+
+
+def test_dead_units_adds_a_rewind_when_asked(tmp_path: Path) -> None:
+    from lightning_deadunits import DeadUnits
+
+    bundle = DeadUnits(kernels=False, activations=False, loss=LossSpikeMonitor(skip_update=True), rewind=True)
+    assert isinstance(bundle.rewind, Rewind) and DeadUnits().rewind is None
+    trainer = _trainer(tmp_path, [bundle], max_steps=3)
+    trainer.fit(ScheduledMLP(_digits()))
+    assert bundle.rewind.ring.steps == []  # it ran (and released its ring at teardown)
+    with pytest.raises(TypeError, match="`rewind` must be an instance of Rewind"):
+        DeadUnits(rewind=3)  # type: ignore[arg-type]
