@@ -113,9 +113,13 @@ class SnapshotRing:
 
 def tensor_bytes(state: Any) -> int:
     """The bytes of the tensors in ``state`` (what a snapshot of it takes in the ring)."""
-    tensors: list[Tensor] = []
-    _split(state, tensors)
-    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+    if isinstance(state, Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, Mapping):
+        return sum(tensor_bytes(item) for item in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(tensor_bytes(item) for item in state)
+    return 0
 
 
 def _split(value: Any, tensors: list[Tensor]) -> Any:
