@@ -21,10 +21,10 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from char_lm import CharLMModule, char_windows, stdlib_text  # noqa: E402
+from char_lm import CharLMModule, char_windows, stdlib_text
 
-from lightning_deadunits import Rewind  # noqa: E402
-from lightning_deadunits.actions.snapshot_ring import tensor_bytes  # noqa: E402
+from lightning_deadunits import Rewind
+from lightning_deadunits.actions.snapshot_ring import tensor_bytes
 
 DEFAULT_CADENCE = 50
 

@@ -261,7 +261,9 @@ def test_a_run_rewound_past_a_burst_of_dirty_batches_ends_as_its_clean_twin_and_
     (epoch, first, last), *others = rewind.skipped.ranges
     assert not others and epoch == 0 and first <= 25 and last >= 29 and rewind.count == 1
     kept = [row for row in range(len(burst)) if not first <= row // BATCH <= last]
-    twin, twin_weights = _final_loss(TensorDataset(*(t[kept] for t in digits_with_dirty_batches().tensors)), [], tmp_path)
+    twin, twin_weights = _final_loss(
+        TensorDataset(*(t[kept] for t in digits_with_dirty_batches().tensors)), [], tmp_path
+    )
 
     assert abs(rewound - twin) <= 0.02 * twin
     assert torch.equal(rewound_weights, twin_weights)  # in fact bit for bit: the rewind restored everything
