@@ -280,3 +280,25 @@ def test_dead_units_adds_a_rewind_when_asked(tmp_path: Path) -> None:
     assert bundle.rewind.ring.steps == []  # it ran (and released its ring at teardown)
     with pytest.raises(TypeError, match="`rewind` must be an instance of Rewind"):
         DeadUnits(rewind=3)  # type: ignore[arg-type]
+
+
+def test_the_ring_reuses_its_buffers_and_never_hands_them_out() -> None:
+    from lightning_deadunits.actions.snapshot_ring import SnapshotRing
+
+    ring = SnapshotRing(keep=2)
+    weights = torch.arange(6.0)
+    for step in range(5):
+        weights += 1
+        ring.store(step, {"w": weights, "meta": [step, "x"]}, position=(0, step))
+        if step == 1:
+            buffers = [buffer.data_ptr() for slot in ring._slots for buffer in slot.buffers]
+    assert [buffer.data_ptr() for slot in ring._slots for buffer in slot.buffers] == buffers
+    assert ring.steps == [3, 4] and ring.nbytes == 2 * 6 * 4
+    found = ring.latest_before(4)
+    assert found is not None
+    step, position, state = found
+    assert (step, position, state["meta"]) == (3, (0, 3), [3, "x"])
+    assert torch.equal(state["w"], torch.arange(6.0) + 4)
+    state["w"].zero_()  # a restored state is a copy: the ring keeps its snapshot
+    assert torch.equal(ring.latest_before(4)[2]["w"], torch.arange(6.0) + 4)  # type: ignore[index]
+    assert ring.latest_before(3) is None

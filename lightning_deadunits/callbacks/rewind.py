@@ -117,6 +117,7 @@ class Rewind(MonitorCallback):
         self.max_bytes = check_int("max_bytes", max_bytes, minimum=1)
         self.skipped = SkippedBatches()
         self.count = 0
+        self.skipped_batches = 0
         self.batches = 0
         self.ring = SnapshotRing(self.keep)
         self._gate = StepGate(every_n_steps(self.snapshot_every))
@@ -195,6 +196,7 @@ class Rewind(MonitorCallback):
             "escalation": self.escalation.state_dict(),
             "skipped": self.skipped.state_dict(),
             "count": self.count,
+            "skipped_batches": self.skipped_batches,
             "batches": self.batches,
             "gate": self._gate.state_dict(),
         }
@@ -205,6 +207,7 @@ class Rewind(MonitorCallback):
         self.escalation.load_state_dict(state_dict.get("escalation", {}))
         self.skipped.load_state_dict(state_dict.get("skipped", {}))
         self.count = int(state_dict.get("count", 0))
+        self.skipped_batches = int(state_dict.get("skipped_batches", 0))
         self.batches = int(state_dict.get("batches", 0))
         self._gate.load_state_dict(state_dict.get("gate", {}))
 
@@ -233,8 +236,8 @@ class Rewind(MonitorCallback):
         still_to_skip = max(0, episode.batch + self.skip_batches - 1 - self.batches)
         self.skipped.add(epoch, undone_from, batch_idx + still_to_skip)
         dropped = self.skipped.drop_upcoming(trainer)
-        self.count += 1
         skipped = batch_idx - undone_from + 1 + len(dropped)
+        self.count, self.skipped_batches = self.count + 1, self.skipped_batches + skipped
         step = trainer.global_step
         lrs = [float(group["lr"]) for optimizer in trainer.optimizers for group in optimizer.param_groups]
         message = (
@@ -261,7 +264,7 @@ class Rewind(MonitorCallback):
             },
         )
         self.panels.text(trainer, f"{self.prefix}/rewind", message, step)
-        scalars = {self.key("count"): float(self.count), self.key("skipped_batches"): float(self.skipped.count)}
+        scalars = {self.key("count"): float(self.count), self.key("skipped_batches"): float(self.skipped_batches)}
         self.publish(trainer, self.reading(step, scalars))
         if self.rewarm:
             self.raise_alarms(trainer, [self._alarm("rewound", self.count, 0, "info", message, step)])
