@@ -95,6 +95,7 @@ def configs(histogram_every: int) -> list[Config]:
         Config("ActivationMonitor(every_n_steps=1)", lambda: [du.ActivationMonitor(every_n_steps=1)]),
         Config("LossSpikeMonitor()", lambda: [du.LossSpikeMonitor()]),
         Config("DeadUnits()", lambda: [du.DeadUnits()]),
+        Config("Rewind()", lambda: [du.Rewind()]),
         Config(ANOMALY, detect_anomaly=True),
         Config(f"parameter histograms every {histogram_every} steps", lambda: [ParameterHistograms(histogram_every)]),
     ]

@@ -11,6 +11,7 @@ from lightning_deadunits.callbacks import (
     LossSpikeMonitor,
     LRWarmup,
     MonitorCallback,
+    Rewind,
 )
 from lightning_deadunits.dumps import LoadedDump, load_dump
 from lightning_deadunits.errors import DeadUnitsError, DeadUnitsWarning
@@ -40,6 +41,7 @@ __all__ = [
     "MonitorCallback",
     "Reading",
     "ReadingListener",
+    "Rewind",
     "Rule",
     "ThresholdRule",
     "TrendRule",

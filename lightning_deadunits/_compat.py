@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.fabric.utilities.logger import _add_prefix
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loops.fetchers import _DataLoaderIterDataFetcher
 from torch import Tensor
 
 __all__: list[str] = []
@@ -33,3 +34,45 @@ def logger_tags(logger: TensorBoardLogger, metrics: Mapping[str, float]) -> dict
 def tensorboard_file_writer(logger: TensorBoardLogger) -> Any:
     """The ``FileWriter`` behind the logger's ``SummaryWriter`` (to write many scalars as one event)."""
     return logger.experiment._get_file_writer()  # type: ignore[no-untyped-call]
+
+
+def step_progress(trainer: "pl.Trainer") -> dict[str, Any]:
+    """The loop counters behind ``trainer.global_step`` and the logging step, as plain values.
+
+    The optimizer-step progress (automatic and manual optimization), the scheduler progress and the epoch loop's
+    ``_batches_that_stepped``; the batch and epoch progress are left out: they count positions in the data.
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    return {
+        "optimizer": epoch_loop.automatic_optimization.optim_progress.state_dict(),
+        "manual_step": epoch_loop.manual_optimization.optim_step_progress.state_dict(),
+        "scheduler": epoch_loop.scheduler_progress.state_dict(),
+        "batches_that_stepped": epoch_loop._batches_that_stepped,
+    }
+
+
+def load_step_progress(trainer: "pl.Trainer", state: Mapping[str, Any]) -> None:
+    """Set the counters :func:`step_progress` read back to ``state``."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    epoch_loop.automatic_optimization.optim_progress.load_state_dict(state["optimizer"])
+    epoch_loop.manual_optimization.optim_step_progress.load_state_dict(state["manual_step"])
+    epoch_loop.scheduler_progress.load_state_dict(state["scheduler"])
+    epoch_loop._batches_that_stepped = int(state["batches_that_stepped"])
+
+
+def drop_next_train_batch(trainer: "pl.Trainer") -> bool:
+    """Take the next batch out of the fit loop's data fetcher unused, counting it as a processed batch.
+
+    Returns ``False`` (and takes nothing) when the epoch's data is exhausted or the module reads the iterator
+    itself (``training_step(dataloader_iter)``).
+    """
+    fetcher = trainer.fit_loop._data_fetcher
+    if fetcher is None or fetcher.done or isinstance(fetcher, _DataLoaderIterDataFetcher):
+        return False
+    try:
+        next(fetcher)
+    except StopIteration:
+        return False
+    batch_progress = trainer.fit_loop.epoch_loop.batch_progress
+    batch_progress.increment_by(1, is_last_batch=fetcher.done)
+    return True

@@ -82,10 +82,22 @@ def _zero_kernels(out: Path, stdout: str) -> None:
     assert list((out / "sgd").glob("events.out.tfevents.*"))
 
 
+def _spike_rewind(out: Path, stdout: str) -> None:
+    # claim: the run with Rewind ends (bit for bit in the fast mode) where its clean twin does; the one without it,
+    # far worse
+    summary = json.loads((out / "summary.json").read_text())
+    rewound, twin, plain = summary["with Rewind"], summary["clean twin"], summary["without Rewind"]
+    assert summary["rewinds"] == 1
+    assert abs(rewound["loss"] - twin["loss"]) <= 0.02 * twin["loss"]
+    assert plain["loss"] > 2 * twin["loss"] and plain["accuracy"] < twin["accuracy"] - 0.3
+    assert "with Rewind: final loss" in stdout
+
+
 EXAMPLES = {
     "pool_sparsity": Example("pool_sparsity.py", (), fast=True, check=_pool_sparsity),
     "spike_dump": Example("spike_dump.py", (), fast=True, check=_spike_dump),
     "recycle_dead_units": Example("recycle_dead_units.py", (), fast=True, check=_recycle),
+    "spike_rewind": Example("spike_rewind.py", (), fast=True, check=_spike_rewind),
     # its fast mode (5 batches) is too short for a filter to collapse; one full epoch is the shortest run that shows it
     "zero_kernels": Example("zero_kernels.py", ("--epochs", "1"), fast=False, check=_zero_kernels),
 }

@@ -9,6 +9,7 @@ from lightning_deadunits.callbacks.kernel_norm_monitor import KernelNormMonitor
 from lightning_deadunits.callbacks.loss_spike_monitor import LossSpikeMonitor
 from lightning_deadunits.callbacks.lr_warmup import LRWarmup
 from lightning_deadunits.callbacks.monitor import MonitorCallback
+from lightning_deadunits.callbacks.rewind import Rewind
 
 __all__ = [
     "ActivationMonitor",
@@ -20,4 +21,5 @@ __all__ = [
     "LRWarmup",
     "LossSpikeMonitor",
     "MonitorCallback",
+    "Rewind",
 ]

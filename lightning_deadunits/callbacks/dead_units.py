@@ -14,6 +14,7 @@ from lightning_deadunits.callbacks.activation_monitor import ActivationMonitor
 from lightning_deadunits.callbacks.kernel_norm_monitor import KernelNormMonitor
 from lightning_deadunits.callbacks.loss_spike_monitor import LossSpikeMonitor
 from lightning_deadunits.callbacks.lr_warmup import LRWarmup
+from lightning_deadunits.callbacks.rewind import Rewind
 from lightning_deadunits.triggers.rule import Rule
 
 __all__ = ["DeadUnits"]
@@ -43,6 +44,8 @@ class DeadUnits(Callback):
         activations: an :class:`ActivationMonitor`, ``True`` or ``False``.
         loss: a :class:`LossSpikeMonitor`, ``True`` or ``False``.
         lr_warmup: an :class:`LRWarmup`, or ``None`` (default: no LR change).
+        rewind: a :class:`Rewind`, ``True`` or ``False`` (default): rewind to an in-memory snapshot and skip the
+            batches around loss-spike episodes (give the loss monitor ``skip_update=True`` for one-batch spikes).
         alarms: rules given (each part its own copy) to the parts built from ``True``.
         on_alarm: actions for the parts built from ``True``.
         prefix: first part of every logged key, for the parts built from ``True``.
@@ -62,6 +65,7 @@ class DeadUnits(Callback):
         activations: ActivationMonitor | bool = True,
         loss: LossSpikeMonitor | bool = True,
         lr_warmup: LRWarmup | None = None,
+        rewind: Rewind | bool = False,
         alarms: Sequence[Rule] = (),
         on_alarm: Sequence[AlarmAction] = ("log",),
         prefix: str = "deadunits",
@@ -75,6 +79,7 @@ class DeadUnits(Callback):
                 _part("kernels", kernels, KernelNormMonitor, shared),
                 _part("activations", activations, ActivationMonitor, shared),
                 _part("loss", loss, LossSpikeMonitor, shared),
+                _part("rewind", rewind, Rewind, shared),
             )
             if part is not None
         ]
@@ -92,6 +97,11 @@ class DeadUnits(Callback):
     def activations(self) -> ActivationMonitor | None:
         """The activation monitor, if on."""
         return next((p for p in self.parts if isinstance(p, ActivationMonitor)), None)
+
+    @property
+    def rewind(self) -> Rewind | None:
+        """The rewind callback, if on."""
+        return next((p for p in self.parts if isinstance(p, Rewind)), None)
 
     @property
     def loss(self) -> LossSpikeMonitor | None:

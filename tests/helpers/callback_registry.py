@@ -21,6 +21,7 @@ from lightning_deadunits import (
     KernelNormMonitor,
     LossSpikeMonitor,
     LRWarmup,
+    Rewind,
 )
 from tests.helpers.residual_models import LesionClassifier
 from tests.helpers.spike_models import DigitsMLP, digits_with_dirty_batches
@@ -50,6 +51,7 @@ REGISTRY: list[Entry] = [
     Entry("DeadUnitRecycler", lambda: DeadUnitRecycler(every_n_steps=1)),
     Entry("BlockLesion", lambda: BlockLesion(max_batches=2), LesionClassifier),
     Entry("DeadUnits", lambda: DeadUnits(kernels=KernelNormMonitor(every_n_steps=2), lr_warmup=LRWarmup(3))),
+    Entry("Rewind", lambda: Rewind(snapshot_every=1, keep=2, skip_batches=1, window=3)),
 ]
 
 PUBLIC_CALLBACKS = {entry.name for entry in REGISTRY}
