@@ -12,6 +12,7 @@ __all__ = [
     "DEFAULT_ACTIVATION_TYPES",
     "DEFAULT_KERNEL_TYPES",
     "ELEMENTWISE_TYPES",
+    "FUNCTIONAL_ACTIVATIONS",
     "NORMALIZATION_TYPES",
     "NORM_UNIT_ENTRIES",
     "POOLING_TYPES",
@@ -38,6 +39,28 @@ DEFAULT_ACTIVATION_TYPES: tuple[type, ...] = (
     nn.Hardtanh,
 )
 """Activation modules: what the activation monitor watches by default."""
+
+FUNCTIONAL_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    **{name: nn.ReLU for name in ("relu", "relu_")},
+    "relu6": nn.ReLU6,
+    **{name: nn.LeakyReLU for name in ("leaky_relu", "leaky_relu_")},
+    "prelu": nn.PReLU,
+    **{name: nn.RReLU for name in ("rrelu", "rrelu_")},
+    **{name: nn.ELU for name in ("elu", "elu_")},
+    **{name: nn.CELU for name in ("celu", "celu_")},
+    **{name: nn.SELU for name in ("selu", "selu_")},
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "mish": nn.Mish,
+    "hardswish": nn.Hardswish,
+    "softplus": nn.Softplus,
+    **{name: nn.Sigmoid for name in ("sigmoid", "sigmoid_")},
+    **{name: nn.Tanh for name in ("tanh", "tanh_")},
+    "hardsigmoid": nn.Hardsigmoid,
+    **{name: nn.Hardtanh for name in ("hardtanh", "hardtanh_")},
+}
+"""Activation functions by ``__name__`` (``F.relu``, ``torch.relu``, ``Tensor.relu_``...), each with the module
+type that applies it: its kind (tolerance, sign) is that module's. The site name drops a trailing ``_``."""
 
 POOLING_TYPES: tuple[type, ...] = (
     nn.modules.pooling._MaxPoolNd,
