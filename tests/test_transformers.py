@@ -182,3 +182,51 @@ def test_channel_dim_follows_data_flow_through_shape_keeping_operations() -> Non
     summary = stats.summarise(window=2)[("act", 0)]
     assert summary.channels == 6 and summary.count == 3 * 5 + 3 * 9  # every position of both lengths
     assert list(stats.sites) == [("act", 0)]  # nn.ReLU's own F.relu is not a second site
+
+
+class AttentionRecurrentLM(nn.Module):
+    """Embedding (with a padding row) -> multi-head attention -> GRU -> linear head, on token ids."""
+
+    def __init__(self, vocab: int = 12, heads: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, WIDTH, padding_idx=0)
+        self.attn = nn.MultiheadAttention(WIDTH, heads, batch_first=True)
+        self.rnn = nn.GRU(WIDTH, 8, batch_first=True)
+        self.head = nn.Linear(8, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.embed(tokens)
+        x = self.attn(x, x, x, need_weights=False)[0]
+        return self.head(self.rnn(x)[0])  # type: ignore[no-any-return]
+
+
+def test_attention_heads_recurrent_gates_and_embeddings_are_read_apart(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = AttentionRecurrentLM()
+    head_dim = WIDTH // 4
+    with torch.no_grad():
+        model.attn.in_proj_weight[WIDTH + 2 * head_dim : WIDTH + 3 * head_dim] = 0.0  # the keys of head 2
+        model.rnn.weight_ih_l0[8 + 3] = 0.0  # unit 3 of the update gate z (rows r, z, n)
+        model.rnn.weight_hh_l0[8 + 3] = 0.0
+        model.embed.weight[[4, 9]] = 0.0  # two dead tokens; row 0 is padding, zero by design
+
+    class Tokens(SequenceTask):
+        def __init__(self) -> None:
+            super().__init__(model, lengths=(1,), steps=2, lr=0.0)
+            self.batches = [torch.randint(0, 12, (3, 7)) for _ in range(2)]
+
+    from lightning_deadunits.callbacks.kernel_norm_monitor import KernelNormMonitor
+
+    monitor = KernelNormMonitor(every_n_steps=1)
+    memory = _fit(tmp_path, Tokens(), monitor)
+    last = {key: series[max(series)] for key, series in memory.metrics.items() if key.startswith("deadunits/kernels")}
+    kernels = "deadunits/kernels"
+    heads = {f"{kernels}/model.attn.in_proj.{qkv}.head{h}/dead": last[f"{kernels}/model.attn.in_proj.{qkv}.head{h}/dead"]
+             for qkv in "qkv" for h in range(4)}
+    assert heads == {key: (head_dim if key == f"{kernels}/model.attn.in_proj.k.head2/dead" else 0.0) for key in heads}
+    assert last[f"{kernels}/model.rnn.l0.gate_z/dead"] == 1 and last[f"{kernels}/model.rnn.l0.gate_r/dead"] == 0
+    assert last[f"{kernels}/model.embed/dead"] == 2 and last[f"{kernels}/embedding/dead"] == 2
+    assert last[f"{kernels}/embedding/tokens"] == 12 and f"{kernels}/embedding/dead_rel" not in last
+    filters = 3 * WIDTH + WIDTH + 3 * 8 + 12  # q/k/v rows, out_proj, GRU gate rows, head: no token
+    assert last[f"{kernels}/total/filters"] == filters
+    assert last[f"{kernels}/total/dead"] == head_dim + 1

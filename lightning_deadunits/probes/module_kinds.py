@@ -7,16 +7,19 @@ Each kind is a tuple of classes for ``isinstance`` (subclasses count). Private b
 from torch import nn
 
 __all__ = [
+    "ATTENTION_TYPES",
     "BATCHNORM_TYPES",
     "CHANNELS_LAST_TYPES",
     "DEFAULT_ACTIVATION_TYPES",
     "DEFAULT_KERNEL_TYPES",
     "ELEMENTWISE_TYPES",
+    "EMBEDDING_TYPES",
     "FUNCTIONAL_ACTIVATIONS",
     "NORMALIZATION_TYPES",
     "NORM_UNIT_ENTRIES",
     "POOLING_TYPES",
     "PRE_ACTIVATION_TYPES",
+    "RECURRENT_TYPES",
     "unit_count",
 ]
 
@@ -73,6 +76,15 @@ POOLING_TYPES: tuple[type, ...] = (
 
 DEFAULT_KERNEL_TYPES: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear)
 """Kernel layers (convolutions, incl. transposed, and linear layers): what has per-filter norms and units."""
+
+ATTENTION_TYPES: tuple[type, ...] = (nn.MultiheadAttention,)
+"""Attention layers whose query/key/value projections are packed weights, not ``nn.Linear`` modules."""
+
+RECURRENT_TYPES: tuple[type, ...] = (nn.LSTM, nn.GRU, nn.RNN)
+"""Recurrent layers whose gates are row blocks of packed weights."""
+
+EMBEDDING_TYPES: tuple[type, ...] = (nn.Embedding,)
+"""Lookup tables: one row per token, read, not computed; dead rows are dead tokens, not dead filters."""
 
 BATCHNORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,)
 """BatchNorm of any dimensionality (not InstanceNorm, which shares its base ``_NormBase``)."""
