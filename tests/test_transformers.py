@@ -230,3 +230,29 @@ def test_attention_heads_recurrent_gates_and_embeddings_are_read_apart(tmp_path:
     filters = 3 * WIDTH + WIDTH + 3 * 8 + 12  # q/k/v rows, out_proj, GRU gate rows, head: no token
     assert last[f"{kernels}/total/filters"] == filters
     assert last[f"{kernels}/total/dead"] == head_dim + 1
+
+
+def test_scan_reports_embeddings_in_their_own_section_never_in_filter_totals(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from lightning_deadunits.cli import main
+
+    torch.manual_seed(0)
+    model = AttentionRecurrentLM()
+    with torch.no_grad():
+        model.embed.weight[[4, 9]] = 0.0  # two dead tokens, besides the padding row 0 (a file cannot tell)
+        model.head.weight[1] = 0.0  # one dead filter
+    torch.save(model.state_dict(), tmp_path / "lm.pt")
+    assert main(["scan", str(tmp_path / "lm.pt"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["embeddings"] == [
+        {"name": "embed", "tokens": 12, "dead": 3, "norm_median": pytest.approx(report["embeddings"][0]["norm_median"])}
+    ]
+    assert report["embedding_total"] == {"tokens": 12, "dead": 3}
+    assert [layer["name"] for layer in report["layers"]] == ["attn.out_proj", "head"]  # packed in_proj: no `.weight`
+    assert report["total"]["filters"] == WIDTH + 12 and report["total"]["dead_abs"] == 1
+    assert main(["scan", str(tmp_path / "lm.pt")]) == 0
+    table = capsys.readouterr().out
+    assert "embeddings (not in" in table and table.count("│ embed ") == 1
