@@ -140,7 +140,8 @@ def test_functional_relu_model_is_watched_by_default_and_nothing_warns_only_when
 
     monitor = ActivationMonitor(every_n_steps=1)
     memory = _fit(tmp_path, Images(FunctionalRelu()), monitor)
-    assert memory.series(f"{KEY}/model:relu#0/dead_frac")[1] == pytest.approx(memory.series(f"{KEY}/model:relu#0/dead")[1] / 4)
+    dead = memory.series(f"{KEY}/model:relu#0/dead")[1]
+    assert memory.series(f"{KEY}/model:relu#0/dead_frac")[1] == pytest.approx(float(dead) / 4)
     assert monitor.probe.channel_dims == {("model:relu#0", 0): 1, ("model:relu#1", 0): 1}  # conv outputs: dim 1
     with pytest.warns(DeadUnitsWarning, match="found no module nor activation function called in forward"):
         _fit(tmp_path, SequenceTask(nn.Linear(WIDTH, 2), lengths=(3,), steps=1), ActivationMonitor(every_n_steps=1))
@@ -221,8 +222,9 @@ def test_attention_heads_recurrent_gates_and_embeddings_are_read_apart(tmp_path:
     memory = _fit(tmp_path, Tokens(), monitor)
     last = {key: series[max(series)] for key, series in memory.metrics.items() if key.startswith("deadunits/kernels")}
     kernels = "deadunits/kernels"
-    heads = {f"{kernels}/model.attn.in_proj.{qkv}.head{h}/dead": last[f"{kernels}/model.attn.in_proj.{qkv}.head{h}/dead"]
-             for qkv in "qkv" for h in range(4)}
+    heads = {
+        key: last[key] for qkv in "qkv" for h in range(4) if (key := f"{kernels}/model.attn.in_proj.{qkv}.head{h}/dead")
+    }
     assert heads == {key: (head_dim if key == f"{kernels}/model.attn.in_proj.k.head2/dead" else 0.0) for key in heads}
     assert last[f"{kernels}/model.rnn.l0.gate_z/dead"] == 1 and last[f"{kernels}/model.rnn.l0.gate_r/dead"] == 0
     assert last[f"{kernels}/model.embed/dead"] == 2 and last[f"{kernels}/embedding/dead"] == 2

@@ -1,5 +1,4 @@
-"""What the activation monitor measures: forward hooks on activation (or pre-activation) modules and intercepted
-activation functions, per call site.
+"""What the activation monitor measures: activation (or pre-activation) modules and functions, per call site.
 
 Hooks (and the function mode) exist only between :meth:`ActivationProbe.start` and :meth:`ActivationProbe.stop`.
 Each call reduces its output to per-channel sums on the output's device (no host sync) and keeps no reference to it.

@@ -1,5 +1,6 @@
 """What the kernel-norm monitor measures: per-filter norms of the watched layers and BatchNorm gammas, per-head and
-per-gate norms of packed attention and recurrent weights, and per-token norms of embeddings."""
+per-gate norms of packed attention and recurrent weights, and per-token norms of embeddings.
+"""
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -173,9 +174,7 @@ class KernelNormProbe:
         return self.attribute(readings)
 
     @staticmethod
-    def _read_packed(
-        name: str, module: nn.Module, abs_threshold: float, rel_threshold: float
-    ) -> list[LayerKernels]:
+    def _read_packed(name: str, module: nn.Module, abs_threshold: float, rel_threshold: float) -> list[LayerKernels]:
         if isinstance(module, EMBEDDING_TYPES):
             weight: Tensor = module.weight  # type: ignore[assignment]
             l1, l2 = weight_filter_norms(weight)

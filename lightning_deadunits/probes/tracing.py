@@ -1,5 +1,4 @@
-"""Forward data-flow tracing: which call of which module (or activation function) produced a tensor, and how call
-sites are named.
+"""Forward data-flow tracing: which call of which module or activation function made a tensor; call-site names.
 
 Hooks exist only between :meth:`ForwardTracer.start` and :meth:`ForwardTracer.stop`; tensors are held weakly and
 forgotten at :meth:`ForwardTracer.stop`. Functional calls are seen through a ``TorchFunctionMode`` that is active
@@ -206,7 +205,7 @@ class ForwardTracer(Generic[Mark]):
             if not self._stack and self._interceptor is None:
                 self.forwards_traced += 1
                 self._interceptor = _FunctionInterceptor(self)
-                self._interceptor.__enter__()
+                self._interceptor.__enter__()  # type: ignore[no-untyped-call]
             self._stack.append((name, module))
             self._function_calls[name] = {}
 
@@ -221,7 +220,7 @@ class ForwardTracer(Generic[Mark]):
     def _exit_mode(self) -> None:
         if self._interceptor is not None:
             interceptor, self._interceptor = self._interceptor, None
-            interceptor.__exit__(None, None, None)
+            interceptor.__exit__(None, None, None)  # type: ignore[no-untyped-call]
 
     def _on_function(self, func: Callable[..., Any], args: tuple[Any, ...], output: Any) -> None:
         """One torch function call inside a forward: a call site if traced, else (maybe) a mark carrier."""
