@@ -1,5 +1,6 @@
-"""What the kernel-norm monitor measures: per-filter norms of the watched layers and BatchNorm gammas, per-head and
-per-gate norms of packed attention and recurrent weights, and per-token norms of embeddings.
+"""What the kernel-norm monitor measures: per-filter norms of layers, heads, gates and BatchNorms; per-token norms.
+
+Packed attention and recurrent weights are read per head and per gate; embeddings per token row.
 """
 
 from collections.abc import Sequence
