@@ -258,3 +258,46 @@ def test_scan_reports_embeddings_in_their_own_section_never_in_filter_totals(
     assert main(["scan", str(tmp_path / "lm.pt")]) == 0
     table = capsys.readouterr().out
     assert "embeddings (not in" in table and table.count("│ embed ") == 1
+
+
+class PaddedTask(pl.LightningModule):
+    """`relu(fc(x))` on `(N, T, 4)` batches given as `{"x", "token_mask"}`: unit 3 fires only at padded positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        with torch.no_grad():
+            self.fc.weight.zero_()
+            self.fc.weight[:, 1] = 1.0
+            self.fc.bias.fill_(0.5)
+            self.fc.weight[3] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+            self.fc.bias[3] = -0.5
+        x = torch.rand(2, 6, 4)
+        x[:, :, 0] = 0.0
+        mask = torch.ones(2, 6, dtype=torch.bool)
+        mask[0, 4:] = mask[1, 2:] = False
+        x[~mask] = 5.0  # padding: unit 3 active there only
+        self.batch = {"x": x, "token_mask": mask}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.fc(x))
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self(batch["x"]).sum() * 0.0  # type: ignore[no-any-return]
+
+    def train_dataloader(self) -> Any:
+        return torch.utils.data.DataLoader([self.batch] * 2, batch_size=None)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_padding_mask_keeps_padded_positions_out_of_the_counts(tmp_path: Path, masked: bool) -> None:
+    task = PaddedTask()
+    if not masked:
+        del task.batch["token_mask"]
+    memory = _fit(tmp_path, task, ActivationMonitor(every_n_steps=1))
+    assert memory.series(f"{KEY}/:relu#0/dead")[1] == (1 if masked else 0)
+    zero_frac = memory.series(f"{KEY}/:relu#0/zero_frac")[1]
+    assert zero_frac == pytest.approx(1 / 6 if masked else (1 / 6) * (6 / 12))  # 6 real of 12 positions

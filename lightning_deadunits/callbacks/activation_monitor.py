@@ -35,6 +35,7 @@ from lightning_deadunits.probes.activations import (
     ActivationProbe,
     ChannelDim,
     Watch,
+    find_token_mask,
 )
 from lightning_deadunits.triggers.rule import Rule
 from lightning_deadunits.triggers.threshold import ThresholdRule
@@ -75,7 +76,13 @@ class ActivationMonitor(MonitorCallback):
     **Channels** are dim 1 of conv-shaped ``(N, C, *spatial)`` outputs and the last dim of ``(N, *, F)`` outputs
     of linear layers (for ``(N, F)`` both are the same). With ``channel_dim="auto"``, an activation whose input is
     the output of ``nn.Linear``, ``nn.LayerNorm`` or ``nn.Embedding`` (seen in the first measured forward) uses the
-    last dim; ``channel_dim=1`` or ``-1`` fixes it.
+    last dim; ``channel_dim=1`` or ``-1`` fixes it. That input is followed through shape-keeping operations
+    (``act(fc(x) * 0.5)``), so sequences of any length keep one layout per site, every position counted.
+
+    **Padding.** A batch that is a mapping with a ``"token_mask"`` entry, or a LightningModule method
+    ``deadunits_token_mask(batch)`` returning one, gives a boolean mask (``True`` for real tokens, ``(N, T)`` for
+    ``(N, T, F)`` activations): channels-last sites count the real positions only (one host sync per site on
+    measured batches).
 
     **Statistics.** A value is *near zero* when ``|x| <= eps``. Default ``eps``: exactly 0 for ReLU, ReLU6 and
     pooling (and pre-activations through ``torch.relu``); ``1e-6`` for LeakyReLU, PReLU, ELU, GELU, SiLU,
@@ -309,6 +316,7 @@ class ActivationMonitor(MonitorCallback):
             self._sample_step = step
             self.stats.begin_sample()
         self.probe.start(self.stats)
+        self.probe.token_mask = find_token_mask(pl_module, batch)
 
     @override
     def on_train_batch_end(
@@ -338,6 +346,13 @@ class ActivationMonitor(MonitorCallback):
         self._validation_stats = ActivationStats()
         self._validation_stats.begin_sample()
         self.probe.start(self._validation_stats)
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._validation_stats is not None:
+            self.probe.token_mask = find_token_mask(pl_module, batch)
 
     @override
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

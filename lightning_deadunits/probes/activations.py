@@ -35,6 +35,7 @@ __all__ = [
     "ActivationProbe",
     "ChannelDim",
     "Watch",
+    "find_token_mask",
 ]
 
 Watch = Literal["activations", "pre_activations"]
@@ -84,6 +85,11 @@ class ActivationProbe:
     ``fc(x) * 0.5`` or dropout, or through a watched site resolved to the last dim) uses the last dim, every other
     site dim 1; statistics then sum over every position whatever the sequence length. ``1`` or ``-1`` fixes the
     dim for every site.
+
+    **Padding.** While :attr:`token_mask` is set (a boolean tensor, ``True`` for real tokens, shaped like a site's
+    output without its channel dim: ``(N, T)`` for ``(N, T, F)``), channels-last sites whose output has that shape
+    count only the real positions (selecting them costs one host sync per site and sampled forward); other sites
+    are measured whole. :meth:`stop` clears it.
 
     **Pre-activation mode** (``watch="pre_activations"``) watches convolution, linear and BatchNorm outputs, for
     models that call ``F.relu`` inside ``forward``: it measures ``pre_activation_fn(output)`` (``torch.relu`` by
@@ -137,6 +143,7 @@ class ActivationProbe:
         self._tracked_forwards = 0
         self._measured_functions: set[str] = set()
         self._failed: set[str] = set()
+        self.token_mask: Tensor | None = None
 
     def attach(self, model: nn.Module) -> None:
         """Find the watched modules of ``model``, their tolerances, their parents and the linear-like producers."""
@@ -205,6 +212,7 @@ class ActivationProbe:
             self._tracked = True
         self._tracer.stop()
         self._target = None
+        self.token_mask = None
         for name in self.skipped.intersection(self.modules):
             del self.modules[name], self.eps[name]
 
@@ -254,6 +262,11 @@ class ActivationProbe:
             values = self.pre_activation_fn(output.detach())
             nonnegative = self.pre_activation_fn in _NONNEGATIVE_FNS
         dim = self.channel_dims.setdefault(site, 1)
+        mask = self.token_mask
+        if mask is not None and dim == -1 and values.shape[:-1] == mask.shape:
+            values = values[mask.to(values.device)]
+            if values.numel() == 0:
+                return
         self._target.update(site, channel_stats(values, dim, self.eps[name], nonnegative))
 
     def _track(self, site: CallSite, kind: type, inputs: tuple[Any, ...]) -> None:
@@ -290,3 +303,18 @@ class ActivationProbe:
         self._tracer.calls_per_forward = dict(state_dict.get("calls_per_forward", {}))
         self.channel_dims = {(name, int(call)): int(dim) for name, call, dim in state_dict.get("channel_dims", [])}
         self.skipped = set(state_dict.get("skipped", []))
+
+
+def find_token_mask(module: nn.Module, batch: Any) -> Tensor | None:
+    """The padding mask of ``batch`` (``True`` for real tokens), or ``None``.
+
+    ``module.deadunits_token_mask(batch)`` when the module defines it (a method returning a boolean tensor or
+    ``None``), else ``batch["token_mask"]`` when the batch is a mapping holding one.
+
+    Example:
+        >>> find_token_mask(nn.Linear(2, 2), {"tokens": torch.zeros(1, 3), "token_mask": torch.tensor([[1, 1, 0]])})
+        tensor([[ True,  True, False]])
+    """
+    hook = getattr(module, "deadunits_token_mask", None)
+    found = hook(batch) if callable(hook) else batch.get("token_mask") if isinstance(batch, Mapping) else None
+    return found.bool() if isinstance(found, Tensor) else None
