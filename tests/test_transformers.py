@@ -301,3 +301,30 @@ def test_padding_mask_keeps_padded_positions_out_of_the_counts(tmp_path: Path, m
     assert memory.series(f"{KEY}/:relu#0/dead")[1] == (1 if masked else 0)
     zero_frac = memory.series(f"{KEY}/:relu#0/zero_frac")[1]
     assert zero_frac == pytest.approx(1 / 6 if masked else (1 / 6) * (6 / 12))  # 6 real of 12 positions
+
+
+class RankLengths(SequenceTask):
+    """Each DDP rank trains on its own sequence length (6 on rank 0, 11 on rank 1)."""
+
+    def train_dataloader(self) -> Any:
+        length = 6 + 5 * self.trainer.global_rank
+        generator = torch.Generator().manual_seed(self.trainer.global_rank)
+        batches = [torch.randn(4, length, WIDTH, generator=generator) for _ in range(3)]
+        return torch.utils.data.DataLoader(batches, batch_size=None)
+
+
+def _dead_units(trainer: pl.Trainer) -> dict[str, Any]:
+    (monitor,) = [c for c in trainer.callbacks if isinstance(c, ActivationMonitor)]  # type: ignore[attr-defined]
+    return {name: mask.nonzero().flatten().tolist() for name, mask in monitor.dead_masks.items()}
+
+
+@pytest.mark.slow
+def test_functional_sites_agree_across_ddp_ranks_with_different_sequence_lengths(tmp_path: Path) -> None:
+    from tests.helpers.ddp import DDP_OPTIONS, RecordOnEachRank, read_ranks
+
+    task = RankLengths(_encoder("relu", plant=True), lengths=(1,), steps=1)
+    callbacks = [ActivationMonitor(every_n_steps=1, window=3), RecordOnEachRank(tmp_path / "ranks", _dead_units)]
+    trainer = pl.Trainer(max_steps=3, logger=False, callbacks=callbacks, use_distributed_sampler=False, **DDP_OPTIONS)
+    trainer.fit(task)
+    expected = {f"model.layers.{index}:relu#0": units for index, units in PLANTED.items()}
+    assert read_ranks(tmp_path / "ranks") == [expected, expected]
