@@ -349,7 +349,12 @@ class ActivationMonitor(MonitorCallback):
 
     @override
     def on_validation_batch_start(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: "pl.Trainer",
+        pl_module: "pl.LightningModule",
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         if self._validation_stats is not None:
             self.probe.token_mask = find_token_mask(pl_module, batch)
