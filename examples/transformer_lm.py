@@ -38,7 +38,7 @@ STABLE_LR = 3e-3
 
 class CorruptedBatchInjector(pl.Callback):
     """At global step ``step``, replaces the ``CORRUPTED`` windows' inputs with random characters and their
-    targets with NUL, which source text never holds (a binary file read as text)."""  # noqa: D205
+    targets with NUL, which source text never holds (a binary file read as text)."""
 
     def __init__(self, step: int) -> None:
         self.step = step
