@@ -5,15 +5,15 @@ function inside the layer) learns the standard library's sources, offline, twice
 
 - **high LR** (AdamW at ``--high-lr``): feed-forward ReLU neurons die; ``ActivationMonitor`` sees them through
   the layers' functional ``F.relu`` calls (sites ``model.encoder.layers.<i>:relu#0``, channels = FFN width);
-- **stable** (AdamW at 3e-3): none die. At one step a callback corrupts some windows of the batch (random
-  characters in, NUL characters to predict); ``LossSpikeMonitor`` (``ratio=1.5, z_score=4``: a short run's baseline is noisy) flags the spike at that step, skips its
-  update and dumps the batch, and the script reads the dump back: the corrupted sequences rank first by
-  per-sample loss, printed as text.
+- **stable** (AdamW at 3e-3): none die. At one step a callback corrupts 20 of the batch's 32 windows (random
+  characters in, NUL characters to predict); ``LossSpikeMonitor`` (``ratio=1.5, z_score=4``: a short run's
+  baseline is noisy) flags the spike at that step, skips its update and dumps the batch, and the script reads the
+  dump back: the corrupted sequences rank first by per-sample loss, printed as text.
 
 TensorBoard panels (activations per FFN site, kernels per attention head, embeddings apart, loss and spikes) land
 in ``<out>/high_lr`` and ``<out>/stable``; ``<out>/summary.json`` holds the numbers.
 
-Run: ``python examples/transformer_lm.py`` (a few minutes on 2 CPU cores); ``--fast`` (or ``DEADUNITS_FAST=1``)
+Run: ``python examples/transformer_lm.py`` (about 2 minutes on 2 CPU cores); ``--fast`` (or ``DEADUNITS_FAST=1``)
 trains a tinier model for fewer steps, for the tests.
 """
 
