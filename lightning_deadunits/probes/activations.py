@@ -77,7 +77,9 @@ class ActivationProbe:
     ``"<enclosing module>:<function>#<k>"`` (e.g. ``"enc.layers.0:relu#0"``; ``k`` counts that function's calls
     in one forward of the enclosing module; the root module's calls are ``":relu#0"``), measured like the module
     that applies the function (its tolerance, its sign). ``include``/``exclude`` globs match these names. Calls
-    made by an activation module itself (``nn.GELU`` calls ``F.gelu``) count once, as the module.
+    made by an activation module itself (``nn.GELU`` calls ``F.gelu``) count once, as the module (or not at all,
+    when its type is not watched). A function is watched when its module type is (``layer_types=(nn.ReLU,)``
+    watches ``F.relu`` and ``nn.ReLU`` only).
 
     **Channels** are dim 1 of the output, or its last dim for ``(N, *, F)`` outputs of linear layers: with
     ``channel_dim="auto"`` a call site whose input, in the first measured forward, was computed from the output of
@@ -159,10 +161,14 @@ class ActivationProbe:
         self._tracer.attach(
             model,
             {**producers, **self.modules},
-            functions=FUNCTIONAL_ACTIVATIONS if self.functional else None,
-            skip=(*DEFAULT_ACTIVATION_TYPES, *FUNCTIONAL_ACTIVATIONS.values(), *self._selector.types),
+            functions=self._functions() if self.functional else None,
+            skip=(*DEFAULT_ACTIVATION_TYPES, *self._selector.types),
         )
         self._tracked = False
+
+    def _functions(self) -> dict[str, type[nn.Module]]:
+        """The activation functions whose module type is watched (``layer_types`` choose functions too)."""
+        return {name: kind for name, kind in FUNCTIONAL_ACTIVATIONS.items() if issubclass(kind, self._selector.types)}
 
     @property
     def watching(self) -> bool:

@@ -36,6 +36,7 @@ DEFAULT_ACTIVATION_TYPES: tuple[type, ...] = (
     nn.SiLU,
     nn.Mish,
     nn.Hardswish,
+    nn.Softplus,
     nn.Sigmoid,
     nn.Tanh,
     nn.Hardsigmoid,
