@@ -54,8 +54,8 @@ class ActivationMonitor(MonitorCallback):
 
     **Where.** Forward hooks on activation modules (ReLU, ReLU6, LeakyReLU, PReLU, RReLU, ELU, CELU, SELU, GELU,
     SiLU, Mish, Hardswish, Softplus, Sigmoid, Tanh, Hardsigmoid, Hardtanh, or ``layer_types``), and on pooling
-    layers with ``pooling=True``; and, with ``functional=True`` (the default), the same activations applied as functions in
-    ``forward`` (``F.relu``, ``F.gelu``, ``F.silu``, ``torch.sigmoid``, ``x.relu()``...: what
+    layers with ``pooling=True``; and, with ``functional=True`` (the default), the same activations applied as
+    functions in ``forward`` (``F.relu``, ``F.gelu``, ``F.silu``, ``torch.sigmoid``, ``x.relu()``...: what
     ``nn.TransformerEncoderLayer`` and SwiGLU MLPs ``F.silu(gate(x)) * up(x)`` do), seen through a
     ``TorchFunctionMode`` active only inside the model's forwards on sampled steps and named
     ``<enclosing module>:<function>#<k>`` (``enc.layers.0:relu#0``: the ``k``-th call of that function in one
