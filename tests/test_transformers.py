@@ -143,7 +143,9 @@ def test_functional_relu_model_is_watched_by_default_and_nothing_warns_only_when
     dead = memory.series(f"{KEY}/model:relu#0/dead")[1]
     assert memory.series(f"{KEY}/model:relu#0/dead_frac")[1] == pytest.approx(float(dead) / 4)
     assert monitor.probe.channel_dims == {("model:relu#0", 0): 1, ("model:relu#1", 0): 1}  # conv outputs: dim 1
-    with pytest.warns(DeadUnitsWarning, match="found no module nor activation function called in forward"):
+    with pytest.warns(
+        DeadUnitsWarning, match="found no module to watch in .*, nor an activation function called in a forward"
+    ):
         _fit(tmp_path, SequenceTask(nn.Linear(WIDTH, 2), lengths=(3,), steps=1), ActivationMonitor(every_n_steps=1))
 
 

@@ -288,12 +288,12 @@ class ActivationMonitor(MonitorCallback):
 
     def _warn_nothing_watched(self, pl_module: "pl.LightningModule") -> None:
         self._warned_empty = True
-        functions = " nor activation function called in forward" if self.probe.functional else ""
+        functions = ", nor an activation function called in a forward" if self.probe.functional else ""
         warnings.warn(
-            f"`ActivationMonitor` found no module{functions} to watch in {type(pl_module).__name__} (types "
+            f"`ActivationMonitor` found no module to watch in {type(pl_module).__name__} (types "
             f"{[t.__name__ for t in self.layer_types]}, include={list(self.include)}, "
-            f"exclude={list(self.exclude)}); it will log nothing. Models that apply their activation in a way "
-            f'neither hooks nor torch functions can see need watch="pre_activations".',
+            f"exclude={list(self.exclude)}){functions}; it will log nothing. Models that apply their activation in "
+            f'a way neither hooks nor torch functions can see need watch="pre_activations".',
             DeadUnitsWarning,
             stacklevel=2,
         )
