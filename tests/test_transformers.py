@@ -229,8 +229,8 @@ def test_attention_heads_recurrent_gates_and_embeddings_are_read_apart(tmp_path:
     }
     assert heads == {key: (head_dim if key == f"{kernels}/model.attn.in_proj.k.head2/dead" else 0.0) for key in heads}
     assert last[f"{kernels}/model.rnn.l0.gate_z/dead"] == 1 and last[f"{kernels}/model.rnn.l0.gate_r/dead"] == 0
-    assert last[f"{kernels}/model.embed/dead"] == 2 and last[f"{kernels}/embedding/dead"] == 2
-    assert last[f"{kernels}/embedding/tokens"] == 12 and f"{kernels}/embedding/dead_rel" not in last
+    assert last[f"{kernels}/model.embed/dead"] == 2 and last[f"{kernels}/total_embedding/dead"] == 2
+    assert last[f"{kernels}/total_embedding/tokens"] == 12 and f"{kernels}/total_embedding/dead_rel" not in last
     filters = 3 * WIDTH + WIDTH + 3 * 8 + 12  # q/k/v rows, out_proj, GRU gate rows, head: no token
     assert last[f"{kernels}/total/filters"] == filters
     assert last[f"{kernels}/total/dead"] == head_dim + 1

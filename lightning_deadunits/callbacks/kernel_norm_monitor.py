@@ -55,21 +55,21 @@ class KernelNormMonitor(MonitorCallback):
 
     Logged keys (``<p>`` is ``prefix``, ``<layer>`` the module name):
 
-    =====================================  ==========================================================
-    ``<p>/kernels/<layer>/dead_abs``       filters with L1 below ``abs_threshold``
-    ``<p>/kernels/<layer>/dead_rel``       filters with L1 below ``rel_threshold`` x layer median
-    ``<p>/kernels/<layer>/dead_bn``        channels whose paired BatchNorm gamma is ~0 (paired layers only)
-    ``<p>/kernels/<layer>/dead``           filters dead by any rule
-    ``<p>/kernels/<layer>/dead_frac``      ``dead`` / filters
-    ``<p>/kernels/<layer>/norm_median``    median per-filter L1
-    ``<p>/kernels/<layer>/newly_dead``     filters dead now and alive at the previous check
-    ``<p>/kernels/<layer>/revived``        filters alive now and dead at the previous check
-    ``<p>/kernels/total/<stat>``           the sums of the above over layers (``dead_abs``, ``dead_rel``,
-                                           ``dead_bn``, ``dead``, ``newly_dead``, ``revived``, ``filters``),
-                                           embeddings excepted
-    ``<p>/kernels/embedding/<stat>``       the same sums over ``nn.Embedding`` tables: ``tokens``, ``dead``
-                                           (dead tokens), ``dead_frac``, ``newly_dead``, ``revived``
-    =====================================  ==========================================================
+    =======================================  ==========================================================
+    ``<p>/kernels/<layer>/dead_abs``         filters with L1 below ``abs_threshold``
+    ``<p>/kernels/<layer>/dead_rel``         filters with L1 below ``rel_threshold`` x layer median
+    ``<p>/kernels/<layer>/dead_bn``          channels whose paired BatchNorm gamma is ~0 (paired layers only)
+    ``<p>/kernels/<layer>/dead``             filters dead by any rule
+    ``<p>/kernels/<layer>/dead_frac``        ``dead`` / filters
+    ``<p>/kernels/<layer>/norm_median``      median per-filter L1
+    ``<p>/kernels/<layer>/newly_dead``       filters dead now and alive at the previous check
+    ``<p>/kernels/<layer>/revived``          filters alive now and dead at the previous check
+    ``<p>/kernels/total/<stat>``             the sums of the above over layers (``dead_abs``, ``dead_rel``,
+                                             ``dead_bn``, ``dead``, ``newly_dead``, ``revived``, ``filters``),
+                                             embeddings excepted
+    ``<p>/kernels/total_embedding/<stat>``   the same sums over ``nn.Embedding`` tables: ``tokens``, ``dead``
+                                             (dead tokens), ``dead_frac``, ``newly_dead``, ``revived``
+    =======================================  ==========================================================
 
     **Attention, recurrent and embedding layers.** ``nn.MultiheadAttention``'s packed query/key/value rows are
     read per projection and head, as layers named ``<module>.in_proj.<q|k|v>.head<h>`` (its ``out_proj`` is an
@@ -77,7 +77,7 @@ class KernelNormMonitor(MonitorCallback):
     weights per layer, direction and gate, as ``<module>.l<k>[_reverse].gate_<g>`` (LSTM gates ``i, f, g, o``, GRU
     ``r, z, n``; a row holds the unit's input and hidden-state weights). ``nn.Embedding`` rows are tokens: a row is
     dead when its L1 is below ``abs_threshold`` (the relative rule would flag rare tokens; the ``padding_idx`` row
-    never counts), logged per table under the table's name and summed apart, under ``<p>/kernels/embedding/``,
+    never counts), logged per table under the table's name and summed apart, under ``<p>/kernels/total_embedding/``,
     never into the filter totals.
 
     With a TensorBoard logger it also writes a custom-scalars layout (totals, and one panel per layer kind),
@@ -285,7 +285,11 @@ class KernelNormMonitor(MonitorCallback):
         }
         scalars.update({self.key("total", stat): value for stat, value in totals.items()})
         scalars.update(
-            {self.key(_EMBEDDING, _tokens(stat)): value for stat, value in token_totals.items() if stat in _TOKEN_STATS}
+            {
+                self.key("total_embedding", _tokens(stat)): value
+                for stat, value in token_totals.items()
+                if stat in _TOKEN_STATS
+            }
         )
         self.history.append({"step": float(step), **{stat: totals[stat] for stat in ("dead_abs", "dead_rel", "dead")}})
         del self.history[:-_MAX_HISTORY]
