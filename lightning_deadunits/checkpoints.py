@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Checkpoint", "CheckpointFormat", "SavedWeight"]
+__all__ = ["Checkpoint", "CheckpointFormat", "SavedWeight", "looks_like_embedding"]
 
 CheckpointFormat = Literal["lightning", "state_dict", "torchscript", "safetensors", "safetensors_shards", "onnx"]
 
@@ -58,6 +58,8 @@ _ONNX_IR_VERSION_TAG = b"\x08"  # protobuf field 1 (ModelProto.ir_version), a va
 _SAFETENSORS_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 _ONNX_CONV_OPS = frozenset({"Conv", "ConvTranspose"})
 _ONNX_MATRIX_OPS = frozenset({"Gemm", "MatMul"})
+# module names of embedding tables across common code bases (torch, Hugging Face, nanoGPT, LLaMA)
+_EMBEDDING_NAMES = frozenset({"wte", "wpe", "shared", "lookup", "tok_embeddings", "word_embeddings"})
 
 
 class Checkpoint:
@@ -368,3 +370,21 @@ def _require(module: str, path: Path) -> Any:
         raise ValueError(
             f"{path}: reading this file needs the `{module}` package: pip install 'lightning-deadunits[formats]'."
         ) from error
+
+
+def looks_like_embedding(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether the saved 2-D weight of layer ``name`` is an embedding table (one row per token), not a linear layer.
+
+    A state_dict does not record module types, so this goes by name: the last part of ``name`` starts with
+    ``emb`` or contains ``embed`` (``embed``, ``embedding``, ``embed_tokens``, ``position_embeddings``), or is one
+    of ``wte``, ``wpe``, ``shared``, ``lookup``, ``tok_embeddings``, ``word_embeddings``; and by shape: 2-D.
+
+    Example:
+        >>> looks_like_embedding("model.embed_tokens", (32000, 4096)), looks_like_embedding("transformer.wte", (50, 8))
+        (True, True)
+        >>> looks_like_embedding("model.layers.0.mlp.up_proj", (11008, 4096))
+        False
+    """
+    last = name.rpartition(".")[2].lower()
+    named = last.startswith("emb") or "embed" in last or last in _EMBEDDING_NAMES
+    return named and len(shape) == 2

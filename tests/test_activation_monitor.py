@@ -220,7 +220,10 @@ def test_activation_monitor_hooks_exist_only_on_sampled_steps(tmp_path: Path) ->
     model = ConvRelu()
     lit = Fixed(model, image_batches(5), on_step=lambda module: counts.append(hook_count(module)))
     _fit(tmp_path, lit, ActivationMonitor(every_n_steps=2), max_steps=5)
-    assert counts == [2, 0, 2, 0, 2]  # the ReLU's hook and its parent's call-index reset
+    # the ReLU's hook and its parent's call-index reset, and the enter/leave pair on every module that keeps the
+    # stack of enclosing modules for functional call sites
+    sampled = 2 + 2 * len(list(lit.modules()))
+    assert counts == [sampled, 0, sampled, 0, sampled]
     assert hook_count(lit) == 0
 
 
@@ -253,7 +256,8 @@ def test_activation_monitor_measures_whole_validation_passes(tmp_path: Path) -> 
     assert memory.series(f"{KEY}/val/model.relu/zero_frac") == pytest.approx({2: expected["zero_frac"]}, abs=1e-12)
     assert memory.series(f"{KEY}/val/model.relu/dead") == {2: float(expected["all_quiet"].sum())}
     assert expected["all_quiet"][2]
-    assert counts == [0, 0, 2, 2, 2]  # the sanity check unmeasured, then the real pass
+    measured = 2 + 2 * len(list(lit.modules()))  # the ReLU's pair, and the enclosing-module stack's pair per module
+    assert counts == [0, 0, measured, measured, measured]  # the sanity check unmeasured, then the real pass
     assert monitor.dead_counts_step == 0  # validation leaves the training dead counts alone
     assert hook_count(lit) == 0
 
@@ -346,7 +350,7 @@ def _plain(value: Any) -> Any:
 
 def test_activation_monitor_warns_when_nothing_is_watched(tmp_path: Path) -> None:
     with pytest.warns(DeadUnitsWarning, match="found no module to watch"):
-        _fit(tmp_path, Fixed(FunctionalRelu(), image_batches(1)), ActivationMonitor(), max_steps=1)
+        _fit(tmp_path, Fixed(FunctionalRelu(), image_batches(1)), ActivationMonitor(functional=False), max_steps=1)
 
 
 def test_activation_monitor_warns_and_carries_on_when_a_module_cannot_be_measured(tmp_path: Path) -> None:

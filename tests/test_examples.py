@@ -93,9 +93,26 @@ def _spike_rewind(out: Path, stdout: str) -> None:
     assert "with Rewind: final loss" in stdout
 
 
+def _transformer_lm(out: Path, stdout: str) -> None:
+    # claim: FFN neurons die at the high LR and not in the stable twin (seen through the layers' functional F.relu,
+    # one site per layer with dim_feedforward channels); the corrupted batch is flagged, skipped, dumped, and its
+    # corrupted windows rank first
+    summary = json.loads((out / "summary.json").read_text())
+    sites = [f"model.encoder.layers.{i}:relu#0" for i in range(2)]
+    high, stable = summary["high_lr"]["ffn_dead"], summary["stable"]["ffn_dead"]
+    assert sorted(high) == sorted(stable) == sites
+    assert sum(high.values()) >= 10 and sum(stable.values()) == 0
+    assert summary["spike_steps"] == [summary["dirty_step"]] and summary["corrupted_ranked_first"]
+    assert Path(summary["dump"]).is_file()
+    assert "Update skipped: True" in stdout and "Corrupted windows ranked first: yes" in stdout
+    for run in ("high_lr", "stable"):
+        assert list((out / run).glob("events.out.tfevents.*"))
+
+
 EXAMPLES = {
     "pool_sparsity": Example("pool_sparsity.py", (), fast=True, check=_pool_sparsity),
     "spike_dump": Example("spike_dump.py", (), fast=True, check=_spike_dump),
+    "transformer_lm": Example("transformer_lm.py", (), fast=True, check=_transformer_lm),
     "recycle_dead_units": Example("recycle_dead_units.py", (), fast=True, check=_recycle),
     "spike_rewind": Example("spike_rewind.py", (), fast=True, check=_spike_rewind),
     # its fast mode (5 batches) is too short for a filter to collapse; one full epoch is the shortest run that shows it

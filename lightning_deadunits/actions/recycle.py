@@ -13,6 +13,12 @@ A unit is an output filter of a convolution or an output feature of a linear lay
 
 Who reads a unit, and which normalisation layers sit between, comes from data flow
 (:class:`~lightning_deadunits.probes.unit_flow.UnitFlowTracer`).
+
+Only per-unit normalisation (BatchNorm, InstanceNorm, GroupNorm with one channel per group) can sit between: a
+normalisation whose statistics span several units (LayerNorm over the units, GroupNorm with larger groups) would
+see the fresh incoming weights change its mean and variance, and so move every other unit's output. Such layers
+are refused (:func:`mixing_refusal` says why); nothing keeps the function unchanged through them but leaving the
+unit as it is.
 """
 
 from collections.abc import Iterable, Sequence
@@ -30,6 +36,7 @@ __all__ = [
     "UnitFlowTracer",
     "cap_units",
     "fresh_parameters",
+    "mixing_refusal",
     "recycle_seed",
     "recycle_units",
     "unit_count",
@@ -39,6 +46,26 @@ RECYCLABLE_TYPES: tuple[type, ...] = DEFAULT_KERNEL_TYPES
 """The layers whose units can be recycled: the kernel layers."""
 
 _SEED_MULTIPLIER = 1_000_003
+
+
+def mixing_refusal(layer: str, mixers: Sequence[tuple[str, nn.Module]]) -> str:
+    """Why the units of ``layer`` are not recycled: they pass through the ``(name, module)`` normalisations
+    ``mixers``, whose statistics span several units.
+
+    Example:
+        >>> mixing_refusal("fc1", [("norm", nn.LayerNorm(8))])  # doctest: +NORMALIZE_WHITESPACE
+        "does not recycle 'fc1': its units pass through 'norm' (LayerNorm), which normalises over several units,
+        so fresh incoming weights would change its mean and variance and every other unit's output; only per-unit
+        normalisation (BatchNorm, InstanceNorm, GroupNorm with one channel per group) keeps the network's function
+        unchanged"
+    """  # noqa: D205
+    through = ", ".join(f"{name!r} ({type(module).__name__})" for name, module in mixers)
+    return (
+        f"does not recycle {layer!r}: its units pass through {through}, which normalises over several units, so "
+        "fresh incoming weights would change its mean and variance and every other unit's output; only per-unit "
+        "normalisation (BatchNorm, InstanceNorm, GroupNorm with one channel per group) keeps the network's function "
+        "unchanged"
+    )
 
 
 def recycle_seed(seed: int, step: int, layer_index: int) -> int:

@@ -35,6 +35,7 @@ from lightning_deadunits.probes.activations import (
     ActivationProbe,
     ChannelDim,
     Watch,
+    find_token_mask,
 )
 from lightning_deadunits.triggers.rule import Rule
 from lightning_deadunits.triggers.threshold import ThresholdRule
@@ -52,8 +53,16 @@ class ActivationMonitor(MonitorCallback):
     optionally, over each validation pass), and counts dead and dormant channels.
 
     **Where.** Forward hooks on activation modules (ReLU, ReLU6, LeakyReLU, PReLU, RReLU, ELU, CELU, SELU, GELU,
-    SiLU, Mish, Hardswish, Sigmoid, Tanh, Hardsigmoid, Hardtanh, or ``layer_types``), and on pooling layers with
-    ``pooling=True``. For models that call ``F.relu`` inside ``forward``, ``watch="pre_activations"`` watches
+    SiLU, Mish, Hardswish, Softplus, Sigmoid, Tanh, Hardsigmoid, Hardtanh, or ``layer_types``), and on pooling
+    layers with ``pooling=True``; and, with ``functional=True`` (the default), the same activations applied as
+    functions in ``forward`` (``F.relu``, ``F.gelu``, ``F.silu``, ``torch.sigmoid``, ``x.relu()``...: what
+    ``nn.TransformerEncoderLayer`` and SwiGLU MLPs ``F.silu(gate(x)) * up(x)`` do), seen through a
+    ``TorchFunctionMode`` active only inside the model's forwards on sampled steps and named
+    ``<enclosing module>:<function>#<k>`` (``enc.layers.0:relu#0``: the ``k``-th call of that function in one
+    forward of the enclosing module; ``:relu#0`` in the root module's own forward). While the mode is active,
+    ``nn.TransformerEncoderLayer``'s fused inference path (``torch._transformer_encoder_layer_fwd``, taken in eval
+    mode without grad) is off, so validation passes are measured inside the layers too. Alternatively,
+    ``watch="pre_activations"`` watches
     convolution, linear and BatchNorm outputs instead and measures ``pre_activation_fn(output)`` (``torch.relu``);
     a conv/linear feeding a BatchNorm directly is dropped in favour of the BatchNorm, and a layer not followed by
     the activation (e.g. the classifier head) should be left out with ``exclude``. ``include``/``exclude`` are
@@ -67,7 +76,13 @@ class ActivationMonitor(MonitorCallback):
     **Channels** are dim 1 of conv-shaped ``(N, C, *spatial)`` outputs and the last dim of ``(N, *, F)`` outputs
     of linear layers (for ``(N, F)`` both are the same). With ``channel_dim="auto"``, an activation whose input is
     the output of ``nn.Linear``, ``nn.LayerNorm`` or ``nn.Embedding`` (seen in the first measured forward) uses the
-    last dim; ``channel_dim=1`` or ``-1`` fixes it.
+    last dim; ``channel_dim=1`` or ``-1`` fixes it. That input is followed through shape-keeping operations
+    (``act(fc(x) * 0.5)``), so sequences of any length keep one layout per site, every position counted.
+
+    **Padding.** A batch that is a mapping with a ``"token_mask"`` entry, or a LightningModule method
+    ``deadunits_token_mask(batch)`` returning one, gives a boolean mask (``True`` for real tokens, ``(N, T)`` for
+    ``(N, T, F)`` activations): channels-last sites count the real positions only (one host sync per site on
+    measured batches).
 
     **Statistics.** A value is *near zero* when ``|x| <= eps``. Default ``eps``: exactly 0 for ReLU, ReLU6 and
     pooling (and pre-activations through ``torch.relu``); ``1e-6`` for LeakyReLU, PReLU, ELU, GELU, SiLU,
@@ -136,6 +151,8 @@ class ActivationMonitor(MonitorCallback):
             ``None``: ``torch.relu``).
         pooling: also watch pooling layers (max, average, adaptive, LP).
         channel_dim: ``"auto"``, ``1`` or ``-1``.
+        functional: also watch activation functions called in ``forward`` (``F.relu``, ``F.gelu``, ``F.silu``...;
+            activation mode only).
         on_validation: also measure each validation pass.
         log_histograms: write per-channel zero-fraction histograms (TensorBoard only).
         log_images: write the per-channel band charts (TensorBoard only).
@@ -177,6 +194,7 @@ class ActivationMonitor(MonitorCallback):
         pre_activation_fn: Callable[[Tensor], Tensor] | None = None,
         pooling: bool = False,
         channel_dim: ChannelDim = "auto",
+        functional: bool = True,
         on_validation: bool = False,
         log_histograms: bool = True,
         log_images: bool = True,
@@ -224,6 +242,7 @@ class ActivationMonitor(MonitorCallback):
             watch=self.watch,
             pre_activation_fn=self.pre_activation_fn if self.watch == "pre_activations" else None,
             channel_dim=self.channel_dim,
+            functional=check_bool("functional", functional),
         )
         self.stats = ActivationStats()
         self.sampled = schedules.every_n_steps(self.every_n_steps)
@@ -237,6 +256,7 @@ class ActivationMonitor(MonitorCallback):
         self._last_sample_step: int | None = None
         self._samples_in_period = 0
         self._validation_stats: ActivationStats | None = None
+        self._warned_empty = False
 
     @property
     @override
@@ -262,15 +282,21 @@ class ActivationMonitor(MonitorCallback):
             advice="Use DDP or FSDP, or drop `ActivationMonitor` (in `DeadUnits`: `activations=False`).",
         )
         self.probe.attach(pl_module)
-        if not self.probe.modules:
-            warnings.warn(
-                f"`ActivationMonitor` found no module to watch in {type(pl_module).__name__} (types "
-                f"{[t.__name__ for t in self.layer_types]}, include={list(self.include)}, "
-                f"exclude={list(self.exclude)}); it will log nothing. Models that call F.relu in forward need "
-                f'watch="pre_activations".',
-                DeadUnitsWarning,
-                stacklevel=2,
-            )
+        self._warned_empty = False
+        if not self.probe.watching:
+            self._warn_nothing_watched(pl_module)
+
+    def _warn_nothing_watched(self, pl_module: "pl.LightningModule") -> None:
+        self._warned_empty = True
+        functions = ", nor an activation function called in a forward" if self.probe.functional else ""
+        warnings.warn(
+            f"`ActivationMonitor` found no module to watch in {type(pl_module).__name__} (types "
+            f"{[t.__name__ for t in self.layer_types]}, include={list(self.include)}, "
+            f"exclude={list(self.exclude)}){functions}; it will log nothing. Models that apply their activation in "
+            f'a way neither hooks nor torch functions can see need watch="pre_activations".',
+            DeadUnitsWarning,
+            stacklevel=2,
+        )
 
     @property
     def channel_ranges(self) -> dict[str, list[tuple[int, Tensor, Tensor]]]:
@@ -282,7 +308,7 @@ class ActivationMonitor(MonitorCallback):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if not self.probe.modules or not self.sampled(step):
+        if not self.probe.watching or not self.sampled(step):
             return
         if self._sample_step != step:
             if self._sample_step is not None:
@@ -291,6 +317,7 @@ class ActivationMonitor(MonitorCallback):
             self.stats.begin_sample()
             self.reattach(pl_module, self.probe.modules, self.probe.attach)
         self.probe.start(self.stats)
+        self.probe.token_mask = find_token_mask(pl_module, batch)
 
     @override
     def on_train_batch_end(
@@ -299,6 +326,8 @@ class ActivationMonitor(MonitorCallback):
         if self._sample_step is None:
             return
         self.probe.stop()
+        if self.probe.found_nothing and not self._warned_empty:
+            self._warn_nothing_watched(pl_module)
         if trainer.global_step != self._sample_step:
             self._end_sample(trainer)
 
@@ -313,11 +342,23 @@ class ActivationMonitor(MonitorCallback):
     @override
     def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self.probe.stop()
-        if not self.on_validation or trainer.sanity_checking or not self.probe.modules:
+        if not self.on_validation or trainer.sanity_checking or not self.probe.watching:
             return
         self._validation_stats = ActivationStats()
         self._validation_stats.begin_sample()
         self.probe.start(self._validation_stats)
+
+    @override
+    def on_validation_batch_start(
+        self,
+        trainer: "pl.Trainer",
+        pl_module: "pl.LightningModule",
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._validation_stats is not None:
+            self.probe.token_mask = find_token_mask(pl_module, batch)
 
     @override
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

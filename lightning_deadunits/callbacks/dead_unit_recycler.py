@@ -14,7 +14,13 @@ from typing_extensions import override
 from lightning_deadunits._strategies import reject_sharded_strategy
 from lightning_deadunits._validation import check_bool, check_float, check_int, check_strings
 from lightning_deadunits.actions.alarm_handler import AlarmAction
-from lightning_deadunits.actions.recycle import RECYCLABLE_TYPES, cap_units, recycle_seed, recycle_units
+from lightning_deadunits.actions.recycle import (
+    RECYCLABLE_TYPES,
+    cap_units,
+    mixing_refusal,
+    recycle_seed,
+    recycle_units,
+)
 from lightning_deadunits.callbacks.monitor import MonitorCallback
 from lightning_deadunits.probes.module_kinds import unit_count
 from lightning_deadunits.probes.selection import ModuleSelector
@@ -47,7 +53,10 @@ class DeadUnitRecycler(MonitorCallback):
     small layers are recycled too; chosen at random among the flagged) are recycled with
     :func:`~lightning_deadunits.actions.recycle.recycle_units`: incoming weights and bias redrawn from the layer's
     own initialisation, outgoing weights zeroed in the layers that read them (found from data flow), per-unit
-    BatchNorm entries reset, and the optimizer state of exactly those entries zeroed. A layer whose readers are not
+    BatchNorm entries reset, and the optimizer state of exactly those entries zeroed. A layer whose units pass
+    through a normalisation spanning several units (``nn.LayerNorm`` over them, ``nn.GroupNorm`` with more than one
+    channel per group) is never recycled: fresh weights would change that layer's statistics and so every other
+    unit; the refusal is noted once, saying so. A layer whose readers are not
     found (read through a functional op, or the logits) is not recycled unless ``require_consumer=False`` (then its
     outgoing weights are left as they are); either case is noted once. At the next check that reports on a layer,
     the recycled units that are not flagged again count as ``still_alive``.
@@ -283,6 +292,10 @@ class DeadUnitRecycler(MonitorCallback):
                     f"{'does not recycle' if self.require_consumer else 'leaves the outgoing weights of'} {name!r}: "
                     "no layer reading its units through elementwise, normalisation or pooling modules only was found",
                 )
+            mixers = self.tracer.mixers.get(name, [])
+            if recycled and mixers:
+                recycled = 0
+                self._note(trainer, mixing_refusal(name, [(mixer, self._modules[mixer]) for mixer in mixers]))
             readings[self.key(name, "flagged")] = flagged[name]
             readings[self.key(name, "recycled")] = float(recycled)
             if recycled == 0:

@@ -22,6 +22,14 @@ from lightning_deadunits.triggers.rule import Rule
 __all__ = ["KernelNormMonitor"]
 
 _MAX_HISTORY = 1000
+_EMBEDDING = "embedding"
+# readings whose rows are not the output units of a module of that name: no recycler may act on them
+_NOT_UNITS = ("batchnorm", "attention", "recurrent", _EMBEDDING)
+_TOKEN_STATS = ("filters", "dead", "dead_frac", "newly_dead", "revived")
+
+
+def _tokens(stat: str) -> str:
+    return "tokens" if stat == "filters" else stat
 
 
 class KernelNormMonitor(MonitorCallback):
@@ -47,18 +55,30 @@ class KernelNormMonitor(MonitorCallback):
 
     Logged keys (``<p>`` is ``prefix``, ``<layer>`` the module name):
 
-    =====================================  ==========================================================
-    ``<p>/kernels/<layer>/dead_abs``       filters with L1 below ``abs_threshold``
-    ``<p>/kernels/<layer>/dead_rel``       filters with L1 below ``rel_threshold`` x layer median
-    ``<p>/kernels/<layer>/dead_bn``        channels whose paired BatchNorm gamma is ~0 (paired layers only)
-    ``<p>/kernels/<layer>/dead``           filters dead by any rule
-    ``<p>/kernels/<layer>/dead_frac``      ``dead`` / filters
-    ``<p>/kernels/<layer>/norm_median``    median per-filter L1
-    ``<p>/kernels/<layer>/newly_dead``     filters dead now and alive at the previous check
-    ``<p>/kernels/<layer>/revived``        filters alive now and dead at the previous check
-    ``<p>/kernels/total/<stat>``           the sums of the above over layers (``dead_abs``, ``dead_rel``,
-                                           ``dead_bn``, ``dead``, ``newly_dead``, ``revived``, ``filters``)
-    =====================================  ==========================================================
+    =======================================  ==========================================================
+    ``<p>/kernels/<layer>/dead_abs``         filters with L1 below ``abs_threshold``
+    ``<p>/kernels/<layer>/dead_rel``         filters with L1 below ``rel_threshold`` x layer median
+    ``<p>/kernels/<layer>/dead_bn``          channels whose paired BatchNorm gamma is ~0 (paired layers only)
+    ``<p>/kernels/<layer>/dead``             filters dead by any rule
+    ``<p>/kernels/<layer>/dead_frac``        ``dead`` / filters
+    ``<p>/kernels/<layer>/norm_median``      median per-filter L1
+    ``<p>/kernels/<layer>/newly_dead``       filters dead now and alive at the previous check
+    ``<p>/kernels/<layer>/revived``          filters alive now and dead at the previous check
+    ``<p>/kernels/total/<stat>``             the sums of the above over layers (``dead_abs``, ``dead_rel``,
+                                             ``dead_bn``, ``dead``, ``newly_dead``, ``revived``, ``filters``),
+                                             embeddings excepted
+    ``<p>/kernels/total_embedding/<stat>``   the same sums over ``nn.Embedding`` tables: ``tokens``, ``dead``
+                                             (dead tokens), ``dead_frac``, ``newly_dead``, ``revived``
+    =======================================  ==========================================================
+
+    **Attention, recurrent and embedding layers.** ``nn.MultiheadAttention``'s packed query/key/value rows are
+    read per projection and head, as layers named ``<module>.in_proj.<q|k|v>.head<h>`` (its ``out_proj`` is an
+    ``nn.Linear``, watched as such; separate q/k/v ``nn.Linear`` layers are watched as they are); LSTM, GRU and RNN
+    weights per layer, direction and gate, as ``<module>.l<k>[_reverse].gate_<g>`` (LSTM gates ``i, f, g, o``, GRU
+    ``r, z, n``; a row holds the unit's input and hidden-state weights). ``nn.Embedding`` rows are tokens: a row is
+    dead when its L1 is below ``abs_threshold`` (the relative rule would flag rare tokens; the ``padding_idx`` row
+    never counts), logged per table under the table's name and summed apart, under ``<p>/kernels/total_embedding/``,
+    never into the filter totals.
 
     With a TensorBoard logger it also writes a custom-scalars layout (totals, and one panel per layer kind),
     per-layer histograms of filter L1 norms (``<p>/kernels/<layer>/l1``), a bar chart of dead filters against
@@ -253,7 +273,11 @@ class KernelNormMonitor(MonitorCallback):
         self.checks_done += 1
         if not layers:
             return {}
-        counts, totals = self.tracker.count(layers, step)
+        embeddings = [layer for layer in layers if layer.kind == _EMBEDDING]
+        layers = [layer for layer in layers if layer.kind != _EMBEDDING] + embeddings
+        counts, totals = self.tracker.count(layers[: len(layers) - len(embeddings)], step)
+        token_counts, token_totals = self.tracker.count(embeddings, step)
+        counts += token_counts
         scalars = {
             self.key(layer.name, stat): value
             for layer, layer_counts in zip(layers, counts, strict=True)
@@ -261,10 +285,17 @@ class KernelNormMonitor(MonitorCallback):
             if stat != "filters"
         }
         scalars.update({self.key("total", stat): value for stat, value in totals.items()})
+        scalars.update(
+            {
+                self.key("total_embedding", _tokens(stat)): value
+                for stat, value in token_totals.items()
+                if stat in _TOKEN_STATS
+            }
+        )
         self.history.append({"step": float(step), **{stat: totals[stat] for stat in ("dead_abs", "dead_rel", "dead")}})
         del self.history[:-_MAX_HISTORY]
         dead_counts = {layer.name: layer_counts["dead"] for layer, layer_counts in zip(layers, counts, strict=True)}
-        dead_masks = {layer.name: layer.dead for layer in layers if layer.kind != "batchnorm"}
+        dead_masks = {layer.name: layer.dead for layer in layers if layer.kind not in _NOT_UNITS}
         self.publish(trainer, self.reading(step, scalars, dead_counts=dead_counts, dead_masks=dead_masks))
         groups: dict[str, list[str]] = {}
         for layer in layers:

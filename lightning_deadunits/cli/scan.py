@@ -16,7 +16,7 @@ from typing import Any
 from torch import Tensor
 
 from lightning_deadunits._validation import check_float
-from lightning_deadunits.checkpoints import Checkpoint, CheckpointFormat
+from lightning_deadunits.checkpoints import Checkpoint, CheckpointFormat, looks_like_embedding
 from lightning_deadunits.cli._table import print_table
 from lightning_deadunits.functional.kernels import (
     LayerKind,
@@ -26,6 +26,7 @@ from lightning_deadunits.functional.kernels import (
 )
 
 __all__ = [
+    "EmbeddingScan",
     "LayerScan",
     "add_threshold_arguments",
     "print_json_report",
@@ -83,8 +84,30 @@ class LayerScan:
     kind_from_shape: bool
 
 
+@dataclass(frozen=True)
+class EmbeddingScan:
+    """Dead-token counts of one saved embedding table (see
+    :func:`~lightning_deadunits.checkpoints.looks_like_embedding`): kept apart from the filter totals, since its
+    rows are tokens, not filters (padding and rare tokens are small by design).
+
+    Attributes:
+        name: the table's name (its weight's key without ``.weight``).
+        tokens: rows.
+        dead: rows with L1 below the absolute threshold (the relative rule would flag rare tokens).
+        norm_median: the table's median per-row L1.
+    """  # noqa: D205
+
+    name: str
+    tokens: int
+    dead: int
+    norm_median: float
+
+
 def scan_file(
-    path: str | Path, abs_threshold: float = 1e-6, rel_threshold: float = 0.1
+    path: str | Path,
+    abs_threshold: float = 1e-6,
+    rel_threshold: float = 0.1,
+    embeddings: list[EmbeddingScan] | None = None,
 ) -> tuple[CheckpointFormat, list[LayerScan]]:
     """Count dead kernels in every convolution and linear weight saved in ``path``.
 
@@ -93,6 +116,7 @@ def scan_file(
             safetensors shards.
         abs_threshold: absolute L1 threshold (>= 0), as in :class:`~lightning_deadunits.KernelNormMonitor`.
         rel_threshold: fraction of the layer's median L1, in [0, 1].
+        embeddings: where to append an :class:`EmbeddingScan` per embedding table (never among the layers).
 
     Returns:
         The file's format and one :class:`LayerScan` per layer, in file order.
@@ -106,12 +130,15 @@ def scan_file(
         >>> sum(layer.dead for layer in layers)  # doctest: +SKIP
         12
     """
-    file_format, scans = scan_checkpoint(path, abs_threshold, rel_threshold)
+    file_format, scans = scan_checkpoint(path, abs_threshold, rel_threshold, embeddings)
     return file_format, [layer for layer, _ in scans]
 
 
 def scan_checkpoint(
-    path: str | Path, abs_threshold: float = 1e-6, rel_threshold: float = 0.1
+    path: str | Path,
+    abs_threshold: float = 1e-6,
+    rel_threshold: float = 0.1,
+    embeddings: list[EmbeddingScan] | None = None,
 ) -> tuple[CheckpointFormat, Iterator[tuple[LayerScan, Tensor]]]:
     """Open ``path`` and scan its layers lazily, one weight at a time, each with its per-filter dead mask.
 
@@ -124,6 +151,8 @@ def scan_checkpoint(
         path: the file, or a directory of safetensors shards.
         abs_threshold: absolute L1 threshold (>= 0).
         rel_threshold: fraction of the layer's median L1, in [0, 1].
+        embeddings: where to append an :class:`EmbeddingScan` per embedding table met while iterating; embedding
+            tables are never yielded as layers.
 
     Returns:
         The file's format, and an iterator of ``(LayerScan, dead)`` per layer in file order, where ``dead`` is a
@@ -141,7 +170,7 @@ def scan_checkpoint(
     abs_threshold = check_float("abs_threshold", abs_threshold, minimum=0.0)
     rel_threshold = check_float("rel_threshold", rel_threshold, minimum=0.0, maximum=1.0)
     checkpoint = Checkpoint(path)
-    return checkpoint.format, _scanned_layers(checkpoint, abs_threshold, rel_threshold)
+    return checkpoint.format, _scanned_layers(checkpoint, abs_threshold, rel_threshold, embeddings)
 
 
 def register(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -174,38 +203,48 @@ def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def print_json_report(
-    files: Mapping[str, Any], args: argparse.Namespace, layers: Sequence[Any], total: Mapping[str, int]
+    files: Mapping[str, Any],
+    args: argparse.Namespace,
+    layers: Sequence[Any],
+    total: Mapping[str, int],
+    sections: Mapping[str, Any] | None = None,
 ) -> None:
-    """Print ``{**files, abs_threshold, rel_threshold, layers, total}`` as JSON (``scan --json``, ``diff --json``).
+    """Print ``{**files, abs_threshold, rel_threshold, layers, total, **sections}`` as JSON (``scan --json``,
+    ``diff --json``).
 
     Args:
         files: what was read (``path`` and ``format``, or one such mapping per file).
         args: the parsed command line, with ``abs_threshold`` and ``rel_threshold``.
         layers: one dataclass per layer.
         total: sums over the layers.
-    """
+        sections: more top-level entries (``scan``: ``embeddings`` and ``embedding_total``).
+    """  # noqa: D205
     report = {
         **files,
         "abs_threshold": args.abs_threshold,
         "rel_threshold": args.rel_threshold,
         "layers": [asdict(layer) for layer in layers],
         "total": total,
+        **(sections or {}),
     }
     print(json.dumps(report, indent=2))
 
 
 def run(args: argparse.Namespace) -> int:
     """Scan ``args.path`` and print the table or JSON; return 0, or 2 when the file or a threshold is bad."""
+    embeddings: list[EmbeddingScan] = []
     try:
-        file_format, layers = scan_file(args.path, args.abs_threshold, args.rel_threshold)
+        file_format, layers = scan_file(args.path, args.abs_threshold, args.rel_threshold, embeddings)
     except ValueError as error:
         print(f"deadunits scan: error: {error}", file=sys.stderr)
         return 2
     total = {
         stat: sum(getattr(layer, stat) for layer in layers) for stat in ("filters", "dead_abs", "dead_rel", "dead")
     }
+    embedding_total = {stat: sum(getattr(table, stat) for table in embeddings) for stat in ("tokens", "dead")}
     if args.json:
-        print_json_report({"path": str(args.path), "format": file_format}, args, layers, total)
+        sections = {"embeddings": [asdict(table) for table in embeddings], "embedding_total": embedding_total}
+        print_json_report({"path": str(args.path), "format": file_format}, args, layers, total, sections)
         return 0
     rows = [
         [
@@ -226,17 +265,32 @@ def run(args: argparse.Namespace) -> int:
         rows,
         footer=_SHAPE_NOTE if any(layer.kind_from_shape for layer in layers) else None,
     )
+    if embeddings:
+        rows = [[table.name, str(table.tokens), str(table.dead), f"{table.norm_median:.4g}"] for table in embeddings]
+        rows.append(["total", str(embedding_total["tokens"]), str(embedding_total["dead"]), ""])
+        print_table(
+            f"embeddings (not in the filter totals): dead tokens when row L1 < {args.abs_threshold:g}",
+            ["table", "tokens", "dead", "median L1"],
+            rows,
+        )
     return 0
 
 
 def _scanned_layers(
-    checkpoint: Checkpoint, abs_threshold: float, rel_threshold: float
+    checkpoint: Checkpoint, abs_threshold: float, rel_threshold: float, embeddings: list[EmbeddingScan] | None
 ) -> Iterator[tuple[LayerScan, Tensor]]:
     found = False
     with _progress(checkpoint) as advance:
         for name, weight, groups, transposed, kind_from_file in checkpoint.weights():
             l1 = blockwise_filter_l1(weight, groups or 1, transposed)
             dead_abs, dead_rel, layer_median = dead_kernel_masks(l1, abs_threshold, rel_threshold)
+            if looks_like_embedding(name, tuple(weight.shape)):
+                advance(weight.nbytes)
+                del weight
+                found = True
+                if embeddings is not None:
+                    embeddings.append(EmbeddingScan(name, l1.numel(), int(dead_abs.sum()), float(layer_median)))
+                continue
             layer = LayerScan(
                 name=name,
                 kind=weight_kind(weight.shape, groups, transposed),

@@ -9,12 +9,14 @@ from lightning_deadunits.functional.activations import (
 )
 from lightning_deadunits.functional.kernels import (
     LayerKind,
+    attention_head_blocks,
     dead_kernel_masks,
     filter_heatmaps,
     filter_matrix,
     kernel_norms,
     layer_kind,
     median,
+    recurrent_gate_blocks,
     weight_filter_norms,
     weight_kind,
 )
@@ -26,6 +28,7 @@ __all__ = [
     "ChannelStats",
     "LayerKind",
     "WarmupShape",
+    "attention_head_blocks",
     "channel_stats",
     "dead_kernel_masks",
     "dormant_channels",
@@ -36,6 +39,7 @@ __all__ = [
     "median",
     "moments",
     "ramp",
+    "recurrent_gate_blocks",
     "reduction_dims",
     "rewarm_factor",
     "robust_baseline",

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "LayerKind",
+    "attention_head_blocks",
     "blockwise_filter_l1",
     "dead_kernel_masks",
     "filter_heatmaps",
@@ -17,6 +18,7 @@ __all__ = [
     "kernel_norms",
     "layer_kind",
     "median",
+    "recurrent_gate_blocks",
     "sorted_quantile",
     "weight_filter_norms",
     "weight_kind",
@@ -243,3 +245,58 @@ def blockwise_filter_l1(
             torch.linalg.vector_norm(values, ord=1, dim=filter_dims, out=l1[start : start + block.shape[0]])
             start += block.shape[0]
     return l1
+
+
+def attention_head_blocks(module: nn.MultiheadAttention) -> dict[str, Tensor]:
+    """The input-projection rows of a ``nn.MultiheadAttention``, one ``(head_dim, fan_in)`` block per projection
+    and head, named ``"in_proj.<q|k|v>.head<h>"``.
+
+    The rows come from the packed ``in_proj_weight`` (query, key and value blocks stacked, in that order) or from
+    the separate ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` used when ``kdim``/``vdim`` differ from
+    ``embed_dim``; head ``h`` owns rows ``h * head_dim`` to ``(h + 1) * head_dim`` of each projection. The blocks are
+    views of the weights (detach before any in-place use).
+
+    Example:
+        >>> blocks = attention_head_blocks(nn.MultiheadAttention(8, 2))
+        >>> list(blocks), tuple(blocks["in_proj.k.head1"].shape)
+        (['in_proj.q.head0', 'in_proj.q.head1', 'in_proj.k.head0', 'in_proj.k.head1', 'in_proj.v.head0', \
+'in_proj.v.head1'], (4, 8))
+    """  # noqa: D205
+    packed = module.in_proj_weight
+    if packed is not None:
+        projections = dict(zip("qkv", packed.chunk(3), strict=True))
+    else:
+        projections = {"q": module.q_proj_weight, "k": module.k_proj_weight, "v": module.v_proj_weight}
+    return {
+        f"in_proj.{projection}.head{head}": rows
+        for projection, weight in projections.items()
+        for head, rows in enumerate(weight.chunk(module.num_heads))
+    }
+
+
+_GATES = {"LSTM": "ifgo", "GRU": "rzn"}
+
+
+def recurrent_gate_blocks(module: nn.RNNBase) -> dict[str, Tensor]:
+    """The incoming weights of each gate of an ``nn.LSTM`` or ``nn.GRU`` (one ``(hidden, in + hidden)`` block of
+    ``[weight_ih | weight_hh]`` rows per layer, direction and gate), named ``"l<k>[_reverse].gate_<g>"``.
+
+    PyTorch stacks the gate rows of ``weight_ih_l<k>`` and ``weight_hh_l<k>`` as ``i, f, g, o`` (LSTM) and
+    ``r, z, n`` (GRU); a unit of a gate reads both the layer's input and the hidden state, so its row is the two
+    rows side by side. A plain ``nn.RNN`` has one gate, ``h``. LSTM projections (``proj_size``) are left out.
+
+    Example:
+        >>> blocks = recurrent_gate_blocks(nn.GRU(3, 4, bidirectional=True))
+        >>> list(blocks)[:4], tuple(blocks["l0.gate_z"].shape)
+        (['l0.gate_r', 'l0.gate_z', 'l0.gate_n', 'l0_reverse.gate_r'], (4, 7))
+    """  # noqa: D205
+    gates = _GATES.get(module.mode, "h")
+    blocks: dict[str, Tensor] = {}
+    for layer in range(module.num_layers):
+        for suffix in ("", "_reverse")[: 2 if module.bidirectional else 1]:
+            weight_ih = getattr(module, f"weight_ih_l{layer}{suffix}")
+            weight_hh = getattr(module, f"weight_hh_l{layer}{suffix}")
+            rows = torch.cat([weight_ih.detach(), weight_hh.detach()], dim=1)
+            for gate, block in zip(gates, rows.chunk(len(gates)), strict=True):
+                blocks[f"l{layer}{suffix}.gate_{gate}"] = block
+    return blocks

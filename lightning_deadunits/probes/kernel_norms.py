@@ -1,4 +1,7 @@
-"""What the kernel-norm monitor measures: per-filter norms of the watched layers and BatchNorm gammas."""
+"""What the kernel-norm monitor measures: per-filter norms of layers, heads, gates and BatchNorms; per-token norms.
+
+Packed attention and recurrent weights are read per head and per gate; embeddings per token row.
+"""
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -9,13 +12,23 @@ from torch import Tensor, nn
 
 from lightning_deadunits.functional.kernels import (
     LayerKind,
+    attention_head_blocks,
     dead_kernel_masks,
     kernel_norms,
     layer_kind,
     median,
+    recurrent_gate_blocks,
+    weight_filter_norms,
 )
 from lightning_deadunits.metrics.activation_stats import CallSite
-from lightning_deadunits.probes.module_kinds import BATCHNORM_TYPES, DEFAULT_KERNEL_TYPES, unit_count
+from lightning_deadunits.probes.module_kinds import (
+    ATTENTION_TYPES,
+    BATCHNORM_TYPES,
+    DEFAULT_KERNEL_TYPES,
+    EMBEDDING_TYPES,
+    RECURRENT_TYPES,
+    unit_count,
+)
 from lightning_deadunits.probes.selection import ModuleSelector
 from lightning_deadunits.probes.tracing import ForwardTracer
 
@@ -29,7 +42,8 @@ class LayerKernels:
 
     Attributes:
         name: the module name.
-        kind: ``conv``, ``depthwise``, ``grouped``, ``transpose`` or ``linear``.
+        kind: ``conv``, ``depthwise``, ``grouped``, ``transpose``, ``linear``, ``batchnorm``, ``attention`` (one
+            projection of one head), ``recurrent`` (one gate) or ``embedding`` (one row per token).
         l1: per-filter L1 norms (float32).
         l2: per-filter L2 norms (float32).
         norm_median: the median of ``l1``.
@@ -62,6 +76,12 @@ class KernelNormProbe:
     anything else (an activation, a sum, a layer that is not watched) stays unpaired and is reported under its own
     name; a layer with no BatchNorm after it has no ``dead_bn`` reading.
 
+    Packed weights are read per block: ``nn.MultiheadAttention``'s query, key and value rows per head as
+    ``<module>.in_proj.<q|k|v>.head<h>`` (kind ``attention``), ``nn.LSTM``/``nn.GRU``/``nn.RNN`` rows per layer,
+    direction and gate as ``<module>.l<k>[_reverse].gate_<g>`` (kind ``recurrent``, each row ``[w_ih | w_hh]``), and
+    ``nn.Embedding`` tables per token row (kind ``embedding``: a row is dead only by the absolute rule, since rare
+    tokens are legitimately small, and the ``padding_idx`` row, zero by design, never is).
+
     Args:
         include: module-name globs to watch (empty: all).
         exclude: module-name globs to skip.
@@ -82,6 +102,8 @@ class KernelNormProbe:
     ) -> None:
         self._selector = ModuleSelector(layer_types, include, exclude)
         self._bn_selector = ModuleSelector(BATCHNORM_TYPES, include, exclude)
+        self._packed_selector = ModuleSelector((*ATTENTION_TYPES, *RECURRENT_TYPES, *EMBEDDING_TYPES), include, exclude)
+        self.packed: dict[str, nn.Module] = {}
         self.layers: dict[str, nn.Module] = {}
         self.kinds: dict[str, LayerKind] = {}
         self.batchnorms: dict[str, nn.Module] = {}
@@ -101,6 +123,7 @@ class KernelNormProbe:
             name: module for name, module in self._bn_selector.select(model) if getattr(module, "affine", False)
         }
         self.bn_to_layer = {bn: layer for bn, layer in self.bn_to_layer.items() if bn in self.batchnorms}
+        self.packed = dict(self._packed_selector.select(model))
         self._tracer.attach(model, {**self.layers, **self.batchnorms})
 
     @property
@@ -147,7 +170,32 @@ class KernelNormProbe:
             readings.append(
                 LayerKernels(name, "batchnorm", gamma, gamma, median(gamma), never, never, gamma < bn_threshold)
             )
+        for name, module in self.packed.items():
+            readings.extend(self._read_packed(name, module, abs_threshold, rel_threshold))
         return self.attribute(readings)
+
+    @staticmethod
+    def _read_packed(name: str, module: nn.Module, abs_threshold: float, rel_threshold: float) -> list[LayerKernels]:
+        if isinstance(module, EMBEDDING_TYPES):
+            weight: Tensor = module.weight  # type: ignore[assignment]
+            l1, l2 = weight_filter_norms(weight)
+            dead_abs = l1 < abs_threshold
+            padding = getattr(module, "padding_idx", None)
+            if padding is not None:
+                dead_abs[padding] = False
+            never = torch.zeros_like(dead_abs)
+            return [LayerKernels(name, "embedding", l1, l2, median(l1), dead_abs, never, None)]
+        kind, blocks = (
+            ("attention", attention_head_blocks(module))  # type: ignore[arg-type]
+            if isinstance(module, ATTENTION_TYPES)
+            else ("recurrent", recurrent_gate_blocks(module))  # type: ignore[arg-type]
+        )
+        readings = []
+        for block_name, rows in blocks.items():
+            l1, l2 = weight_filter_norms(rows)
+            dead_abs, dead_rel, block_median = dead_kernel_masks(l1, abs_threshold, rel_threshold)
+            readings.append(LayerKernels(f"{name}.{block_name}", kind, l1, l2, block_median, dead_abs, dead_rel, None))
+        return readings
 
     def attribute(self, readings: list[LayerKernels]) -> list[LayerKernels]:
         """Move the ``dead_bn`` mask of every paired BatchNorm reading onto the layer that feeds it.

@@ -7,15 +7,19 @@ Each kind is a tuple of classes for ``isinstance`` (subclasses count). Private b
 from torch import nn
 
 __all__ = [
+    "ATTENTION_TYPES",
     "BATCHNORM_TYPES",
     "CHANNELS_LAST_TYPES",
     "DEFAULT_ACTIVATION_TYPES",
     "DEFAULT_KERNEL_TYPES",
     "ELEMENTWISE_TYPES",
+    "EMBEDDING_TYPES",
+    "FUNCTIONAL_ACTIVATIONS",
     "NORMALIZATION_TYPES",
     "NORM_UNIT_ENTRIES",
     "POOLING_TYPES",
     "PRE_ACTIVATION_TYPES",
+    "RECURRENT_TYPES",
     "unit_count",
 ]
 
@@ -32,12 +36,35 @@ DEFAULT_ACTIVATION_TYPES: tuple[type, ...] = (
     nn.SiLU,
     nn.Mish,
     nn.Hardswish,
+    nn.Softplus,
     nn.Sigmoid,
     nn.Tanh,
     nn.Hardsigmoid,
     nn.Hardtanh,
 )
 """Activation modules: what the activation monitor watches by default."""
+
+FUNCTIONAL_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    **{name: nn.ReLU for name in ("relu", "relu_")},
+    "relu6": nn.ReLU6,
+    **{name: nn.LeakyReLU for name in ("leaky_relu", "leaky_relu_")},
+    "prelu": nn.PReLU,
+    **{name: nn.RReLU for name in ("rrelu", "rrelu_")},
+    **{name: nn.ELU for name in ("elu", "elu_")},
+    **{name: nn.CELU for name in ("celu", "celu_")},
+    **{name: nn.SELU for name in ("selu", "selu_")},
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "mish": nn.Mish,
+    "hardswish": nn.Hardswish,
+    "softplus": nn.Softplus,
+    **{name: nn.Sigmoid for name in ("sigmoid", "sigmoid_")},
+    **{name: nn.Tanh for name in ("tanh", "tanh_")},
+    "hardsigmoid": nn.Hardsigmoid,
+    **{name: nn.Hardtanh for name in ("hardtanh", "hardtanh_")},
+}
+"""Activation functions by ``__name__`` (``F.relu``, ``torch.relu``, ``Tensor.relu_``...), each with the module
+type that applies it: its kind (tolerance, sign) is that module's. The site name drops a trailing ``_``."""
 
 POOLING_TYPES: tuple[type, ...] = (
     nn.modules.pooling._MaxPoolNd,
@@ -50,6 +77,15 @@ POOLING_TYPES: tuple[type, ...] = (
 
 DEFAULT_KERNEL_TYPES: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear)
 """Kernel layers (convolutions, incl. transposed, and linear layers): what has per-filter norms and units."""
+
+ATTENTION_TYPES: tuple[type, ...] = (nn.MultiheadAttention,)
+"""Attention layers whose query/key/value projections are packed weights, not ``nn.Linear`` modules."""
+
+RECURRENT_TYPES: tuple[type, ...] = (nn.LSTM, nn.GRU, nn.RNN)
+"""Recurrent layers whose gates are row blocks of packed weights."""
+
+EMBEDDING_TYPES: tuple[type, ...] = (nn.Embedding,)
+"""Lookup tables: one row per token, read, not computed; dead rows are dead tokens, not dead filters."""
 
 BATCHNORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,)
 """BatchNorm of any dimensionality (not InstanceNorm, which shares its base ``_NormBase``)."""

@@ -14,7 +14,7 @@ from lightning_deadunits.probes.module_kinds import (
 )
 from lightning_deadunits.probes.tracing import ForwardTracer
 
-__all__ = ["UnitFlowTracer"]
+__all__ = ["UnitFlowTracer", "mixes_units"]
 
 Carrier = tuple[str, int]
 """``(layer, unit dim)``: the layer whose units a tensor carries, and on which dim."""
@@ -30,6 +30,9 @@ class UnitFlowTracer:
 
     - a watched convolution or linear layer whose input channels (features) are the units: a **consumer**;
     - a normalisation layer with one entry per unit: a **norm** of the layer;
+    - a normalisation layer whose statistics span several units (``nn.LayerNorm`` over the unit dim,
+      ``nn.GroupNorm`` with more than one channel per group; see :func:`mixes_units`): a **mixer** of the layer,
+      through which no unit can be changed without moving the others;
     - any module call passing the units through: a **site** named as
       :meth:`~lightning_deadunits.probes.activations.ActivationProbe.site_name` names it (``"<module>"``, or
       ``"<module>#<k>"`` when the module runs several times per forward of its parent), mapped to the layer. This
@@ -52,6 +55,7 @@ class UnitFlowTracer:
     def __init__(self) -> None:
         self.consumers: dict[str, list[str]] = {}
         self.norms: dict[str, list[str]] = {}
+        self.mixers: dict[str, list[str]] = {}
         self.sites: dict[str, str] = {}
         self.traced = False
         self._tracer: ForwardTracer[Carrier] = ForwardTracer(self._follow)
@@ -72,7 +76,7 @@ class UnitFlowTracer:
         """Attach the hooks that trace the next forward of ``model``; ``layers`` are the watched layers by name."""
         self.finish()
         self.traced = False
-        self.consumers, self.norms, self.sites = {}, {}, {}
+        self.consumers, self.norms, self.mixers, self.sites = {}, {}, {}, {}
         watched = {id(module) for module in layers.values()}
         # leaves are where data flow is seen; a watched layer with children is still a producer and a reader
         traced = {
@@ -97,12 +101,19 @@ class UnitFlowTracer:
 
     def state_dict(self) -> dict[str, Any]:
         """The traced flow, so a resumed run need not trace again."""
-        return {"consumers": self.consumers, "norms": self.norms, "sites": self.sites, "traced": self.traced}
+        return {
+            "consumers": self.consumers,
+            "norms": self.norms,
+            "mixers": self.mixers,
+            "sites": self.sites,
+            "traced": self.traced,
+        }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output."""
         self.consumers = {k: list(v) for k, v in state_dict.get("consumers", {}).items()}
         self.norms = {k: list(v) for k, v in state_dict.get("norms", {}).items()}
+        self.mixers = {k: list(v) for k, v in state_dict.get("mixers", {}).items()}
         self.sites = dict(state_dict.get("sites", {}))
         self.traced = bool(state_dict.get("traced", False))
 
@@ -126,6 +137,8 @@ class UnitFlowTracer:
         self._site_calls.append((site, layer))
         if _has_unit_entries(module, tensor, unit_dim) and name not in self.norms.get(layer, []):
             self.norms.setdefault(layer, []).append(name)
+        if mixes_units(module, tensor, unit_dim) and name not in self.mixers.get(layer, []):
+            self.mixers.setdefault(layer, []).append(name)
         return carrier
 
     def _note_consumer(self, name: str, module: nn.Module, tensor: Tensor, carrier: Carrier) -> None:
@@ -159,3 +172,26 @@ def _has_unit_entries(module: nn.Module, tensor: Tensor, unit_dim: int) -> bool:
         isinstance(getattr(module, name, None), Tensor) and getattr(module, name).shape == units
         for name in NORM_UNIT_ENTRIES
     )
+
+
+def mixes_units(module: nn.Module, tensor: Tensor, unit_dim: int) -> bool:
+    """Whether ``module`` normalises ``tensor`` with statistics taken over several units of ``unit_dim``.
+
+    ``nn.LayerNorm`` does when its normalised dims include the unit dim, ``nn.GroupNorm`` when a group holds more
+    than one channel (units on dim 1); BatchNorm and InstanceNorm take per-unit statistics and do not.
+
+    Example:
+        >>> import torch
+        >>> x = torch.zeros(2, 6, 4)
+        >>> mixes_units(nn.GroupNorm(3, 6), x, 1), mixes_units(nn.GroupNorm(6, 6), x, 1)
+        (True, False)
+        >>> mixes_units(nn.LayerNorm(4), x, 2), mixes_units(nn.BatchNorm1d(6), x, 1)
+        (True, False)
+    """
+    if tensor.dim() == 0 or tensor.shape[unit_dim] <= 1:
+        return False
+    if isinstance(module, nn.LayerNorm):
+        return unit_dim % tensor.dim() >= tensor.dim() - len(module.normalized_shape)
+    if isinstance(module, nn.GroupNorm):
+        return unit_dim == 1 and module.num_channels > module.num_groups
+    return False
