@@ -4,6 +4,7 @@ When Lightning or torch renames one of these, the test for it fails here rather 
 """
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -33,3 +34,12 @@ def logger_tags(logger: TensorBoardLogger, metrics: Mapping[str, float]) -> dict
 def tensorboard_file_writer(logger: TensorBoardLogger) -> Any:
     """The ``FileWriter`` behind the logger's ``SummaryWriter`` (to write many scalars as one event)."""
     return logger.experiment._get_file_writer()  # type: ignore[no-untyped-call]
+
+
+def distinct_symbolic_sizes() -> AbstractContextManager[Any]:
+    """Within it, ``torch.compile`` gives equal sizes of an input separate symbols (no "duck sizing": a kernel
+    compiled for a ``(32, 32, 256)`` tensor would else guard on its first two sizes being equal, and recompile for
+    ``(32, 64, 256)``). Costs ~70 us: enter it only where a compilation is expected."""
+    from torch.fx.experimental import _config
+
+    return _config.patch(use_duck_shape=False)  # type: ignore[no-any-return]

@@ -9,6 +9,7 @@ on GPU) once the process has measured :data:`COMPILE_AFTER_CALLS` tensors, so th
 compiler; until then, and wherever compiling is unavailable or fails, the exact eager passes run instead.
 """
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_deadunits._compat import distinct_symbolic_sizes
 from lightning_deadunits.errors import DeadUnitsWarning
 
 __all__ = [
@@ -213,9 +215,13 @@ class _FusedKernel:
         if threshold is None:
             # A tensor, not a float: a float argument would be a guard, and each eps a recompilation.
             threshold = self.thresholds[(grid.device, eps or 0.0)] = torch.tensor(eps or 0.0, device=grid.device)
+        # `.data`: not a view, whose base's shape and strides `torch.compile` would guard on (a recompilation per
+        # activation rank); distinct sizes only where a variant is new, since dynamo compiles nowhere else.
+        first_call = distinct_symbolic_sizes() if variant not in self.variants else contextlib.nullcontext()
         try:
             assert self.kernel is not None
-            rows, low, high = self.kernel(grid, threshold)
+            with first_call:
+                rows, low, high = self.kernel(grid.data, threshold)
         except Exception as error:  # noqa: BLE001  # the plugin must never fail a run for a compiler's sake
             self._give_up(error)
             return None
