@@ -43,3 +43,27 @@ def distinct_symbolic_sizes() -> AbstractContextManager[Any]:
     from torch.fx.experimental import _config
 
     return _config.patch(use_duck_shape=False)  # type: ignore[no-any-return]
+
+
+# numpy's legacy global generator (`np.random.*`) is an MT19937 whose C state begins with 624 uint32 words and a
+# position: those bytes change whenever it draws.
+_MT19937_STATE_BYTES = 624 * 4 + 4
+
+
+def numpy_generator_fingerprint() -> bytes | None:
+    """A raw copy (~1 us) of the MT19937 state behind ``np.random``'s global generator, or ``None`` if unreadable.
+
+    Equal fingerprints mean the generator has not drawn in between (a cached Gaussian consumed alone aside), so
+    a state taken at the first is still valid at the second.
+    """
+    try:
+        import ctypes
+
+        import numpy as np
+
+        generator = np.random.mtrand._rand._bit_generator
+        if type(generator).__name__ != "MT19937":
+            return None
+        return ctypes.string_at(generator.ctypes.state_address, _MT19937_STATE_BYTES)
+    except (AttributeError, ImportError, TypeError, ValueError):
+        return None
