@@ -26,6 +26,11 @@ def loss_scale(trainer: "pl.Trainer") -> Tensor | None:
     return scale if isinstance(scale, Tensor) else None
 
 
+def log_every_n_steps(trainer: "pl.Trainer") -> int:
+    """The trainer's ``log_every_n_steps`` (set on it by Lightning's logger connector, not a declared attribute)."""
+    return int(getattr(trainer, "log_every_n_steps", 50))
+
+
 def logger_tags(logger: TensorBoardLogger, metrics: Mapping[str, float]) -> dict[str, float]:
     """``metrics`` under the tags the logger's own ``log_metrics`` would write them (its ``prefix`` applied)."""
     return dict(_add_prefix(dict(metrics), logger._prefix, logger.LOGGER_JOIN_CHAR))  # type: ignore[arg-type]
@@ -37,12 +42,14 @@ def tensorboard_file_writer(logger: TensorBoardLogger) -> Any:
 
 
 def distinct_symbolic_sizes() -> AbstractContextManager[Any]:
-    """Within it, ``torch.compile`` gives equal sizes of an input separate symbols (no "duck sizing": a kernel
-    compiled for a ``(32, 32, 256)`` tensor would else guard on its first two sizes being equal, and recompile for
-    ``(32, 64, 256)``). Costs ~70 us: enter it only where a compilation is expected."""
+    """A context in which ``torch.compile`` gives equal sizes of an input separate symbols.
+
+    Without it ("duck sizing"), a kernel compiled for a ``(32, 32, 256)`` tensor guards on its first two sizes
+    being equal, and recompiles for ``(32, 64, 256)``. Costs ~70 us: enter it only where a compilation is expected.
+    """
     from torch.fx.experimental import _config
 
-    return _config.patch(use_duck_shape=False)  # type: ignore[no-any-return]
+    return _config.patch(use_duck_shape=False)  # type: ignore[attr-defined,no-any-return]
 
 
 # numpy's legacy global generator (`np.random.*`) is an MT19937 whose C state begins with 624 uint32 words and a

@@ -10,6 +10,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_deadunits import schedules
+from lightning_deadunits._compat import log_every_n_steps
 from lightning_deadunits._strategies import reject_sharded_strategy
 from lightning_deadunits._validation import (
     check_bool,
@@ -396,7 +397,7 @@ class ActivationMonitor(MonitorCallback):
     def _end_sample(self, trainer: "pl.Trainer") -> None:
         self._last_sample_step, self._sample_step = self._sample_step, None
         self._samples_in_period += 1
-        samples_per_log = self.log_every_n_samples or max(1, trainer.log_every_n_steps // self.every_n_steps)
+        samples_per_log = self.log_every_n_samples or max(1, log_every_n_steps(trainer) // self.every_n_steps)
         if self._samples_in_period >= samples_per_log and self._last_sample_step is not None:
             self.log_training(trainer, self._last_sample_step)
 
