@@ -83,7 +83,7 @@ class BenchModule(pl.LightningModule):
         logits = self.model(inputs)
         if logits.dim() == 3:  # a language model's (N, T, vocabulary): classes second, a loss per token
             logits = logits.transpose(1, 2)
-        per_sample = F.cross_entropy(logits, labels, reduction="none").flatten(1).mean(1)
+        per_sample = F.cross_entropy(logits, labels, reduction="none").reshape(len(labels), -1).mean(1)
         return {"loss": per_sample.mean(), "per_sample_loss": per_sample.detach()}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -180,19 +180,18 @@ def _eager_stats(grid: Tensor, count: int, eps: float | None, nonnegative: bool)
 
 
 def _fused_rows(grid: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One read of a ``(outer, C, inner)`` grid: float32 rows sum, sum_sq, sum_abs, near-zero count; min; max."""
+    """One read of a ``(outer, C, inner)`` or ``(outer, C)`` grid: every statistic of :func:`channel_stats`.
+
+    Float64 rows sum, sum_sq, sum_abs and near-zero count (float32 partial sums), float32 min and max; a channel
+    holding a NaN (whose max is NaN) counts no near-zero value, as on the eager path.
+    """
     values = grid.float()
     magnitude = values.abs()
-    dims = (0, 2)
-    rows = torch.stack(
-        [
-            values.sum(dims),
-            values.square().sum(dims),
-            magnitude.sum(dims),
-            (magnitude <= eps).sum(dims, dtype=torch.float32),
-        ]
-    )
-    return rows, values.amin(dims), values.amax(dims)
+    dims = (0, 2) if grid.dim() == 3 else (0,)
+    high = values.amax(dims)
+    near_zero = (magnitude <= eps).sum(dims, dtype=torch.float32).masked_fill(high.isnan(), 0.0)
+    rows = torch.stack([values.sum(dims), values.square().sum(dims), magnitude.sum(dims), near_zero])
+    return rows.double(), values.amin(dims), high
 
 
 class _FusedKernel:
@@ -221,15 +220,14 @@ class _FusedKernel:
         try:
             assert self.kernel is not None
             with first_call:
-                rows, low, high = self.kernel(grid.data, threshold)
+                # Channels last (sequences, linear outputs) as a matrix: reduced over its rows, it vectorises
+                # across channels, which a trailing size-1 dim would prevent.
+                rows, low, high = self.kernel((grid[:, :, 0] if grid.shape[2] == 1 else grid).data, threshold)
         except Exception as error:  # the plugin must never fail a run for a compiler's sake
             self._give_up(error)
             return None
         self.variants.add(variant)
-        totals = rows.double() if eps is not None else rows[:NEAR_ZERO_ROW].double()
-        if eps is not None:
-            # As on the eager path, a channel holding a NaN (whose max is NaN) counts no near-zero value.
-            totals[NEAR_ZERO_ROW].masked_fill_(high.isnan(), 0.0)
+        totals = rows if eps is not None else rows[:NEAR_ZERO_ROW]
         return ChannelStats(count=grid.numel() // grid.shape[1], totals=totals, min=low, max=high)
 
     def _ready(self, variant: tuple[str, torch.dtype, bool, bool]) -> bool:
