@@ -55,14 +55,14 @@ def _plain_sum(values: Tensor, channel_dim: int) -> Tensor:
 def _seconds(fn: Callable[[Tensor, int], Any], tensors: list[tuple[Tensor, int]], loops: int, cuda: bool) -> float:
     """Seconds per step (one call per tensor) of ``fn``, over ``loops`` steps."""
     if cuda:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))  # type: ignore[no-untyped-call]
         start.record()
         for _ in range(loops):
             for values, channel_dim in tensors:
                 fn(values, channel_dim)
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1000 / loops
+        return float(start.elapsed_time(end)) / 1000 / loops
     began = time.perf_counter()
     for _ in range(loops):
         for values, channel_dim in tensors:

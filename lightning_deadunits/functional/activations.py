@@ -40,7 +40,7 @@ NEAR_ZERO_ROW = TOTALS_ROWS.index("near_zero")
 # From about this many positions per channel and sample, reducing them first is faster than reducing the batch first.
 _LONG_INNER = 64
 
-COMPILE_AFTER_CALLS = 64
+COMPILE_AFTER_CALLS: int | None = 64
 """Tensors measured eagerly in a process before the fused kernel is compiled (seconds to tens of seconds on CPU,
 once): a sampled step of a 20-layer model measures 20. ``None`` never compiles; ``0`` compiles at the first call."""
 
