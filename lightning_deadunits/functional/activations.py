@@ -119,8 +119,8 @@ def channel_stats(x: Tensor, channel_dim: int = 1, eps: float | None = 0.0, nonn
 
     Once :data:`COMPILE_AFTER_CALLS` tensors have been measured in the process, one fused compiled kernel reads
     each value once and produces every statistic (float32 sums with cascade summation, then float64); it is
-    compiled once per device, input dtype and size-1 layout, with dynamic shapes, and never for more than
-    :data:`_MAX_VARIANTS` variants. Before that, or if compiling is unavailable or fails (one
+    compiled once per device, input dtype and size-1 layout, with dynamic shapes, and never for more than 8
+    variants. Before that, or if compiling is unavailable or fails (one
     :class:`~lightning_deadunits.DeadUnitsWarning`, then eager for the rest of the process), the eager path
     computes the same numbers in float passes: values reduced over the contiguous dims after the channel first,
     counted as ``sign(max(|x| - eps, 0))``, partial sums combined in float64.
@@ -129,7 +129,8 @@ def channel_stats(x: Tensor, channel_dim: int = 1, eps: float | None = 0.0, nonn
         x: an activation tensor with at least one element.
         channel_dim: ``1`` (conv-shaped and ``(N, F)`` tensors) or ``-1`` (``(N, *, F)`` linear outputs).
         eps: the near-zero tolerance (>= 0), or ``None``.
-        nonnegative: the caller knows ``x >= 0`` (a ReLU's output), so ``|x|`` is ``x`` and is not computed.
+        nonnegative: the caller knows ``x >= 0`` (a ReLU's output), so the eager path takes ``|x|`` as ``x`` (the
+            fused pass computes it at no cost).
 
     Raises:
         ValueError: for an empty or 0-d tensor, or a bad ``channel_dim``.
