@@ -33,6 +33,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 import lightning_deadunits as du
+from lightning_deadunits.functional import activations as functional_activations
 from harness import (
     BARE,
     Config,
@@ -208,6 +209,8 @@ def benchmark(model_kind: str, args: argparse.Namespace, log_dir: Path) -> list[
     # steady state of a long run (the kernel compiled once COMPILE_AFTER_CALLS tensors were measured).
     pass_costs = roofline(build_model(model_kind, args.width), args.device, args.roofline_repeats, 5, not args.smoke)
     progress(f"[{model_kind}] statistics pass: {pass_costs}")
+    if args.eager_statistics:
+        functional_activations.COMPILE_AFTER_CALLS = None
     results, twins = run_beside_twins(model_kind, bare, monitored, args, log_dir)
     memory: dict[str, float] = {}
     if args.device == "cuda":
@@ -252,6 +255,7 @@ def peak_rss_subprocess(config_index: int, model_kind: str, args: argparse.Names
         str(args.threads),
         "--histogram-every",
         str(args.histogram_every),
+        *(["--eager-statistics"] if args.eager_statistics else []),
         "--out",
         str(args.out),
     ]
@@ -296,6 +300,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-logs", action="store_true", help="keep the TensorBoard logs under <out>/tmp")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--roofline-repeats", type=int, default=15, help="interleaved timings of each statistics pass")
+    parser.add_argument(
+        "--eager-statistics", action="store_true", help="train without the fused statistics kernel (to compare)"
+    )
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default="mobilenet", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -313,6 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     log_dir = args.out / "tmp"
     if args.child is not None:
+        if args.eager_statistics:
+            functional_activations.COMPILE_AFTER_CALLS = None
         config = configs(args.histogram_every)[args.child]
         result = train(config, build_model(args.model, args.width), args, log_dir / "child")
         print(json.dumps({"peak_memory": result["peak_memory"]}))
