@@ -33,7 +33,6 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 import lightning_deadunits as du
-from lightning_deadunits.functional import activations as functional_activations
 from harness import (
     BARE,
     Config,
@@ -45,6 +44,7 @@ from harness import (
     steady_allocator,
     train,
 )
+from lightning_deadunits.functional import activations as functional_activations
 from models import MODELS, build_model
 from report import (
     Rows,
