@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import itertools
 import os
 import random
 import resource
@@ -127,8 +128,9 @@ class WindowTimer(pl.Callback):
     when the window opens. Put last, so that every other callback's hooks are in the step.
 
     With a ``lockstep``, the run hands the turn on after each step and a step is timed from the moment it gets the
-    turn back. Without, CUDA is synchronised only where the window opens and closes: a sync per step would hide
-    the very syncs the monitors must not make, so per-step times then add up right but mean little one by one.
+    turn back. Without (CUDA), a CUDA event is recorded at the end of each step and the wall time of a step is the
+    time between two events on the device's timeline, read once the run ends: a sync per step would hide the very
+    syncs the monitors must not make.
     """
 
     def __init__(self, warmup: int, lockstep: Lockstep | None = None, run: int = 0) -> None:
@@ -138,6 +140,7 @@ class WindowTimer(pl.Callback):
         self.wall: list[float] = []
         self.cpu: list[float] = []
         self.resumed = (0.0, 0.0)
+        self.events: list[torch.cuda.Event] = []
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.lockstep is not None:
@@ -148,6 +151,9 @@ class WindowTimer(pl.Callback):
         if trainer.global_step in (self.warmup, trainer.max_steps):
             _sync()
         now = _clocks()
+        if self.lockstep is None and _cuda_running() and trainer.global_step >= self.warmup:
+            self.events.append(torch.cuda.Event(enable_timing=True))  # type: ignore[no-untyped-call]
+            self.events[-1].record()
         if trainer.global_step == self.warmup:
             reset_peak_memory()
         elif trainer.global_step > self.warmup:
@@ -162,6 +168,9 @@ class WindowTimer(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.lockstep is not None:
             self.lockstep.finish(self.run)
+        if len(self.events) == len(self.wall) + 1:  # the device's own step times replace the host's
+            self.events[-1].synchronize()
+            self.wall = [start.elapsed_time(end) / 1000 for start, end in itertools.pairwise(self.events)]
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.on_train_end(trainer, pl_module)
@@ -171,14 +180,18 @@ def _clocks() -> tuple[float, float]:
     return time.perf_counter(), time.thread_time()
 
 
+def _cuda_running() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
+
+
 def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+    if _cuda_running():
         torch.cuda.synchronize()
 
 
 def reset_peak_memory() -> None:
     """Reset the CUDA peak-allocation counter, or the process's peak RSS (Linux), so peaks cover the window only."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+    if _cuda_running():
         torch.cuda.reset_peak_memory_stats()
     # Not Linux: the peak then covers the whole process, which only dilutes the ratios.
     with contextlib.suppress(OSError):

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_deadunits.probes.module_kinds import DEFAULT_ACTIVATION_TYPES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the demo's model and data live there
+from char_lm import CharLM, char_windows, stdlib_text
 from digits_demo import MobileNetLike, digits_dataset
 
 
@@ -78,8 +79,11 @@ class BenchModule(pl.LightningModule):
         self.batch_size = batch_size
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        images, labels = batch
-        per_sample = F.cross_entropy(self.model(images), labels, reduction="none")
+        inputs, labels = batch
+        logits = self.model(inputs)
+        if logits.dim() == 3:  # a language model's (N, T, vocabulary): classes second, a loss per token
+            logits = logits.transpose(1, 2)
+        per_sample = F.cross_entropy(logits, labels, reduction="none").reshape(len(labels), -1).mean(1)
         return {"loss": per_sample.mean(), "per_sample_loss": per_sample.detach()}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -113,12 +117,33 @@ def _resnet(width: int) -> Built:
     return Built(ResidualCNN(width=width), _images(3, 16), 32)
 
 
+@functools.cache
+def _char_windows(seq_len: int) -> TensorDataset:
+    codes, targets, _ = char_windows(stdlib_text(), seq_len).tensors
+    return TensorDataset(codes, targets)
+
+
+def _charlm(width: int) -> Built:
+    """The examples' character-level transformer LM (2 pre-norm layers of width 64, feed-forward 256, causal) on
+    64-character windows of the standard library's sources (``width`` does not apply). Its feed-forward ReLU is an
+    ``nn.ReLU`` module here, so that the activation monitor, which hooks modules, sees it."""
+    model = CharLM(width=64, layers=2, heads=4, ffn=256, seq_len=64)
+    for layer in model.encoder.layers:
+        layer.activation = nn.ReLU()
+    return Built(model, _char_windows(64), 32)
+
+
 def _tiny(width: int) -> Built:
     """A tiny MobileNet-like CNN on 8x8 digits, for smoke runs (``width`` does not apply)."""
     return Built(MobileNetLike(widths=(8, 8, 16)), _digits(8), 32)
 
 
-MODELS: dict[str, Callable[[int], Built]] = {"mobilenet": _mobilenet, "resnet": _resnet, "tiny": _tiny}
+MODELS: dict[str, Callable[[int], Built]] = {
+    "mobilenet": _mobilenet,
+    "resnet": _resnet,
+    "charlm": _charlm,
+    "tiny": _tiny,
+}
 
 
 def build_model(kind: str, width: int) -> Built:

@@ -8,7 +8,7 @@ To compare a new callback, add a ``Config`` to ``configs``; to train a new model
 ``models.MODELS``. Neither needs a change to the harness.
 
 Usage:
-    python benchmarks/overhead.py                 # both models, CPU (or CUDA when available), writes results/
+    python benchmarks/overhead.py                 # the three models, CPU (or CUDA when available), writes results/
     python benchmarks/overhead.py --scaling       # overhead against model width and sampling interval
     python benchmarks/overhead.py --smoke         # seconds: tiny model, 1 repetition (CI runs this)
 """
@@ -16,6 +16,7 @@ Usage:
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import statistics
@@ -43,6 +44,7 @@ from harness import (
     steady_allocator,
     train,
 )
+from lightning_deadunits.functional import activations as functional_activations
 from models import MODELS, build_model
 from report import (
     Rows,
@@ -56,14 +58,18 @@ from report import (
     scaling_rows,
     write_results,
 )
+from roofline import roofline
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CADENCE = 50  # the monitors' default every_n_steps, and the hand-written histogram logger's interval
 # A second bare run, measured like a monitored one: its ratio shows how finely the benchmark resolves an overhead.
 AGAIN = "bare, again (noise floor)"
 ANOMALY = "Trainer(detect_anomaly=True)"
-# The activation monitor measuring every step; it logs (one host transfer, panels) at the default cadence.
-EVERY_STEP = f"ActivationMonitor(every_n_steps=1, log_every_n_samples={CADENCE})"
+# The activation monitor measuring every step; by default it logs (one host transfer, panels) at the trainer's
+# log_every_n_steps (50): sampling is not logging.
+EVERY_STEP = "ActivationMonitor(every_n_steps=1)"
+# ... and logging every sample too (scalars, histograms, band charts every 10 logs): what it did before issue 19.
+EVERY_STEP_LOGGED = "ActivationMonitor(every_n_steps=1, log_every_n_samples=1)"
 
 
 class ParameterHistograms(pl.Callback):
@@ -81,7 +87,7 @@ class ParameterHistograms(pl.Callback):
 
 
 def _activation_monitor_every_step() -> list[pl.Callback]:
-    return [du.ActivationMonitor(every_n_steps=1, log_every_n_samples=CADENCE)]
+    return [du.ActivationMonitor(every_n_steps=1)]
 
 
 def configs(histogram_every: int) -> list[Config]:
@@ -92,7 +98,7 @@ def configs(histogram_every: int) -> list[Config]:
         Config("KernelNormMonitor()", lambda: [du.KernelNormMonitor()]),
         Config("ActivationMonitor()", lambda: [du.ActivationMonitor()]),
         Config(EVERY_STEP, _activation_monitor_every_step),
-        Config("ActivationMonitor(every_n_steps=1)", lambda: [du.ActivationMonitor(every_n_steps=1)]),
+        Config(EVERY_STEP_LOGGED, lambda: [du.ActivationMonitor(every_n_steps=1, log_every_n_samples=1)]),
         Config("LossSpikeMonitor()", lambda: [du.LossSpikeMonitor()]),
         Config("DeadUnits()", lambda: [du.DeadUnits()]),
         Config("Rewind()", lambda: [du.Rewind()]),
@@ -150,6 +156,19 @@ def _cheaper_than_anomaly(rows: Rows) -> tuple[str, bool]:
     return f"{anomaly / loss:.0f}x ({both})", anomaly / loss >= 20
 
 
+def _statistics_roofline(rows: Rows) -> tuple[str, bool]:
+    pass_costs = rows[BARE].get("roofline")
+    if not pass_costs:
+        return "not measured", True
+    best = min(pass_costs.get("fused_over_sum", math.inf), pass_costs["eager_over_sum"])
+    measured = ", ".join(
+        f"{name} {pass_costs[f'{name}_over_sum']:.1f}x"
+        for name in ("fused", "eager")
+        if f"{name}_over_sum" in pass_costs
+    )
+    return measured + f" one `x.sum()` ({pass_costs['sum_ms']:.2f} ms per sampled step)", best <= 2
+
+
 def _memory_growth(rows: Rows) -> tuple[str, bool]:
     monitors = [name for name in rows if "Monitor" in name or "DeadUnits" in name]
     if not monitors or any("memory_ratio" not in rows[name] for name in monitors):
@@ -173,8 +192,9 @@ TARGETS = [
         (ANOMALY, "LossSpikeMonitor()"),
     ),
     Target("peak memory of every monitor <= 2% above bare", _memory_growth, ()),
+    Target("statistics pass <= 2x one plain read of the same activations", _statistics_roofline, ()),
 ]
-"""The targets of issue 8, checked per model."""
+"""The targets of issues 8 and 19, checked per model."""
 
 
 def _selected(name: str, only: list[str] | None) -> bool:
@@ -186,6 +206,12 @@ def benchmark(model_kind: str, args: argparse.Namespace, log_dir: Path) -> list[
     every_config = configs(args.histogram_every)
     chosen = [c for c in every_config if c.name == BARE or _selected(c.name, args.only)]
     bare, monitored = chosen[0], chosen[1:]
+    # First, and in this process: it also compiles the fused statistics kernel, so every configuration runs in the
+    # steady state of a long run (the kernel compiled once COMPILE_AFTER_CALLS tensors were measured).
+    pass_costs = roofline(build_model(model_kind, args.width), args.device, args.roofline_repeats, 5, not args.smoke)
+    progress(f"[{model_kind}] statistics pass: {pass_costs}")
+    if args.eager_statistics:
+        functional_activations.COMPILE_AFTER_CALLS = None
     results, twins = run_beside_twins(model_kind, bare, monitored, args, log_dir)
     memory: dict[str, float] = {}
     if args.device == "cuda":
@@ -195,7 +221,9 @@ def benchmark(model_kind: str, args: argparse.Namespace, log_dir: Path) -> list[
         indices = {c.name: i for i, c in enumerate(every_config)}
         memory = {c.name: peak_rss_subprocess(indices[c.name], model_kind, args) for c in chosen}
         progress(f"[{model_kind}] memory runs done")
-    return overhead_rows(model_kind, results, twins, memory, args.device == "cpu")
+    rows = overhead_rows(model_kind, results, twins, memory, args.device == "cpu")
+    rows[0]["roofline"] = pass_costs
+    return rows
 
 
 def scaling(args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]:
@@ -228,6 +256,7 @@ def peak_rss_subprocess(config_index: int, model_kind: str, args: argparse.Names
         str(args.threads),
         "--histogram-every",
         str(args.histogram_every),
+        *(["--eager-statistics"] if args.eager_statistics else []),
         "--out",
         str(args.out),
     ]
@@ -249,7 +278,7 @@ def _quiet() -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["mobilenet", "resnet"], choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=["mobilenet", "resnet", "charlm"], choices=list(MODELS))
     parser.add_argument("--steps", type=int, default=110, help="optimizer steps per run (default 110)")
     parser.add_argument("--warmup", type=int, default=10, help="steps before the timed window (default 10)")
     parser.add_argument("--repeats", type=int, default=4, help="interleaved repetitions (default 4)")
@@ -271,12 +300,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", help="run only the configurations whose name contains one of these")
     parser.add_argument("--keep-logs", action="store_true", help="keep the TensorBoard logs under <out>/tmp")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--roofline-repeats", type=int, default=15, help="interleaved timings of each statistics pass")
+    parser.add_argument(
+        "--eager-statistics", action="store_true", help="train without the fused statistics kernel (to compare)"
+    )
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default="mobilenet", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:
         args.models, args.steps, args.warmup, args.repeats, args.memory = ["tiny"], 4, 2, 1, False
-        args.widths, args.intervals, args.width = [4], [2], 4
+        args.widths, args.intervals, args.width, args.roofline_repeats = [4], [2], 4, 2
     return args
 
 
@@ -288,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     log_dir = args.out / "tmp"
     if args.child is not None:
+        if args.eager_statistics:
+            functional_activations.COMPILE_AFTER_CALLS = None
         config = configs(args.histogram_every)[args.child]
         result = train(config, build_model(args.model, args.width), args, log_dir / "child")
         print(json.dumps({"peak_memory": result["peak_memory"]}))

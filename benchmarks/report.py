@@ -175,6 +175,25 @@ def overhead_markdown(rows: list[dict[str, Any]], verdicts: list[dict[str, Any]]
             f"| {row['model']} | {row['config']} | {row['ms_per_step']:.1f} | {row['time_ratio']:.3f} "
             f"({row['time_ratio_min']:.3f}-{row['time_ratio_max']:.3f}) | {row['cpu_ratio']:.3f} | {memory} |"
         )
+    passes = [row for row in rows if row.get("roofline")]
+    if passes:
+        lines += [
+            "",
+            "Statistics pass (roofline): `channel_stats` over the activations the monitor reads in one sampled step "
+            "(one batch through the watched activation modules), eager passes and fused compiled pass, against one "
+            "`x.sum()` over the same tensors (the floor: one read); ms per sampled step, median of interleaved "
+            "repetitions on one thread (CUDA events on a GPU).",
+            "",
+            "| model | activation values | `x.sum()` ms | eager ms (x sum) | fused ms (x sum) |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for row in passes:
+            cost = row["roofline"]
+            fused = f"{cost['fused_ms']:.2f} ({cost['fused_over_sum']:.1f}x)" if "fused_ms" in cost else "n/a"
+            lines.append(
+                f"| {row['model']} | {int(cost['values']):,} | {cost['sum_ms']:.2f} "
+                f"| {cost['eager_ms']:.2f} ({cost['eager_over_sum']:.1f}x) | {fused} |"
+            )
     if verdicts:
         lines += ["", "| model | target | measured | met |", "| --- | --- | --- | --- |"]
         for verdict in verdicts:

@@ -4,6 +4,7 @@ When Lightning or torch renames one of these, the test for it fails here rather 
 """
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,6 +25,11 @@ def loss_scale(trainer: "pl.Trainer") -> Tensor | None:
     """The scaler's current scale as a device tensor (``GradScaler._scale``, read without a host sync), or ``None``."""
     scale = getattr(grad_scaler(trainer), "_scale", None)
     return scale if isinstance(scale, Tensor) else None
+
+
+def log_every_n_steps(trainer: "pl.Trainer") -> int:
+    """The trainer's ``log_every_n_steps`` (set on it by Lightning's logger connector, not a declared attribute)."""
+    return int(getattr(trainer, "log_every_n_steps", 50))
 
 
 def logger_tags(logger: TensorBoardLogger, metrics: Mapping[str, float]) -> dict[str, float]:
@@ -76,3 +82,38 @@ def drop_next_train_batch(trainer: "pl.Trainer") -> bool:
     batch_progress = trainer.fit_loop.epoch_loop.batch_progress
     batch_progress.increment_by(1, is_last_batch=fetcher.done)
     return True
+
+
+def distinct_symbolic_sizes() -> AbstractContextManager[Any]:
+    """A context in which ``torch.compile`` gives equal sizes of an input separate symbols.
+
+    Without it ("duck sizing"), a kernel compiled for a ``(32, 32, 256)`` tensor guards on its first two sizes
+    being equal, and recompiles for ``(32, 64, 256)``. Costs ~70 us: enter it only where a compilation is expected.
+    """
+    from torch.fx.experimental import _config
+
+    return _config.patch(use_duck_shape=False)  # type: ignore[attr-defined,no-any-return]
+
+
+# numpy's legacy global generator (`np.random.*`) is an MT19937 whose C state begins with 624 uint32 words and a
+# position: those bytes change whenever it draws.
+_MT19937_STATE_BYTES = 624 * 4 + 4
+
+
+def numpy_generator_fingerprint() -> bytes | None:
+    """A raw copy (~1 us) of the MT19937 state behind ``np.random``'s global generator, or ``None`` if unreadable.
+
+    Equal fingerprints mean the generator has not drawn in between (a cached Gaussian consumed alone aside), so
+    a state taken at the first is still valid at the second.
+    """
+    try:
+        import ctypes
+
+        import numpy as np
+
+        generator = np.random.mtrand._rand._bit_generator
+        if type(generator).__name__ != "MT19937":
+            return None
+        return ctypes.string_at(generator.ctypes.state_address, _MT19937_STATE_BYTES)
+    except (AttributeError, ImportError, TypeError, ValueError):
+        return None

@@ -87,3 +87,11 @@ def test_dormant_channels_follow_sokar_score() -> None:
     assert dormant_channels(mean_abs, tau=0.0).tolist() == [False, False, False, False, True]
     assert dormant_channels(torch.zeros(3), tau=0.0).all()
     assert not dormant_channels(torch.tensor([float("nan"), 1.0]), tau=0.5)[0]
+
+
+def test_channel_stats_count_a_channel_holding_a_nan_as_active() -> None:
+    # `sign(NaN)` is 0, which once counted every value of such a channel as zero (a NaN layer looked dead).
+    values = torch.tensor([[0.0, 0.0], [float("nan"), 0.0], [0.0, 1.0]])
+    for eps in (0.0, 1e-3):
+        stats = channel_stats(values, channel_dim=1, eps=eps)
+        assert stats.near_zero is not None and stats.near_zero.tolist() == [0, 2]

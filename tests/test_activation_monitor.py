@@ -46,6 +46,7 @@ def _fit(
         enable_model_summary=False,
         enable_checkpointing=False,
         default_root_dir=tmp_path,
+        log_every_n_steps=1,  # the monitor's default logs once per sample then: the planted numbers are per sample
     )
     options.update(kwargs)
     pl.Trainer(callbacks=[monitor], **options).fit(lit)
@@ -142,6 +143,25 @@ def test_activation_monitor_pools_samples_of_a_log_period(tmp_path: Path) -> Non
         outputs = [model(batch) for batch in batches]
     std = memory.series(f"{KEY}/model.relu/std")
     assert std == pytest.approx({1: _reference(outputs[:2])["std"], 3: _reference(outputs[2:])["std"]}, rel=1e-5)
+
+
+@pytest.mark.parametrize(("every_n_steps", "logged_steps"), [(1, [2, 5, 6]), (2, [0, 2, 4, 6]), (5, [0, 5])])
+def test_activation_monitor_samples_every_step_but_logs_at_the_trainers_cadence(
+    tmp_path: Path, every_n_steps: int, logged_steps: list[int]
+) -> None:
+    # Sampling is not logging: with the trainer logging every 3 steps, sampling every step logs every 3 samples
+    # (each log pooling them, the last one at train end), sampling every 2 or 5 steps logs every sample.
+    model = ConvRelu()
+    batches = image_batches(7)
+    monitor = ActivationMonitor(every_n_steps=every_n_steps)
+    memory = _fit(tmp_path, Fixed(model, batches), monitor, max_steps=7, log_every_n_steps=3)
+    std = memory.series(f"{KEY}/model.relu/std")
+    assert sorted(std) == logged_steps
+    if every_n_steps == 1:
+        with torch.no_grad():
+            outputs = [model(batch) for batch in batches]
+        assert std[2] == pytest.approx(_reference(outputs[:3])["std"], rel=1e-5)
+        assert std[5] == pytest.approx(_reference(outputs[3:6])["std"], rel=1e-5)
 
 
 def test_activation_monitor_logs_a_partial_period_at_train_end(tmp_path: Path) -> None:

@@ -339,3 +339,17 @@ def test_dumper_annotates_a_dump_outside_its_current_directory_in_place(tmp_path
     assert dumper.annotate(path, {"dead_after_spike": {"k": 1}})
     assert load_dump(path).metadata["dead_after_spike"] == {"k": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["before"]
+
+
+def test_rng_states_reuse_numpys_state_until_it_draws_and_stay_exact() -> None:
+    first = rng_states()
+    assert rng_states()["numpy"] is first["numpy"]  # nothing drew: the costly state is not built again
+    np.random.rand(3)
+    moved = rng_states()
+    assert moved["numpy"] is not first["numpy"]
+    expected = np.random.rand(4)
+    np.random.set_state(moved["numpy"])
+    assert np.random.rand(4).tolist() == expected.tolist()
+    np.random.set_state(first["numpy"])  # a state set from outside is seen too
+    assert rng_states()["numpy"][2] == first["numpy"][2]
+    assert rng_states()["numpy"][1].tolist() == first["numpy"][1].tolist()

@@ -1,3 +1,4 @@
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +11,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_deadunits import DeadUnits
+from lightning_deadunits import ActivationMonitor, DeadUnits, GradNormMonitor, KernelNormMonitor
 from lightning_deadunits.callbacks.loss_spike_monitor import LossSpikeMonitor
 from lightning_deadunits.dumps import load_dump
+from lightning_deadunits.functional import activations as functional_activations
 from lightning_deadunits.probes.loss import LossProbe
 from tests.helpers.spike_models import DigitsMLP, digits_with_dirty_batches
 
-STEPS = 12  # sampling points at step 0 only (every_n_steps=50); the checks at train end come after the guard
+STEPS = 12  # DeadUnits samples at step 0 only (every_n_steps=50); the checks at train end come after the guard
 
 
 class DigitsOnDevice(pl.LightningModule):
@@ -59,18 +61,38 @@ class SyncDebugGuard(pl.Callback):
             torch.cuda.set_sync_debug_mode("default")
 
 
+def _monitors() -> dict[str, Callable[[], list[pl.Callback]]]:
+    """Every monitor, each at a setting whose sampling points fall between the guarded steps: measuring on the
+    device there must not wait for it; logging (one host transfer) comes at step 0 or at train end only."""
+    return {
+        "bare": lambda: [],
+        "DeadUnits": lambda: [DeadUnits()],
+        "ActivationMonitor every step": lambda: [ActivationMonitor(every_n_steps=1)],
+        "GradNormMonitor every step": lambda: [GradNormMonitor(every_n_steps=1, log_every_n_samples=50)],
+        "KernelNormMonitor": lambda: [KernelNormMonitor()],
+        "LossSpikeMonitor": lambda: [LossSpikeMonitor()],
+    }
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("monitored", [False, True], ids=["bare", "DeadUnits"])
-def test_dead_units_makes_no_device_sync_between_sampling_points(tmp_path: Path, monitored: bool) -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["eager statistics", "fused statistics"])
+@pytest.mark.parametrize("name", list(_monitors()))
+def test_monitors_make_no_device_sync_between_sampling_points(
+    tmp_path: Path, name: str, fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if fused and "Activation" not in name and name != "DeadUnits":
+        pytest.skip("no activation statistics")
+    # Fused: the compiled (Triton) statistics kernel from the first measured tensor on, compiled at step 0.
+    monkeypatch.setattr(functional_activations, "COMPILE_AFTER_CALLS", 0 if fused else None)
     module = DigitsOnDevice(torch.device("cuda"))
     first, last = SyncDebugGuard("on"), SyncDebugGuard("off")
-    bundle = DeadUnits()
+    callbacks = _monitors()[name]()
     trainer = pl.Trainer(
         accelerator="cuda",
         devices=1,
         max_steps=STEPS,
-        callbacks=[first, *([bundle] if monitored else []), last],
+        callbacks=[first, *callbacks, last],
         logger=TensorBoardLogger(tmp_path),
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -82,11 +104,19 @@ def test_dead_units_makes_no_device_sync_between_sampling_points(tmp_path: Path,
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert first.guarded_steps == list(range(1, STEPS - 1))
-    if monitored:
+    if name == "DeadUnits":
+        bundle = callbacks[0]
+        assert isinstance(bundle, DeadUnits)
         assert bundle.loss is not None and bundle.kernels is not None and bundle.activations is not None
         # every loss was judged (the last one at train end), and the monitors measured at their sampling points
         assert [step for step, _ in bundle.loss.detector.recent] == list(range(STEPS))
         assert bundle.kernels.last_check_step == STEPS and bundle.activations.last_log_step == 0
+    if name == "ActivationMonitor every step":
+        monitor = callbacks[0]
+        assert isinstance(monitor, ActivationMonitor)
+        assert monitor.stats.samples == STEPS and monitor.last_log_step == STEPS - 1  # one log, at train end
+    if fused:
+        assert functional_activations._FUSED.variants, "the fused kernel did not run"
 
 
 def _spike_run(tmp_path: Path, **monitor_options: Any) -> tuple[LossSpikeMonitor, pl.Trainer]:

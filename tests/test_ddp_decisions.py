@@ -71,6 +71,7 @@ def test_every_decision_is_taken_by_all_ranks_at_the_same_step(tmp_path: Path) -
         ),
         activations=ActivationMonitor(
             every_n_steps=1,
+            log_every_n_samples=1,
             window=3,
             dead_frac_above=0.3,
             on_validation=True,

@@ -298,7 +298,12 @@ def test_dead_unit_recycler_recycles_the_conv_behind_a_dead_relu_channel(tmp_pat
     # filter 3 of conv a is zero: BatchNorm makes the channel 0 (its beta) and the ReLU keeps it dead
     module = ChainModule(lr=0.0, dead_filters=(3,))
     monitor = ActivationMonitor(
-        every_n_steps=1, window=1, include=["model.act_a"], log_histograms=False, log_images=False
+        every_n_steps=1,
+        log_every_n_samples=1,
+        window=1,
+        include=["model.act_a"],
+        log_histograms=False,
+        log_images=False,
     )
     recycler = DeadUnitRecycler(every_n_steps=1, max_fraction=0.5)
     trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=2, callbacks=[monitor, recycler], **TRAINER_OPTIONS)

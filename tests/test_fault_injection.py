@@ -467,11 +467,11 @@ class ReplaceBlockAtEpochStart(pl.Callback):
 
 MONITORS: dict[str, Callable[[Path], pl.Callback]] = {
     "kernels": lambda tmp_path: KernelNormMonitor(every_n_steps=1),
-    "activations": lambda tmp_path: ActivationMonitor(every_n_steps=1, window=2),
+    "activations": lambda tmp_path: ActivationMonitor(every_n_steps=1, log_every_n_samples=1, window=2),
     "loss": lambda tmp_path: _spike_monitor(tmp_path / "dumps"),
     "bundle": lambda tmp_path: DeadUnits(
         kernels=KernelNormMonitor(every_n_steps=1),
-        activations=ActivationMonitor(every_n_steps=1, window=2),
+        activations=ActivationMonitor(every_n_steps=1, log_every_n_samples=1, window=2),
         loss=_spike_monitor(tmp_path / "dumps"),
     ),
 }

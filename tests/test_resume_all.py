@@ -113,7 +113,7 @@ def _two_bundles() -> list[DeadUnits]:
     return [
         DeadUnits(
             kernels=KernelNormMonitor(every_n_steps=1, prefix="fast"),
-            activations=ActivationMonitor(every_n_steps=1, prefix="fast"),
+            activations=ActivationMonitor(every_n_steps=1, log_every_n_samples=1, prefix="fast"),
             loss=LossSpikeMonitor(window=4, warmup=2, prefix="fast"),
             lr_warmup=LRWarmup(warmup_steps=4),
         ),

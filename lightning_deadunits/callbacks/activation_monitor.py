@@ -10,6 +10,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_deadunits import schedules
+from lightning_deadunits._compat import log_every_n_steps
 from lightning_deadunits._strategies import reject_sharded_strategy
 from lightning_deadunits._validation import (
     check_bool,
@@ -99,9 +100,12 @@ class ActivationMonitor(MonitorCallback):
 
     **When.** A *sample* is one sampled optimizer step: the batches where ``trainer.global_step % every_n_steps ==
     0`` (all micro-batches of that step under gradient accumulation). Hooks are attached at that batch's start
-    and removed at its end (and at teardown and on exceptions); no other step pays anything. Every
-    ``log_every_n_samples`` samples the statistics are reduced across DDP ranks (sums, minima, maxima), moved to
-    the host in one transfer, logged at the global step of the latest sample, and checked by the alarm rules. With
+    and removed at its end (and at teardown and on exceptions); no other step pays anything. Sampling is not
+    logging: every sample is accumulated on the device, and every ``log_every_n_samples`` samples (by default, as
+    many as span the trainer's ``log_every_n_steps``, at least one: ``every_n_steps=1`` accumulates every step and
+    logs every 50 steps) the statistics are reduced across DDP ranks (sums, minima, maxima), moved to the host in
+    one transfer, logged at the global step of the latest sample, and checked by the alarm rules; histograms go
+    with each log, band charts with every ``images_every_n_logs``-th. With
     ``on_validation=True`` every validation pass (not the sanity check) is measured whole and logged under
     ``<p>/activations/val/...`` at the current global step, its ``dead`` meaning "never active in the pass".
 
@@ -137,7 +141,8 @@ class ActivationMonitor(MonitorCallback):
 
     Args:
         every_n_steps: sample every this many optimizer steps (>= 1); the default keeps the overhead low.
-        log_every_n_samples: log (one host transfer) every this many samples (>= 1).
+        log_every_n_samples: log (one host transfer) every this many samples (>= 1), or ``None``: every
+            ``max(1, trainer.log_every_n_steps // every_n_steps)`` samples.
         window: samples over which a channel must stay quiet to count as dead (>= 1).
         eps: near-zero tolerance: a number (>= 0) for every module, or ``{module type: number or None}`` overriding
             the defaults along each module's MRO (``None``: no zero counting), or ``None`` for the defaults.
@@ -183,7 +188,7 @@ class ActivationMonitor(MonitorCallback):
     def __init__(
         self,
         every_n_steps: int = 50,
-        log_every_n_samples: int = 1,
+        log_every_n_samples: int | None = None,
         window: int = 10,
         eps: float | Mapping[type, float | None] | None = None,
         dormant_tau: float = 0.025,
@@ -209,7 +214,9 @@ class ActivationMonitor(MonitorCallback):
     ) -> None:
         super().__init__(prefix=prefix, alarms=alarms, on_alarm=on_alarm)
         self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
-        self.log_every_n_samples = check_int("log_every_n_samples", log_every_n_samples, minimum=1)
+        self.log_every_n_samples = (
+            None if log_every_n_samples is None else check_int("log_every_n_samples", log_every_n_samples, minimum=1)
+        )
         self.window = check_int("window", window, minimum=1)
         self.eps = check_eps(eps)
         self.dormant_tau = check_float("dormant_tau", dormant_tau, minimum=0.0, maximum=1.0)
@@ -432,7 +439,8 @@ class ActivationMonitor(MonitorCallback):
     def _end_sample(self, trainer: "pl.Trainer") -> None:
         self._last_sample_step, self._sample_step = self._sample_step, None
         self._samples_in_period += 1
-        if self._samples_in_period >= self.log_every_n_samples and self._last_sample_step is not None:
+        samples_per_log = self.log_every_n_samples or max(1, log_every_n_steps(trainer) // self.every_n_steps)
+        if self._samples_in_period >= samples_per_log and self._last_sample_step is not None:
             self.log_training(trainer, self._last_sample_step)
 
     def _named(self, summaries: Mapping[tuple[str, int], SiteSummary]) -> dict[str, SiteSummary]:

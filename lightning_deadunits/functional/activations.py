@@ -3,15 +3,26 @@
 Channels are dim 1 of conv-shaped ``(N, C, *spatial)`` tensors (and of ``(N, F)`` linear outputs, where dim 1 is
 also the last), and the last dim of ``(N, *, F)`` linear outputs: the caller says which with ``channel_dim``
 (``1`` or ``-1``). A 1-D tensor is one sample: each element is a channel.
+
+:func:`channel_stats` reads each value once in a fused kernel that ``torch.compile`` generates (C++ on CPU, Triton
+on GPU) once the process has measured :data:`COMPILE_AFTER_CALLS` tensors, so that short runs never wait for a
+compiler; until then, and wherever compiling is unavailable or fails, the exact eager passes run instead.
 """
 
+import contextlib
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from lightning_deadunits._compat import distinct_symbolic_sizes
+from lightning_deadunits.errors import DeadUnitsWarning
+
 __all__ = [
+    "COMPILE_AFTER_CALLS",
     "NEAR_ZERO_ROW",
     "TOTALS_ROWS",
     "ChannelStats",
@@ -28,6 +39,15 @@ NEAR_ZERO_ROW = TOTALS_ROWS.index("near_zero")
 
 # From about this many positions per channel and sample, reducing them first is faster than reducing the batch first.
 _LONG_INNER = 64
+
+COMPILE_AFTER_CALLS: int | None = 64
+"""Tensors measured eagerly in a process before the fused kernel is compiled (seconds to tens of seconds on CPU,
+once): a sampled step of a 20-layer model measures 20. ``None`` never compiles; ``0`` compiles at the first call."""
+
+# Kernel variants (device, dtype, size-1 dims that dynamic shapes specialise) compiled at most: beyond, eager.
+_MAX_VARIANTS = 8
+# The fused kernel sums 0/1 values in float32, exact up to 2**24 per channel; larger tensors take the eager path.
+_EXACT_FLOAT32_COUNT = 2**24
 
 
 @dataclass(frozen=True)
@@ -97,16 +117,20 @@ def channel_stats(x: Tensor, channel_dim: int = 1, eps: float | None = 0.0, nonn
     ``-0.0``); ``eps=None`` skips the count. NaN propagates into ``sum``, ``min`` and ``max``; a channel holding a
     NaN counts no near-zero value in ``x`` (it is active).
 
-    Every statistic is a reduction of cheap float passes over ``x``, with one temporary of ``x``'s size:
-    comparisons to a bool tensor and reductions over scattered dims are several times slower on CPU, so values
-    are reduced over the contiguous dims after the channel first, and counted as ``sign(max(|x| - eps, 0))``.
-    Partial sums are combined in float64.
+    Once :data:`COMPILE_AFTER_CALLS` tensors have been measured in the process, one fused compiled kernel reads
+    each value once and produces every statistic (float32 sums with cascade summation, then float64); it is
+    compiled once per device, input dtype and size-1 layout, with dynamic shapes, and never for more than 8
+    variants. Before that, or if compiling is unavailable or fails (one
+    :class:`~lightning_deadunits.DeadUnitsWarning`, then eager for the rest of the process), the eager path
+    computes the same numbers in float passes: values reduced over the contiguous dims after the channel first,
+    counted as ``sign(max(|x| - eps, 0))``, partial sums combined in float64.
 
     Args:
         x: an activation tensor with at least one element.
         channel_dim: ``1`` (conv-shaped and ``(N, F)`` tensors) or ``-1`` (``(N, *, F)`` linear outputs).
         eps: the near-zero tolerance (>= 0), or ``None``.
-        nonnegative: the caller knows ``x >= 0`` (a ReLU's output), so ``|x|`` is ``x`` and is not computed.
+        nonnegative: the caller knows ``x >= 0`` (a ReLU's output), so the eager path takes ``|x|`` as ``x`` (the
+            fused pass computes it at no cost).
 
     Raises:
         ValueError: for an empty or 0-d tensor, or a bad ``channel_dim``.
@@ -123,34 +147,111 @@ def channel_stats(x: Tensor, channel_dim: int = 1, eps: float | None = 0.0, nonn
     outer = math.prod(x.shape[:dim])
     count = x.numel() // channels
     with torch.no_grad():
-        grid = x.detach().float().reshape(outer, channels, count // outer)
-        # The contiguous inner dim first when it is long, else the outer dim first (whole rows combined
-        # elementwise): whichever vectorises. The partial results are small; their second step is one reduction.
-        first, then = (2, 0) if grid.shape[2] >= _LONG_INNER else (0, 1)
-        partials = [grid.sum(first)]
-        scratch = grid.square()
+        grid = x.detach().reshape(outer, channels, count // outer)
+        fused = _FUSED.stats(grid, eps) if count < _EXACT_FLOAT32_COUNT else None
+        return fused if fused is not None else _eager_stats(grid.float(), count, eps, nonnegative)
+
+
+def _eager_stats(grid: Tensor, count: int, eps: float | None, nonnegative: bool) -> ChannelStats:
+    """:func:`channel_stats` of a float32 ``(outer, C, inner)`` grid in separate float passes (no compiler)."""
+    # The contiguous inner dim first when it is long, else the outer dim first (whole rows combined
+    # elementwise): whichever vectorises. The partial results are small; their second step is one reduction.
+    first, then = (2, 0) if grid.shape[2] >= _LONG_INNER else (0, 1)
+    partials = [grid.sum(first)]
+    scratch = grid.square()
+    partials.append(scratch.sum(first))
+    if nonnegative:
+        partials.append(partials[0])
+    else:
+        torch.abs(grid, out=scratch)
         partials.append(scratch.sum(first))
-        if nonnegative:
-            partials.append(partials[0])
-        else:
-            torch.abs(grid, out=scratch)
-            partials.append(scratch.sum(first))
-        if eps is not None:
-            magnitude = grid if nonnegative else scratch  # |x|, which `scratch` holds for signed values
-            if eps:
-                magnitude = torch.sub(magnitude, eps, out=scratch).clamp_min_(0)
-            partials.append(torch.sign(magnitude, out=scratch).sum(first))
-        # float64 from here: exact counts, and precise sums over many positions.
-        totals = torch.stack(partials).sum(then + 1, dtype=torch.float64)
-        if eps is not None:
-            # 0/1 per value, so the active count is exact; a channel holding a NaN counts as active.
-            totals[NEAR_ZERO_ROW].neg_().add_(count).nan_to_num_(nan=0.0)
-        return ChannelStats(
-            count=count,
-            totals=totals,
-            min=grid.amin(first).amin(then),
-            max=grid.amax(first).amax(then),
+    if eps is not None:
+        magnitude = grid if nonnegative else scratch  # |x|, which `scratch` holds for signed values
+        if eps:
+            magnitude = torch.sub(magnitude, eps, out=scratch).clamp_min_(0)
+        partials.append(torch.sign(magnitude, out=scratch).sum(first))
+    # float64 from here: exact counts, and precise sums over many positions.
+    totals = torch.stack(partials).sum(then + 1, dtype=torch.float64)
+    high = grid.amax(first).amax(then)
+    if eps is not None:
+        # 0/1 per value, so the active count is exact. `sign` maps NaN to 0, so a channel holding a NaN (whose
+        # max is NaN) is set apart: it counts as active.
+        totals[NEAR_ZERO_ROW].neg_().add_(count).masked_fill_(high.isnan(), 0.0)
+    return ChannelStats(count=count, totals=totals, min=grid.amin(first).amin(then), max=high)
+
+
+def _fused_rows(grid: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One read of a ``(outer, C, inner)`` or ``(outer, C)`` grid: every statistic of :func:`channel_stats`.
+
+    Float64 rows sum, sum_sq, sum_abs and near-zero count (float32 partial sums), float32 min and max; a channel
+    holding a NaN (whose max is NaN) counts no near-zero value, as on the eager path.
+    """
+    values = grid.float()
+    magnitude = values.abs()
+    dims = (0, 2) if grid.dim() == 3 else (0,)
+    high = values.amax(dims)
+    near_zero = (magnitude <= eps).sum(dims, dtype=torch.float32).masked_fill(high.isnan(), 0.0)
+    rows = torch.stack([values.sum(dims), values.square().sum(dims), magnitude.sum(dims), near_zero])
+    return rows.double(), values.amin(dims), high
+
+
+class _FusedKernel:
+    """The compiled :func:`_fused_rows`, its variants, and the decision to stop compiling (process-wide)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.kernel: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] | None = None
+        self.failed = False
+        self.variants: set[tuple[str, torch.dtype, bool, bool]] = set()
+        self.thresholds: dict[tuple[torch.device, float], Tensor] = {}
+
+    def stats(self, grid: Tensor, eps: float | None) -> ChannelStats | None:
+        """The fused statistics of ``grid``, or ``None`` where the eager path must run."""
+        self.calls += 1
+        variant = (grid.device.type, grid.dtype, grid.shape[0] == 1, grid.shape[2] == 1)
+        if not self._ready(variant):
+            return None
+        threshold = self.thresholds.get((grid.device, eps or 0.0))
+        if threshold is None:
+            # A tensor, not a float: a float argument would be a guard, and each eps a recompilation.
+            threshold = self.thresholds[(grid.device, eps or 0.0)] = torch.tensor(eps or 0.0, device=grid.device)
+        # `.data`: not a view, whose base's shape and strides `torch.compile` would guard on (a recompilation per
+        # activation rank); distinct sizes only where a variant is new, since dynamo compiles nowhere else.
+        first_call = distinct_symbolic_sizes() if variant not in self.variants else contextlib.nullcontext()
+        try:
+            assert self.kernel is not None
+            with first_call:
+                # Channels last (sequences, linear outputs) as a matrix: reduced over its rows, it vectorises
+                # across channels, which a trailing size-1 dim would prevent.
+                rows, low, high = self.kernel((grid[:, :, 0] if grid.shape[2] == 1 else grid).data, threshold)
+        except Exception as error:  # the plugin must never fail a run for a compiler's sake
+            self._give_up(error)
+            return None
+        self.variants.add(variant)
+        totals = rows if eps is not None else rows[:NEAR_ZERO_ROW]
+        return ChannelStats(count=grid.numel() // grid.shape[1], totals=totals, min=low, max=high)
+
+    def _ready(self, variant: tuple[str, torch.dtype, bool, bool]) -> bool:
+        after = COMPILE_AFTER_CALLS
+        if self.failed or after is None or self.calls <= after or torch.compiler.is_compiling():
+            return False
+        if variant not in self.variants and len(self.variants) >= _MAX_VARIANTS:
+            return False
+        if self.kernel is None:
+            self.kernel = torch.compile(_fused_rows, dynamic=True)
+        return True
+
+    def _give_up(self, error: Exception) -> None:
+        self.failed = True
+        warnings.warn(
+            f"lightning-deadunits could not compile its fused activation statistics ({type(error).__name__}: "
+            f"{error}); it computes them eagerly from now on (same numbers, several passes per activation).",
+            DeadUnitsWarning,
+            stacklevel=4,
         )
+
+
+_FUSED = _FusedKernel()
 
 
 def moments(total: Tensor, total_sq: Tensor, count: Tensor | float) -> tuple[Tensor, Tensor]:

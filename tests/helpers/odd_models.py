@@ -240,7 +240,7 @@ def every_step_bundle(dump_dir: Any = None, skip_update: bool = False, **activat
     monitor judges after two losses and flags only losses ten times the baseline (planted spikes are 100x)."""
     return DeadUnits(
         kernels=KernelNormMonitor(every_n_steps=1),
-        activations=ActivationMonitor(every_n_steps=1, window=2, **activation_options),
+        activations=ActivationMonitor(every_n_steps=1, log_every_n_samples=1, window=2, **activation_options),
         loss=LossSpikeMonitor(
             window=4, warmup=2, ratio=10, log_every_n_steps=1, skip_update=skip_update, dump_dir=dump_dir
         ),
