@@ -23,6 +23,7 @@ def compiled(monkeypatch: pytest.MonkeyPatch) -> functional._FusedKernel:
     kernel = functional._FusedKernel()
     monkeypatch.setattr(functional, "_FUSED", kernel)
     monkeypatch.setattr(functional, "COMPILE_AFTER_CALLS", 0)
+    monkeypatch.setattr(functional, "COMPILE_DEVICES", ("cuda", "cpu"))
     return kernel
 
 
@@ -116,10 +117,21 @@ def test_short_runs_never_compile(monkeypatch: pytest.MonkeyPatch) -> None:
     kernel = functional._FusedKernel()
     monkeypatch.setattr(functional, "_FUSED", kernel)
     monkeypatch.setattr(functional, "COMPILE_AFTER_CALLS", 3)
+    monkeypatch.setattr(functional, "COMPILE_DEVICES", ("cpu",))
     for _ in range(3):
         channel_stats(torch.randn(2, 3, 4), 1, 0.0)
     assert kernel.kernel is None
     monkeypatch.setattr(functional, "COMPILE_AFTER_CALLS", None)
+    for _ in range(3):
+        channel_stats(torch.randn(2, 3, 4), 1, 0.0)
+    assert kernel.kernel is None
+
+
+def test_cpu_activations_stay_eager_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = functional._FusedKernel()
+    monkeypatch.setattr(functional, "_FUSED", kernel)
+    monkeypatch.setattr(functional, "COMPILE_AFTER_CALLS", 0)
+    assert "cpu" not in functional.COMPILE_DEVICES
     for _ in range(3):
         channel_stats(torch.randn(2, 3, 4), 1, 0.0)
     assert kernel.kernel is None
