@@ -21,10 +21,11 @@ from lightning_deadunits.actions.alarm_handler import AlarmAction
 from lightning_deadunits.actions.batch_dump import BatchDumper, rng_states
 from lightning_deadunits.actions.skip_update import SkipUpdate
 from lightning_deadunits.actions.spike_dump import SpikeDump
+from lightning_deadunits.actions.spike_journal import SpikeJournal, spike_event
 from lightning_deadunits.callbacks.monitor import MonitorCallback
 from lightning_deadunits.errors import DeadUnitsWarning
 from lightning_deadunits.metrics.spike_deaths import SpikeDeathLedger
-from lightning_deadunits.panels.spike_text import deaths_message, spike_events_table, spike_message
+from lightning_deadunits.panels.spike_text import spike_message
 from lightning_deadunits.probes.grad_norms import GradNormProbe
 from lightning_deadunits.probes.loss import BatchLoss, LossProbe
 from lightning_deadunits.readings import Reading
@@ -36,8 +37,6 @@ from lightning_deadunits.triggers.rule import Rule
 __all__ = ["LossSpikeMonitor"]
 
 log = logging.getLogger("lightning_deadunits")
-
-_MAX_EVENTS = 1000
 
 
 class LossSpikeMonitor(MonitorCallback):
@@ -224,7 +223,7 @@ class LossSpikeMonitor(MonitorCallback):
         self.dump = SpikeDump(self.dumper)
         self.skip = SkipUpdate()
         self.deaths = SpikeDeathLedger()
-        self.events: list[dict[str, Any]] = []
+        self.journal = SpikeJournal(self, self.dump, self.deaths)
         self.spike_count = 0
         self.logs = StepGate(every_n_steps(self.log_every_n_steps or 50))
         self._warned_no_loss = False
@@ -246,6 +245,11 @@ class LossSpikeMonitor(MonitorCallback):
             patience=detector.patience,
             prefix=self.prefix,
         )
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """One dict per flagged batch (the last 1000), fields as in the table above."""
+        return self.journal.events
 
     @property
     def spike_steps(self) -> list[int]:
@@ -283,7 +287,7 @@ class LossSpikeMonitor(MonitorCallback):
         """Keep the dead counts of other monitors, and resolve the deaths of spikes they have checked after."""
         if reading.origin != f"{self.prefix}/{self.source}":
             self.deaths.hear(reading)
-            self._resolve_deaths(trainer)
+            self.journal.resolve_deaths(trainer)
 
     @override
     def on_train_batch_start(
@@ -312,7 +316,11 @@ class LossSpikeMonitor(MonitorCallback):
             self._decide(trainer, self._batch)
         if self._skip_pending:
             self._skip_pending = False
-            self.skip(trainer, pl_module, self._skip_alarm(trainer.global_step))
+            assert self._judged is not None
+            loss, step = self._judged[1].loss, trainer.global_step
+            self.skip(
+                trainer, pl_module, self._alarm(loss, math.nan, f"loss {loss:.4g} at step {step}: update skipped", step)
+            )
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -344,7 +352,7 @@ class LossSpikeMonitor(MonitorCallback):
         if self._deferred is not None:
             self._finish_batch(trainer, pl_module, *self._deferred)
             self._deferred = None
-        self._record_episode(trainer, self.detector.finish())
+        self.journal.episode(trainer, self.detector.finish())
 
     @override
     def release(self) -> None:
@@ -367,7 +375,7 @@ class LossSpikeMonitor(MonitorCallback):
         self.load_base_state(state_dict)
         self.detector.load_state_dict(state_dict.get("detector", {}))
         self.dumper.load_state_dict(state_dict.get("dumper", {}))
-        self.events = [dict(event) for event in state_dict.get("events", [])]
+        self.journal.events = [dict(event) for event in state_dict.get("events", [])]
         self.spike_count = int(state_dict.get("spike_count", 0))
         self.skip.count = int(state_dict.get("skipped_updates", 0))
 
@@ -401,150 +409,30 @@ class LossSpikeMonitor(MonitorCallback):
         outputs: Any,
         batch: Any,
     ) -> None:
-        """Judge a batch's loss, record and dump a spike, log on logging steps and raise the alarm."""
+        """Judge a batch's loss, record (and dump) a spike, log on logging steps, raise an episode's alarm."""
         judged = self._decide(trainer, pending)
         if judged is None:
             self._warn_no_loss(pl_module, outputs, pending)
             return
         verdict, spike = judged
-        self._record_episode(trainer, verdict.ended_episode)
-        for step, loss, score in verdict.late:
-            _log_late(step, loss, score)
-            self.record_event(
-                trainer,
-                {
-                    "type": "spike",
-                    "prefix": self.prefix,
-                    "source": self.source,
-                    "step": step,
-                    "loss": loss,
-                    "spike_score": score,
-                    "reason": "warm-up outlier",
-                    "late": True,
-                    "local": True,
-                },
-                local=True,
-            )
-        alarm = (
-            self._record_spike(trainer, pl_module, pending, verdict, deaths_before, outputs, batch) if spike else None
-        )
+        self.journal.episode(trainer, verdict.ended_episode)
+        self.journal.late(trainer, verdict.late)
+        event = None
+        if spike:
+            self.spike_count = self.detector.episodes.count
+            event = spike_event(trainer, pending, verdict, deaths_before, self.skip_update)
+            recent = list(self.detector.recent)
+            self.journal.spike(trainer, pl_module, pending, event, (outputs, batch), recent)
         if self.logs.due(pending.step) or spike:
             self.logs.mark(pending.step)
             self.publish(trainer, self.reading(pending.step, self._scalars(trainer, pl_module, verdict)))
-        if alarm is not None and verdict.episode_start:
-            self.raise_alarms(trainer, [alarm])
+        if event is not None and verdict.episode_start:
+            level: AlarmLevel = "error" if verdict.reason == "non-finite" else "warning"
+            limit = math.nan if verdict.limit is None else verdict.limit
+            self.raise_alarms(trainer, [self._alarm(verdict.loss, limit, spike_message(event), pending.step, level)])
 
-    def _record_spike(
-        self,
-        trainer: "pl.Trainer",
-        pl_module: "pl.LightningModule",
-        pending: BatchLoss,
-        verdict: SpikeVerdict,
-        deaths_before: dict[str, dict[str, Any]],
-        outputs: Any,
-        batch: Any,
-    ) -> Alarm:
-        """Count a new episode, dump this rank's batch at its start and peak, keep and write the event; return its
-        alarm (raised only at the episode's start).
-        """  # noqa: D205
-        episode = verdict.episode or {}
-        # Under DDP the gradient is all-reduced, so its norm spikes on every rank: only the loss says whose batch.
-        local = verdict.flagged and ("loss" in verdict.signal or trainer.world_size == 1)
-        self.spike_count = self.detector.episodes.count
-        event: dict[str, Any] = {
-            "step": pending.step,
-            "epoch": pending.epoch,
-            "batch_idx": pending.batch_idx,
-            "rank": trainer.global_rank,
-            "loss": verdict.loss,
-            "baseline": verdict.baseline,
-            "spread": verdict.spread,
-            "ratio": verdict.ratio,
-            "spike_score": verdict.score,
-            "threshold": verdict.limit,
-            "reason": verdict.reason if local else "spike on another rank",
-            "local": local,
-            "signal": verdict.signal,
-            "grad_norm": verdict.grad_norm,
-            "grad_baseline": verdict.grad_baseline,
-            "grad_score": verdict.grad_score,
-            "layers": verdict.layers,
-            "episode_start": episode.get("start_step", pending.step),
-            "episode_length": episode.get("length", 1),
-            "episode_peak_step": episode.get("peak_step", pending.step),
-            "skipped_update": self.skip_update,
-            "dump": None,
-            "dead_after_spike": {},
-            "dead_pending": {origin: dict(before) for origin, before in deaths_before.items()},
-        }
-        if local and (verdict.episode_start or episode.get("peak_step") == pending.step):
-            path = self.dump.write(trainer, pl_module, pending, event, outputs, batch, list(self.detector.recent))
-            event["dump"] = None if path is None else str(path)
-            event["dump_skipped"] = self.dumper.last_skip_reason
-        self.events.append(event)
-        del self.events[:-_MAX_EVENTS]
-        fields = {key: value for key, value in event.items() if key not in ("dead_after_spike", "dead_pending")}
-        self.record_event(
-            trainer, {"type": "spike", "prefix": self.prefix, "source": self.source, **fields}, local=local
-        )
-        self._resolve_deaths(trainer)
-        self._write_events_panel(trainer)
-        message = spike_message(event)
-        level: AlarmLevel = "error" if verdict.reason == "non-finite" else "warning"
-        threshold = math.nan if verdict.limit is None else verdict.limit
-        return Alarm(
-            self.source,
-            self.key("spike"),
-            verdict.loss,
-            threshold,
-            level,
-            message,
-            pending.step,
-            type(self).__name__,
-            "spike",
-        )
-
-    def _record_episode(self, trainer: "pl.Trainer", episode: dict[str, Any] | None) -> None:
-        """Write an ended episode to the events file (rank zero: the episode is the same on every rank)."""
-        if episode is None:
-            return
-        fields = {key: value for key, value in episode.items() if key != "signals"}
-        self.record_event(trainer, {"type": "episode", "prefix": self.prefix, "source": self.source, **fields})
-
-    def _skip_alarm(self, step: int) -> Alarm:
-        """The alarm the skip action acts on: the spike's own alarm comes once the batch has been dumped."""
-        assert self._judged is not None
-        loss = self._judged[1].loss
-        message = f"loss spike at step {step}: loss {loss:.4g}; its update is skipped"
-        return Alarm(
-            self.source, self.key("spike"), loss, math.nan, "warning", message, step, type(self).__name__, "spike"
-        )
-
-    def _resolve_deaths(self, trainer: "pl.Trainer") -> None:
-        """Fill in the deaths of spike events whose monitors have read since the spike."""
-        changed = False
-        for event in self.events:
-            resolved = self.deaths.resolve(event["step"], event["dead_pending"]) if event["dead_pending"] else {}
-            if not resolved:
-                continue
-            changed = True
-            event["dead_after_spike"].update(resolved)
-            _log_deaths(deaths_message(event))
-            self.record_event(
-                trainer,
-                {
-                    "type": "spike_deaths",
-                    "prefix": self.prefix,
-                    "source": self.source,
-                    "step": event["step"],
-                    "dead_after_spike": resolved,
-                },
-                local=event["local"],
-            )
-            if event["dump"] is not None:
-                self.dumper.annotate(event["dump"], {"dead_after_spike": event["dead_after_spike"]})
-        if changed:
-            self._write_events_panel(trainer)
+    def _alarm(self, loss: float, limit: float, message: str, step: int, level: AlarmLevel = "warning") -> Alarm:
+        return Alarm(self.source, self.key("spike"), loss, limit, level, message, step, type(self).__name__, "spike")
 
     def _scalars(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", verdict: SpikeVerdict
@@ -577,26 +465,6 @@ class LossSpikeMonitor(MonitorCallback):
             DeadUnitsWarning,
             stacklevel=2,
         )
-
-    def _write_events_panel(self, trainer: "pl.Trainer") -> None:
-        self.panels.text(
-            trainer, self.key("spike_events"), spike_events_table(self.events), trainer.global_step, replace=True
-        )
-
-
-@rank_zero_only  # type: ignore[untyped-decorator,misc]
-def _log_deaths(message: str) -> None:
-    log.warning("deadunits: %s", message)
-
-
-@rank_zero_only  # type: ignore[untyped-decorator,misc]
-def _log_late(step: int, loss: float, score: float) -> None:
-    log.warning(
-        "deadunits: warm-up loss %.4g at step %s was an outlier (robust z %.3g), found as warm-up ended.",
-        loss,
-        step,
-        score,
-    )
 
 
 @rank_zero_only  # type: ignore[untyped-decorator,misc]
