@@ -153,7 +153,10 @@ def test_compiled_model_is_measured_exactly_as_the_eager_one(tmp_path: Path) -> 
     torch.manual_seed(0)
     bundle, compiled, task = _fit(tmp_path / "compiled", Case(), compile_model=True)
     _check_every_monitor_ran(bundle, compiled, task, Case())
-    assert compiled.metrics == eager.metrics
+    # the same values; under TorchDynamo float sums may be added in another order (last bits of a std)
+    assert compiled.metrics.keys() == eager.metrics.keys()
+    for key, series in eager.metrics.items():
+        assert compiled.metrics[key] == pytest.approx(series, rel=1e-6, nan_ok=True), key
 
 
 def _decoded_inputs(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:

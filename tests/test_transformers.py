@@ -123,7 +123,7 @@ def test_swiglu_mlp_is_watched_without_any_argument(tmp_path: Path) -> None:
     with torch.no_grad():
         model[2].gate.weight[[1, 20]] = 0.0
         model[2].gate.bias[[1, 20]] = -30.0  # silu(-30) = -2.8e-12: dead under the 1e-6 tolerance
-    monitor = ActivationMonitor(every_n_steps=1, window=3)
+    monitor = ActivationMonitor(every_n_steps=1, log_every_n_samples=1, window=3)
     memory = _fit(tmp_path, SequenceTask(model, lengths=(5, 9), steps=3), monitor)
     assert memory.series(f"{KEY}/model.0:silu#0/dead") == {0: 0, 1: 0, 2: 0}
     assert memory.series(f"{KEY}/model.2:silu#0/dead") == {0: 2, 1: 2, 2: 2}
