@@ -476,3 +476,17 @@ def test_activation_hooks_never_sync_with_the_host_on_cuda() -> None:
         assert summary.near_zero.tolist() == (output == 0).sum(dim=(0, 2, 3)).double().cpu().tolist()
         assert summary.max.tolist() == output.float().amax(dim=(0, 2, 3)).double().cpu().tolist()
     assert summaries[("relu", 1)].dead is not None and bool(summaries[("relu", 1)].dead[1])
+
+
+def test_activation_band_charts_go_to_the_sites_with_the_most_dead_channels(tmp_path: Path) -> None:
+    monitor = ActivationMonitor(every_n_steps=1, band_layers=1, log_every_n_samples=1)
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    _fit(tmp_path, Fixed(ReusedRelu(), image_batches(2)), monitor, max_steps=2, logger=logger)
+    images = [tag for tag in load_events(tmp_path).Tags()["images"] if tag.endswith("/channel_range")]
+    assert monitor.dead_counts == {"model.relu#0": 0.0, "model.relu#1": 1.0, "model.relu#2": 0.0}
+    assert images == [f"{KEY}/model.relu#1/channel_range"]  # the call site with the dead channel (conv2's bias)
+
+
+def test_activation_monitor_rejects_a_negative_band_layers() -> None:
+    with pytest.raises(ValueError, match=r"`band_layers` must be an int >= 0, got -1"):
+        ActivationMonitor(band_layers=-1)

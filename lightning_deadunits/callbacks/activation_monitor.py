@@ -162,6 +162,8 @@ class ActivationMonitor(MonitorCallback):
         log_histograms: write per-channel zero-fraction histograms (TensorBoard only).
         log_images: write the per-channel band charts (TensorBoard only).
         band_history: logs kept for the band chart (>= 1).
+        band_layers: how many call sites get a band chart at an image log (>= 0): those with the most dead channels,
+            then the highest zero fraction.
         images_every_n_logs: draw the band charts at every this many training logs, the first included (>= 1; each
             figure takes tens of milliseconds), and at the log made when training ends within a log period.
         dead_frac_above: alarm when a ``dead_frac`` (a layer's or the total, validation ones included) exceeds
@@ -204,6 +206,7 @@ class ActivationMonitor(MonitorCallback):
         log_histograms: bool = True,
         log_images: bool = True,
         band_history: int = 100,
+        band_layers: int = 4,
         images_every_n_logs: int = 10,
         dead_frac_above: float | None = None,
         max_abs_above: float | None = None,
@@ -237,6 +240,7 @@ class ActivationMonitor(MonitorCallback):
         self.log_images = check_bool("log_images", log_images)
         self.band_history = check_int("band_history", band_history, minimum=1)
         self.images_every_n_logs = check_int("images_every_n_logs", images_every_n_logs, minimum=1)
+        self.band_layers = check_int("band_layers", band_layers, minimum=0)
         self.dead_frac_above = check_optional_float("dead_frac_above", dead_frac_above, 0.0, 1.0)
         self.max_abs_above = check_optional_float("max_abs_above", max_abs_above, minimum=0.0)
         self.std_below = check_optional_float("std_below", std_below, minimum=0.0)
@@ -253,7 +257,9 @@ class ActivationMonitor(MonitorCallback):
         )
         self.stats = ActivationStats()
         self.sampled = schedules.every_n_steps(self.every_n_steps)
-        self.drawing = ActivationPanels(self.key, self.log_histograms, self.log_images, self.band_history)
+        self.drawing = ActivationPanels(
+            self.key, self.log_histograms, self.log_images, self.band_history, self.band_layers
+        )
         self.readings: dict[str, float] = {}
         self.validation_readings: dict[str, float] = {}
         self.history: list[dict[str, float]] = []

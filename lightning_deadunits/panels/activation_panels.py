@@ -34,13 +34,18 @@ class ActivationPanels:
         log_histograms: per-channel zero-fraction histograms (``<site>/channel_zero_frac``).
         log_images: per-channel band charts of the training logs (``<site>/channel_range``).
         band_history: logs kept for the band chart.
+        band_layers: how many sites get a band chart at an image log: those with the most dead channels, then the
+            highest zero fraction (each chart takes tens of milliseconds to draw).
 
     Example:
-        >>> panels = ActivationPanels(lambda *parts: "/".join(parts), True, True, 100)
+        >>> panels = ActivationPanels(lambda *parts: "/".join(parts), True, True, 100, band_layers=4)
     """
 
-    def __init__(self, key: Callable[..., str], log_histograms: bool, log_images: bool, band_history: int) -> None:
+    def __init__(
+        self, key: Callable[..., str], log_histograms: bool, log_images: bool, band_history: int, band_layers: int = 4
+    ) -> None:
         self.key = key
+        self.band_layers = band_layers
         self.log_histograms = log_histograms
         self.log_images = log_images
         self.band_history = band_history
@@ -72,7 +77,7 @@ class ActivationPanels:
                     writer.histogram(trainer, tag, summary.channel_zero_frac, step)
         if not (self.log_images and images) or scope:
             return
-        for name in summaries:
+        for name in sorted(summaries, key=lambda site: _worst_first(summaries[site]))[: self.band_layers]:
             ranges = self.channel_ranges.get(name, [])
             if ranges and len({low.numel() for _, low, _ in ranges}) == 1:
                 lows = np.stack([low.numpy() for _, low, _ in ranges])
@@ -88,3 +93,10 @@ class ActivationPanels:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output."""
         self.channel_ranges = {name: list(ranges) for name, ranges in state_dict.get("channel_ranges", {}).items()}
+
+
+def _worst_first(summary: SiteSummary) -> tuple[float, float]:
+    """Sort key: most dead channels, then highest zero fraction (sites without zero counting last)."""
+    dead = 0.0 if summary.dead is None else float(summary.dead.sum())
+    zero = summary.channel_zero_frac
+    return -dead, -(float(zero.mean()) if zero is not None and zero.numel() else 0.0)
