@@ -235,15 +235,18 @@ def test_activation_monitor_skips_zero_counts_for_bounded_activations_unless_ask
     assert f"{KEY}/model.1/zero_frac" in memory.metrics and f"{KEY}/model.3/zero_frac" not in memory.metrics
 
 
-def test_activation_monitor_hooks_exist_only_on_sampled_steps(tmp_path: Path) -> None:
+@pytest.mark.parametrize("model_type", [ConvRelu, FunctionalRelu])
+def test_activation_monitor_hooks_exist_only_on_sampled_steps(tmp_path: Path, model_type: type[nn.Module]) -> None:
     counts: list[int] = []
-    model = ConvRelu()
-    lit = Fixed(model, image_batches(5), on_step=lambda module: counts.append(hook_count(module)))
+    lit = Fixed(model_type(), image_batches(5), on_step=lambda module: counts.append(hook_count(module)))
     _fit(tmp_path, lit, ActivationMonitor(every_n_steps=2), max_steps=5)
-    # the ReLU's hook and its parent's call-index reset, and the enter/leave pair on every module that keeps the
-    # stack of enclosing modules for functional call sites
-    sampled = 2 + 2 * len(list(lit.modules()))
-    assert counts == [sampled, 0, sampled, 0, sampled]
+    # the enter/leave pair on every module that keeps the stack of enclosing modules for functional call sites;
+    # with a module ReLU, also its hook and its parent's call-index reset
+    function_mode = 2 * len(list(lit.modules()))
+    if model_type is ConvRelu:  # no activation function called: later steps hook the ReLU alone, without the mode
+        assert counts == [2 + function_mode, 0, 2, 0, 2]
+    else:  # the first forward also traces the linear head (a channels-last producer)
+        assert counts == [2 + function_mode, 0, function_mode, 0, function_mode]
     assert hook_count(lit) == 0
 
 

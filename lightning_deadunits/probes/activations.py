@@ -202,13 +202,19 @@ class ActivationProbe:
         """How many hooks this probe currently holds on the model."""
         return self._tracer.hooks_attached
 
-    def start(self, target: ActivationStats) -> None:
-        """Attach the hooks; until :meth:`stop`, every call of a watched module adds its statistics to ``target``."""
+    def start(self, target: ActivationStats, validation: bool = False) -> None:
+        """Attach the hooks; until :meth:`stop`, every call of a watched module adds its statistics to ``target``.
+
+        Training forwards after the first measured one intercept activation functions only if that one called
+        some (the interception costs several microseconds per torch call of the forward); a validation pass
+        (``validation=True``) always does, since eval-mode paths may call functions that training does not.
+        """
         self.stop()
         self._target = target
         # the linear-like producers matter only to the first measured forward, which resolves the channel dims
         traced = self.modules if self._tracked else [*self._channels_last_producers, *self.modules]
-        self._tracer.start(traced, propagate=not self._tracked and self.channel_dim == "auto")
+        functions = validation or not self._tracked or bool(self._measured_functions)
+        self._tracer.start(traced, propagate=not self._tracked and self.channel_dim == "auto", functions=functions)
 
     def stop(self) -> None:
         """Remove every hook and forget every tensor seen. Safe to call at any time."""

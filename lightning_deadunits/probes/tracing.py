@@ -5,10 +5,12 @@ forgotten at :meth:`ForwardTracer.stop`. Functional calls are seen through a ``T
 only inside the model's forwards between those two calls.
 """
 
+import contextlib
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
+import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
@@ -149,16 +151,18 @@ class ForwardTracer(Generic[Mark]):
         """How many hooks this tracer currently holds on the model."""
         return len(self._handles)
 
-    def start(self, names: Iterable[str] | None = None, propagate: bool = False) -> None:
+    def start(self, names: Iterable[str] | None = None, propagate: bool = False, functions: bool = True) -> None:
         """Hook the attached modules (or only those named) and their parents, counting calls from 0.
 
         Args:
             names: the attached modules to trace; all of them when ``None``.
             propagate: pass marks on through the functions called in the forward (costly: for a first forward).
+            functions: trace the attached functions (``False``: modules only, without the function mode, whose
+                Python dispatch of every torch call in the forward costs several microseconds each).
         """
         self.stop()
         self._propagate = propagate
-        if (self.functions or propagate) and self._model is not None:
+        if ((self.functions and functions) or propagate) and self._model is not None:
             for name, module in self._model.named_modules():
                 self._handles.append(module.register_forward_pre_hook(self._enter(name, module)))
                 self._handles.append(module.register_forward_hook(self._leave, always_call=True))
@@ -271,8 +275,11 @@ class ForwardTracer(Generic[Mark]):
             if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
                 output = output[0]
             self._busy = True
+            # The measurement's own torch calls bypass the function mode: none of them is a call site.
+            outside_mode = torch._C.DisableTorchFunction() if self._interceptor else contextlib.nullcontext()
             try:
-                mark = self.on_call((name, call), module, inputs, output)
+                with outside_mode:
+                    mark = self.on_call((name, call), module, inputs, output)
             finally:
                 self._busy = False
             if mark is not None and isinstance(output, Tensor):
