@@ -43,6 +43,8 @@ def watched_activations(built: Built, device: str) -> list[tuple[Tensor, int]]:
 def _statistics(compile_after: int | None) -> Callable[[Tensor, int], Any]:
     def measure(values: Tensor, channel_dim: int) -> Any:
         functional.COMPILE_AFTER_CALLS = compile_after
+        # The fused pass on any device, the CPU included (where a run compiles only if asked to).
+        functional.COMPILE_DEVICES = (values.device.type,) if compile_after is not None else ()
         return functional.channel_stats(values, channel_dim, eps=0.0, nonnegative=True)
 
     return measure
@@ -73,11 +75,13 @@ def _seconds(fn: Callable[[Tensor, int], Any], tensors: list[tuple[Tensor, int]]
 def roofline(built: Built, device: str, repeats: int, loops: int, fused: bool = True) -> dict[str, float]:
     """Median ms per sampled step of each pass over one step's activations and the statistics' ratios to the sum.
 
-    ``fused=False`` skips the compiled pass (smoke runs: compiling takes seconds). The fused kernel stays compiled
-    for the rest of the process, as it does in a long run once :data:`COMPILE_AFTER_CALLS` tensors were measured.
+    ``fused=False`` skips the compiled pass (smoke runs: compiling takes seconds). The fused pass is compiled for
+    the device whatever :data:`COMPILE_DEVICES` says (on the CPU a run compiles only when asked to), and stays
+    compiled for the rest of the process, as it does in a long run once :data:`COMPILE_AFTER_CALLS` tensors were
+    measured on a device of :data:`COMPILE_DEVICES`.
     """
     tensors = watched_activations(built, device)
-    previous = functional.COMPILE_AFTER_CALLS
+    previous = functional.COMPILE_AFTER_CALLS, functional.COMPILE_DEVICES
     passes = {"eager": _statistics(None), "fused": _statistics(0), "sum": _plain_sum}
     if not fused:
         del passes["fused"]
@@ -93,7 +97,7 @@ def roofline(built: Built, device: str, repeats: int, loops: int, fused: bool = 
             for name in order:
                 times[name].append(_seconds(passes[name], tensors, loops, cuda))
     finally:
-        functional.COMPILE_AFTER_CALLS = previous
+        functional.COMPILE_AFTER_CALLS, functional.COMPILE_DEVICES = previous
     ms = {name: 1000 * statistics.median(values) for name, values in times.items()}
     result = {f"{name}_ms": value for name, value in ms.items()}
     result["values"] = float(sum(values.numel() for values, _ in tensors))

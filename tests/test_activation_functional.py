@@ -19,22 +19,38 @@ def _reference(values: np.ndarray, channel_axis: int, eps: float) -> dict[str, n
     }
 
 
+@pytest.mark.parametrize("nonnegative", [False, True])
 @pytest.mark.parametrize(
     ("shape", "channel_dim", "channel_axis"),
-    [((4, 6, 5, 3), 1, 1), ((4, 6), 1, 1), ((4, 6), -1, 1), ((2, 7, 6), -1, 2), ((2, 6, 7), 1, 1), ((6,), 1, 0)],
+    [
+        ((4, 6, 5, 3), 1, 1),
+        ((4, 6), 1, 1),
+        ((4, 6), -1, 1),
+        ((2, 7, 6), -1, 2),
+        ((2, 6, 7), 1, 1),
+        ((6,), 1, 0),
+        ((3, 4, 8, 9), 1, 1),  # 72 positions per channel and sample: reduced along them first
+        ((2, 70, 5), -1, 2),
+    ],
 )
-def test_channel_stats_equal_numpy_per_channel(shape: tuple[int, ...], channel_dim: int, channel_axis: int) -> None:
-    values = torch.randn(shape).relu()
-    values[values < 0.3] = 1e-7  # near zero for eps=1e-6, not for eps=0
-    stats = channel_stats(values, channel_dim, eps=1e-6)
-    expected = _reference(values.numpy(), channel_axis, 1e-6)
-    assert stats.count == expected["count"]
-    assert stats.near_zero is not None
-    np.testing.assert_array_equal(stats.near_zero.numpy(), expected["near_zero"])
-    for field in ("sum", "sum_sq", "sum_abs", "min", "max"):
-        np.testing.assert_allclose(getattr(stats, field).numpy(), expected[field], rtol=1e-6, atol=1e-6)
-    exact = channel_stats(values, channel_dim, eps=0.0)
-    assert exact.near_zero is not None and int(exact.near_zero.sum()) == int((values == 0).sum())
+def test_channel_stats_equal_numpy_per_channel(
+    shape: tuple[int, ...], channel_dim: int, channel_axis: int, nonnegative: bool
+) -> None:
+    values = torch.randn(shape)
+    if nonnegative:
+        values = values.relu()
+    values[values.abs() < 0.3] = 1e-7  # near zero for eps=1e-6, not for eps=0
+    values.view(-1)[::7] = 0.0
+    for eps in (1e-6, 0.0, 0.5):
+        stats = channel_stats(values, channel_dim, eps=eps, nonnegative=nonnegative)
+        expected = _reference(values.numpy(), channel_axis, eps)
+        assert stats.count == expected["count"]
+        assert stats.near_zero is not None
+        np.testing.assert_array_equal(stats.near_zero.numpy(), expected["near_zero"])
+        for field in ("sum", "sum_sq", "sum_abs", "min", "max"):
+            np.testing.assert_allclose(getattr(stats, field).numpy(), expected[field], rtol=1e-6, atol=1e-5)
+    without = channel_stats(values, channel_dim, eps=None, nonnegative=nonnegative)
+    assert without.near_zero is None and torch.equal(without.totals, stats.totals[:3])
 
 
 def test_channel_stats_counts_negative_zero_and_skips_without_eps() -> None:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_deadunits import GradNormMonitor, Reading
+from lightning_deadunits.probes.grad_norms import GradNormProbe
 from tests.helpers.memory_logger import MemoryLogger
 
 QUIET: dict[str, Any] = dict(enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
@@ -133,3 +134,37 @@ def test_a_row_counts_as_gradient_dead_only_after_a_whole_window_of_zero_gradien
 def test_grad_norm_monitor_rejects_bad_arguments(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises((ValueError, TypeError), match=message):
         GradNormMonitor(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_norm_probe_step_norms_equal_the_norms_of_each_parameter(dtype: torch.dtype) -> None:
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.Conv2d(3, 4, 1, bias=False), nn.Flatten(), nn.Linear(16, 5), nn.Linear(5, 2)
+    ).to(dtype)
+    model[4].weight.requires_grad_(False)  # frozen weight: the layer is not reported; its bias still counts
+    model(torch.randn(2, 2, 4, 4, dtype=dtype)).sum().backward()
+    model[3].bias.grad = None  # a bias without a gradient: the weight alone
+    probe = GradNormProbe()
+    probe.attach(model)
+    for _ in range(2):  # the second reuses the cached layout of gradients
+        found = probe.step_norms()
+        assert found is not None
+        norms, layers = found
+        assert layers == ["0", "1", "3"] and norms.dtype == torch.float32
+        grads = {
+            name: [p.grad.double() for p in module.parameters() if p.grad is not None]
+            for name, module in model.named_children()
+        }
+        expected = [sum(float(g.square().sum()) for gs in grads.values() for g in gs)]
+        expected += [sum(float(g.square().sum()) for g in grads[name]) for name in layers]
+        np.testing.assert_allclose(norms.square().double().numpy(), expected, rtol=1e-5)
+    model[3].bias.grad = torch.ones_like(model[3].bias)  # the layout changes: the bias counts again
+    found = probe.step_norms()
+    assert found is not None
+    assert float(found[0][3].square()) == pytest.approx(
+        float(model[3].weight.grad.float().square().sum()) + 5, rel=1e-5
+    )
+    probe.sample()
+    norms_by_layer, total, _ = probe.summary(window=1)
+    assert total is not None and float(total) == pytest.approx(float(found[0][0]), rel=1e-6)
+    assert float(norms_by_layer["3"]) == pytest.approx(float(found[0][3]), rel=1e-6)

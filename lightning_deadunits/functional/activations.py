@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_deadunits._compat import distinct_symbolic_sizes
@@ -155,34 +156,44 @@ def channel_stats(x: Tensor, channel_dim: int = 1, eps: float | None = 0.0, nonn
     count = x.numel() // channels
     with torch.no_grad():
         grid = x.detach().reshape(outer, channels, count // outer)
-        fused = _FUSED.stats(grid, eps) if count < _EXACT_FLOAT32_COUNT else None
+        compiles = grid.device.type in COMPILE_DEVICES and count < _EXACT_FLOAT32_COUNT
+        fused = _FUSED.stats(grid, eps) if compiles else None
         return fused if fused is not None else _eager_stats(grid.float(), count, eps, nonnegative)
 
 
 def _eager_stats(grid: Tensor, count: int, eps: float | None, nonnegative: bool) -> ChannelStats:
-    """:func:`channel_stats` of a float32 ``(outer, C, inner)`` grid in separate float passes (no compiler)."""
+    """:func:`channel_stats` of a float32 ``(outer, C, inner)`` grid in separate float passes (no compiler).
+
+    Writing a temporary as large as the grid costs several reads of it, so the passes write at most one (``|x|``
+    or the near-zero indicator, computed in place in it), none for ``eps=None`` over contiguous rows.
+    """
     # The contiguous inner dim first when it is long, else the outer dim first (whole rows combined
     # elementwise): whichever vectorises. The partial results are small; their second step is one reduction.
-    first, then = (2, 0) if grid.shape[2] >= _LONG_INNER else (0, 1)
-    partials = [grid.sum(first)]
-    scratch = grid.square()
-    partials.append(scratch.sum(first))
+    rows = grid.shape[2] >= _LONG_INNER
+    first, then = (2, 0) if rows else (0, 1)
+    total = grid.sum(first)
+    # Along contiguous rows the 2-norm reads each value once and writes nothing; across rows it does not vectorise.
+    squares = torch.linalg.vector_norm(grid, 2, dim=2).square_() if rows else grid.square().sum(0)
+    scratch: Tensor | None = None
     if nonnegative:
-        partials.append(partials[0])
+        absolute = total
     else:
-        torch.abs(grid, out=scratch)
-        partials.append(scratch.sum(first))
+        scratch = grid.abs()
+        absolute = scratch.sum(first)
+    partials = [total, squares, absolute]
     if eps is not None:
-        magnitude = grid if nonnegative else scratch  # |x|, which `scratch` holds for signed values
-        if eps:
-            magnitude = torch.sub(magnitude, eps, out=scratch).clamp_min_(0)
-        partials.append(torch.sign(magnitude, out=scratch).sum(first))
+        # The indicator of |x| > eps: |x| where above eps, else 0 (NaN too), then its sign.
+        if scratch is None:  # |x| is x
+            scratch = F.threshold(grid, eps, 0.0).sign_() if eps else torch.sign(grid)
+        else:
+            (F.threshold_(scratch, eps, 0.0) if eps else scratch).sign_()
+        partials.append(scratch.sum(first))
     # float64 from here: exact counts, and precise sums over many positions.
     totals = torch.stack(partials).sum(then + 1, dtype=torch.float64)
     high = grid.amax(first).amax(then)
     if eps is not None:
-        # 0/1 per value, so the active count is exact. `sign` maps NaN to 0, so a channel holding a NaN (whose
-        # max is NaN) is set apart: it counts as active.
+        # 0/1 per value, so the active count is exact. NaN is never above the threshold, so a channel holding a
+        # NaN (whose max is NaN) is set apart: it counts as active.
         totals[NEAR_ZERO_ROW].neg_().add_(count).masked_fill_(high.isnan(), 0.0)
     return ChannelStats(count=count, totals=totals, min=grid.amin(first).amin(then), max=high)
 

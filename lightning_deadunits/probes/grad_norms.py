@@ -61,6 +61,8 @@ class GradNormProbe:
         self._squares: dict[str, Tensor] = {}
         self._total_squares: Tensor | None = None
         self._last_nonzero: dict[str, Tensor] = {}
+        self._plan_for: tuple[tuple[int, ...], torch.device] | None = None
+        self._plan_cache: tuple[Tensor, Tensor, Tensor, list[str]] | None = None
 
     def attach(self, model: nn.Module) -> None:
         """Find the watched layers (with a weight) and every parameter of ``model``."""
@@ -70,20 +72,20 @@ class GradNormProbe:
             if isinstance(getattr(module, "weight", None), Tensor)
         }
         self.parameters = list(model.parameters())
+        self._plan_for = None
 
     def sample(self) -> None:
         """Add the current gradients to the period (device operations only)."""
-        total = self._total_square()
-        if total is None:
+        squares = self._squares_now()
+        if squares is None:
             return
+        total, layer_squares, names = squares
         self._total_squares = total if self._total_squares is None else self._total_squares + total
-        for name, module in self.layers.items():
-            weight: Tensor = module.weight  # type: ignore[assignment]
-            if weight.grad is None:
-                continue
-            grad = weight.grad.detach()
-            squares = _layer_square(module)
-            self._squares[name] = self._squares[name] + squares if name in self._squares else squares
+        for name, square in zip(names, layer_squares.unbind(), strict=True):
+            self._squares[name] = self._squares[name] + square if name in self._squares else square
+        for name in names:
+            module = self.layers[name]
+            grad = module.weight.grad.detach()  # type: ignore[union-attr]
             groups, transposed = getattr(module, "groups", 1), getattr(module, "transposed", False)
             nonzero = weight_filter_norms(grad, groups, transposed)[0] > 0
             last = self._last_nonzero.get(name)
@@ -115,19 +117,51 @@ class GradNormProbe:
             ``(norms, layers)``: ``norms[0]`` is the global norm, ``norms[1 + i]`` the norm of ``layers[i]`` (weight
             and bias gradients together); ``None`` when no parameter has a gradient. Does not touch the period.
         """
-        total = self._total_square()
-        if total is None:
+        squares = self._squares_now()
+        if squares is None:
             return None
-        layers = [name for name, module in self.layers.items() if getattr(module.weight, "grad", None) is not None]
-        squares = [total, *(_layer_square(self.layers[name]) for name in layers)]
-        return torch.stack([square.to(total.device) for square in squares]).sqrt(), layers
+        total, layer_squares, names = squares
+        return torch.cat([total.reshape(1), layer_squares]).sqrt(), names
 
-    def _total_square(self) -> Tensor | None:
-        """The squared global norm of every gradient of the model, on the device (``None``: no gradient)."""
-        grads = [p.grad for p in self.parameters if p.grad is not None]
-        if not grads:
+    def _squares_now(self) -> tuple[Tensor, Tensor, list[str]] | None:
+        """The squared global norm, the squared norms of the layers whose weight has a gradient (one tensor, in
+        float32 whatever the gradients' dtype) and those layers' names; ``None`` when no parameter has a gradient.
+
+        One batched norm over every gradient (``torch._foreach_norm``), whose squares the layers then gather: a
+        handful of device operations whatever the model's size, and no host sync.
+        """  # noqa: D205
+        present = tuple(index for index, param in enumerate(self.parameters) if param.grad is not None)
+        if not present:
             return None
-        return torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]).square().sum()
+        grads = [self.parameters[index].grad.detach() for index in present]  # type: ignore[union-attr]
+        squares = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square_()
+        if self._plan_cache is None or self._plan_for != (present, squares.device):
+            self._plan_for, self._plan_cache = (present, squares.device), self._plan(present, squares.device)
+        weights, bias_layers, biases, names = self._plan_cache
+        layer_squares = squares.index_select(0, weights).index_add_(0, bias_layers, squares.index_select(0, biases))
+        return squares.sum(), layer_squares, names
+
+    def _plan(self, present: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor, list[str]]:
+        """Where each layer's weight and bias gradients sit among the ``present`` gradients, as device indices."""
+        position = {id(self.parameters[index]): k for k, index in enumerate(present)}
+        names: list[str] = []
+        weights: list[int] = []
+        bias_layers: list[int] = []
+        biases: list[int] = []
+        for name, module in self.layers.items():
+            if id(module.weight) not in position:
+                continue
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, Tensor) and id(bias) in position:
+                bias_layers.append(len(names))
+                biases.append(position[id(bias)])
+            names.append(name)
+            weights.append(position[id(module.weight)])
+        # Built again only when the set of parameters with gradients changes: index tensors reach the device then.
+        weight_index, layer_index, bias_index = (
+            torch.tensor(indices, dtype=torch.long, device=device) for indices in (weights, bias_layers, biases)
+        )
+        return weight_index, layer_index, bias_index, names
 
     def state_dict(self) -> dict[str, Any]:
         """The sample count and each row's last sample with a nonzero gradient (the gradient-dead window)."""
@@ -137,14 +171,3 @@ class GradNormProbe:
         """Restore :meth:`state_dict`'s output; missing keys keep their defaults."""
         self.samples = int(state_dict.get("samples", 0))
         self._last_nonzero = {n: t.clone() for n, t in state_dict.get("last_nonzero", {}).items()}
-
-
-def _layer_square(module: nn.Module) -> Tensor:
-    """The squared norm of a layer's weight and bias gradients together (its weight has a gradient)."""
-    weight: Tensor = module.weight  # type: ignore[assignment]
-    assert weight.grad is not None
-    squares = weight.grad.detach().float().square().sum()
-    bias = getattr(module, "bias", None)
-    if isinstance(bias, Tensor) and bias.grad is not None:
-        squares = squares + bias.grad.detach().float().square().sum()
-    return squares
