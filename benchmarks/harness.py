@@ -36,6 +36,7 @@ import contextlib
 import ctypes
 import gc
 import itertools
+import math
 import os
 import random
 import resource
@@ -125,7 +126,8 @@ class Lockstep:
 
 class WindowTimer(pl.Callback):
     """Wall and training-thread CPU seconds of every step after step ``warmup``; resets the peak-memory counters
-    when the window opens. Put last, so that every other callback's hooks are in the step.
+    when the window opens and reads them when it closes (so the one-off work of ``on_train_end``, such as the final
+    figures, is outside both). Put last, so that every other callback's hooks are in the step.
 
     With a ``lockstep``, the run hands the turn on after each step and a step is timed from the moment it gets the
     turn back. Without (CUDA), a CUDA event is recorded at the end of each step and the wall time of a step is the
@@ -141,6 +143,7 @@ class WindowTimer(pl.Callback):
         self.cpu: list[float] = []
         self.resumed = (0.0, 0.0)
         self.events: list[torch.cuda.Event] = []
+        self.peak_memory = math.nan
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.lockstep is not None:
@@ -156,7 +159,9 @@ class WindowTimer(pl.Callback):
             self.events[-1].record()
         if trainer.global_step == self.warmup:
             reset_peak_memory()
-        elif trainer.global_step > self.warmup:
+        elif trainer.global_step == trainer.max_steps:
+            self.peak_memory = read_peak_memory("cuda" if _cuda_running() else "cpu")
+        if trainer.global_step > self.warmup:
             self.wall.append(now[0] - self.resumed[0])
             self.cpu.append(now[1] - self.resumed[1])
         if self.lockstep is not None:
@@ -239,7 +244,7 @@ def train(
     )
     trainer.fit(BenchModule(*built))
     assert timer.wall, "the run ended before the timed window"
-    return {"wall": timer.wall, "cpu": timer.cpu, "peak_memory": read_peak_memory(args.device)}
+    return {"wall": timer.wall, "cpu": timer.cpu, "peak_memory": timer.peak_memory}
 
 
 def run_lockstep(jobs: list[Job], args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]:
