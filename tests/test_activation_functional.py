@@ -111,3 +111,13 @@ def test_channel_stats_count_a_channel_holding_a_nan_as_active() -> None:
     for eps in (0.0, 1e-3):
         stats = channel_stats(values, channel_dim=1, eps=eps)
         assert stats.near_zero is not None and stats.near_zero.tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("length", [64, 2040, 2048, 100])
+def test_channel_stats_count_every_active_value_of_long_rows(length: int) -> None:
+    values = torch.ones(3, 2, length)  # up to 255 ones in each byte lane of a word sum (2040), then past it
+    values[1, 1, ::3] = 0.0
+    values[2, 0] = -0.0
+    stats = channel_stats(values, 1, eps=0.0, nonnegative=True)
+    assert stats.near_zero is not None
+    assert stats.near_zero.tolist() == [length, len(range(0, length, 3))]

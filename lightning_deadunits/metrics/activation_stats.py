@@ -185,7 +185,8 @@ class ActivationStats:
             state = self.sites[site] = _SiteState.empty(
                 stats.totals.shape[1], device, len(stats.totals) > NEAR_ZERO_ROW
             )
-        state.to(device)
+        if state.totals.device != device:
+            state.to(device)
         state.count += stats.count
         state.totals += stats.totals
         torch.minimum(state.min, stats.min, out=state.min)
