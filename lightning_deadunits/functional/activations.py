@@ -130,8 +130,9 @@ def channel_stats(x: Tensor, channel_dim: int = 1, eps: float | None = 0.0, nonn
     compiled once per device, input dtype and size-1 layout, with dynamic shapes, and never for more than 8
     variants. Before that, or if compiling is unavailable or fails (one
     :class:`~lightning_deadunits.DeadUnitsWarning`, then eager for the rest of the process), the eager path
-    computes the same numbers in float passes: values reduced over the contiguous dims after the channel first,
-    counted as ``sign(max(|x| - eps, 0))``, partial sums combined in float64.
+    computes the same numbers in float passes that write at most one temporary as large as ``x``: values reduced
+    over the contiguous dims after the channel first (sums of squares there as a 2-norm), counted as the sign of
+    ``|x|`` thresholded at ``eps``, partial sums combined in float64.
 
     Args:
         x: an activation tensor with at least one element.
@@ -186,14 +187,14 @@ def _eager_stats(grid: Tensor, count: int, eps: float | None, nonnegative: bool)
         if scratch is None:  # |x| is x
             scratch = F.threshold(grid, eps, 0.0).sign_() if eps else torch.sign(grid)
         else:
-            (F.threshold_(scratch, eps, 0.0) if eps else scratch).sign_()
+            (F.threshold(scratch, eps, 0.0, inplace=True) if eps else scratch).sign_()
         partials.append(scratch.sum(first))
     # float64 from here: exact counts, and precise sums over many positions.
     totals = torch.stack(partials).sum(then + 1, dtype=torch.float64)
     high = grid.amax(first).amax(then)
     if eps is not None:
-        # 0/1 per value, so the active count is exact. NaN is never above the threshold, so a channel holding a
-        # NaN (whose max is NaN) is set apart: it counts as active.
+        # 0/1 per value, so the active count is exact. A NaN's indicator is 0 (thresholded) or NaN (its sign), so
+        # a channel holding a NaN (whose max is NaN) is set apart: it counts as active.
         totals[NEAR_ZERO_ROW].neg_().add_(count).masked_fill_(high.isnan(), 0.0)
     return ChannelStats(count=count, totals=totals, min=grid.amin(first).amin(then), max=high)
 

@@ -85,7 +85,9 @@ class GradNormProbe:
             self._squares[name] = self._squares[name] + square if name in self._squares else square
         for name in names:
             module = self.layers[name]
-            grad = module.weight.grad.detach()  # type: ignore[union-attr]
+            weight: Tensor = module.weight  # type: ignore[assignment]
+            assert weight.grad is not None
+            grad = weight.grad.detach()
             groups, transposed = getattr(module, "groups", 1), getattr(module, "transposed", False)
             nonzero = weight_filter_norms(grad, groups, transposed)[0] > 0
             last = self._last_nonzero.get(name)
