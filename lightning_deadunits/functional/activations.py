@@ -193,8 +193,8 @@ def _eager_stats(grid: Tensor, count: int, eps: float | None, nonnegative: bool)
     totals = torch.stack(partials).sum(then + 1, dtype=torch.float64)
     high = grid.amax(first).amax(then)
     if eps is not None:
-        # 0/1 per value, so the active count is exact. A NaN's indicator is 0 (thresholded) or NaN (its sign), so
-        # a channel holding a NaN (whose max is NaN) is set apart: it counts as active.
+        # 0/1 per value, so the active count is exact. A NaN's indicator is 0 (thresholded, or its sign on the
+        # CPU), so a channel holding a NaN (whose max is NaN) is set apart: it counts as active.
         totals[NEAR_ZERO_ROW].neg_().add_(count).masked_fill_(high.isnan(), 0.0)
     return ChannelStats(count=count, totals=totals, min=grid.amin(first).amin(then), max=high)
 
