@@ -62,7 +62,7 @@ class GradNormProbe:
         self._total_squares: Tensor | None = None
         self._last_nonzero: dict[str, Tensor] = {}
         self._plan_for: tuple[tuple[int, ...], torch.device] | None = None
-        self._plan_cache: tuple[Tensor, Tensor, Tensor, list[str]] | None = None
+        self._plan_cache: tuple[Tensor, Tensor, list[str]] | None = None
 
     def attach(self, model: nn.Module) -> None:
         """Find the watched layers (with a weight) and every parameter of ``model``."""
@@ -136,34 +136,34 @@ class GradNormProbe:
         if not present:
             return None
         grads = [self.parameters[index].grad.detach() for index in present]  # type: ignore[union-attr]
-        squares = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square_()
+        # One more entry, 0: what a layer without a bias gradient adds.
+        squares = torch.stack(
+            [*torch._foreach_norm(grads, 2, dtype=torch.float32), grads[0].new_zeros((), dtype=torch.float32)]
+        ).square_()
         if self._plan_cache is None or self._plan_for != (present, squares.device):
             self._plan_for, self._plan_cache = (present, squares.device), self._plan(present, squares.device)
-        weights, bias_layers, biases, names = self._plan_cache
-        layer_squares = squares.index_select(0, weights).index_add_(0, bias_layers, squares.index_select(0, biases))
-        return squares.sum(), layer_squares, names
+        weights, biases, names = self._plan_cache
+        # Gathers, not a scatter: deterministic on every device.
+        return squares.sum(), squares.index_select(0, weights) + squares.index_select(0, biases), names
 
-    def _plan(self, present: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor, list[str]]:
-        """Where each layer's weight and bias gradients sit among the ``present`` gradients, as device indices."""
+    def _plan(self, present: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, list[str]]:
+        """Where each layer's weight and bias gradients sit among the ``present`` gradients, as device indices.
+
+        A layer without a bias gradient points at the zero that follows them.
+        """
         position = {id(self.parameters[index]): k for k, index in enumerate(present)}
         names: list[str] = []
         weights: list[int] = []
-        bias_layers: list[int] = []
         biases: list[int] = []
         for name, module in self.layers.items():
             if id(module.weight) not in position:
                 continue
-            bias = getattr(module, "bias", None)
-            if isinstance(bias, Tensor) and id(bias) in position:
-                bias_layers.append(len(names))
-                biases.append(position[id(bias)])
             names.append(name)
             weights.append(position[id(module.weight)])
+            biases.append(position.get(id(getattr(module, "bias", None)), len(present)))
         # Built again only when the set of parameters with gradients changes: index tensors reach the device then.
-        weight_index, layer_index, bias_index = (
-            torch.tensor(indices, dtype=torch.long, device=device) for indices in (weights, bias_layers, biases)
-        )
-        return weight_index, layer_index, bias_index, names
+        weight_index, bias_index = (torch.tensor(i, dtype=torch.long, device=device) for i in (weights, biases))
+        return weight_index, bias_index, names
 
     def state_dict(self) -> dict[str, Any]:
         """The sample count and each row's last sample with a nonzero gradient (the gradient-dead window)."""
