@@ -166,7 +166,8 @@ def _eager_stats(grid: Tensor, count: int, eps: float | None, nonnegative: bool)
     """:func:`channel_stats` of a float32 ``(outer, C, inner)`` grid in separate float passes (no compiler).
 
     Writing a temporary as large as the grid costs several reads of it, so the passes write at most one (``|x|``
-    or the near-zero indicator, computed in place in it), none for ``eps=None`` over contiguous rows.
+    or the near-zero indicator, computed in place in it), and none for ``x >= 0`` without ``eps`` over contiguous
+    rows.
     """
     # The contiguous inner dim first when it is long, else the outer dim first (whole rows combined
     # elementwise): whichever vectorises. The partial results are small; their second step is one reduction.
