@@ -174,22 +174,27 @@ def _eager_stats(grid: Tensor, count: int, eps: float | None, nonnegative: bool)
     rows = grid.shape[2] >= _LONG_INNER
     first, then = (2, 0) if rows else (0, 1)
     total = grid.sum(first)
-    # Along contiguous rows the 2-norm reads each value once and writes nothing; across rows it does not vectorise.
-    squares = torch.linalg.vector_norm(grid, 2, dim=2).square_() if rows else grid.square().sum(0)
+    # One buffer at most (`out=None` allocates it): a fresh one per pass would also cost page faults.
     scratch: Tensor | None = None
-    if nonnegative:
-        absolute = total
-    else:
-        scratch = grid.abs()
-        absolute = scratch.sum(first)
-    partials = [total, squares, absolute]
+    if rows:  # along contiguous rows the 2-norm reads each value once and writes nothing
+        squares = torch.linalg.vector_norm(grid, 2, dim=2).square_()
+    else:  # across rows it does not vectorise
+        scratch = grid.square()
+        squares = scratch.sum(0)
+    magnitude = grid  # |x|
+    if not nonnegative:
+        magnitude = scratch = torch.abs(grid, out=scratch)
+    partials = [total, squares, total if nonnegative else magnitude.sum(first)]
     if eps is not None:
         # The indicator of |x| > eps: |x| where above eps, else 0 (NaN too), then its sign.
-        if scratch is None:  # |x| is x
-            scratch = F.threshold(grid, eps, 0.0).sign_() if eps else torch.sign(grid)
+        if not nonnegative:  # in place: `magnitude` is the buffer
+            indicator = (F.threshold(magnitude, eps, 0.0, inplace=True) if eps else magnitude).sign_()
+        elif eps:
+            source = grid if scratch is None else scratch.copy_(grid)
+            indicator = F.threshold(source, eps, 0.0, inplace=scratch is not None).sign_()
         else:
-            (F.threshold(scratch, eps, 0.0, inplace=True) if eps else scratch).sign_()
-        partials.append(scratch.sum(first))
+            indicator = torch.sign(grid, out=scratch)
+        partials.append(indicator.sum(first))
     # float64 from here: exact counts, and precise sums over many positions.
     totals = torch.stack(partials).sum(then + 1, dtype=torch.float64)
     high = grid.amax(first).amax(then)
