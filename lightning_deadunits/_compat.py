@@ -8,6 +8,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.fabric.utilities.logger import _add_prefix
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.loops.fetchers import _DataLoaderIterDataFetcher
@@ -117,3 +118,13 @@ def numpy_generator_fingerprint() -> bytes | None:
         return ctypes.string_at(generator.ctypes.state_address, _MT19937_STATE_BYTES)
     except (AttributeError, ImportError, TypeError, ValueError):
         return None
+
+
+def foreach_norms(tensors: list[Tensor]) -> tuple[Tensor, ...]:
+    """The float32 2-norm of each tensor, in one batched device call (``torch._foreach_norm``) and no host sync."""
+    return tuple(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+
+
+def torch_functions_undispatched() -> AbstractContextManager[Any]:
+    """A context in which torch calls skip every ``TorchFunctionMode`` (``torch._C.DisableTorchFunction``)."""
+    return torch._C.DisableTorchFunction()  # type: ignore[no-any-return]

@@ -109,3 +109,24 @@ def test_numpy_generator_fingerprint_changes_exactly_when_numpy_draws() -> None:
     assert first is not None and first == _compat.numpy_generator_fingerprint()
     np.random.rand()
     assert _compat.numpy_generator_fingerprint() != first
+
+
+def test_foreach_norms_are_each_tensors_2_norm_in_float32() -> None:
+    norms = _compat.foreach_norms([torch.tensor([3.0, 4.0]), torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=torch.bfloat16)])
+    assert [norm.dtype for norm in norms] == [torch.float32, torch.float32]
+    assert [norm.item() for norm in norms] == [5.0, 2.0]
+
+
+def test_torch_functions_undispatched_hides_calls_from_an_active_mode() -> None:
+    seen: list[Any] = []
+
+    class Recorder(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Recorder():
+        torch.relu(torch.ones(1))
+        with _compat.torch_functions_undispatched():
+            torch.sigmoid(torch.ones(1))
+    assert torch.relu in seen and torch.sigmoid not in seen

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_deadunits._compat import foreach_norms
 from lightning_deadunits.functional.kernels import weight_filter_norms
 from lightning_deadunits.probes.kernel_norms import DEFAULT_KERNEL_TYPES
 from lightning_deadunits.probes.selection import ModuleSelector
@@ -129,7 +130,7 @@ class GradNormProbe:
         """The squared global norm, the squared norms of the layers whose weight has a gradient (one tensor, in
         float32 whatever the gradients' dtype) and those layers' names; ``None`` when no parameter has a gradient.
 
-        One batched norm over every gradient (``torch._foreach_norm``), whose squares the layers then gather: a
+        One batched norm over every gradient, whose squares the layers then gather: a
         handful of device operations whatever the model's size, and no host sync.
         """  # noqa: D205
         present = tuple(index for index, param in enumerate(self.parameters) if param.grad is not None)
@@ -137,9 +138,7 @@ class GradNormProbe:
             return None
         grads = [self.parameters[index].grad.detach() for index in present]  # type: ignore[union-attr]
         # One more entry, 0: what a layer without a bias gradient adds.
-        squares = torch.stack(
-            [*torch._foreach_norm(grads, 2, dtype=torch.float32), grads[0].new_zeros((), dtype=torch.float32)]
-        ).square_()
+        squares = torch.stack([*foreach_norms(grads), grads[0].new_zeros((), dtype=torch.float32)]).square_()
         if self._plan_cache is None or self._plan_for != (present, squares.device):
             self._plan_for, self._plan_cache = (present, squares.device), self._plan(present, squares.device)
         weights, biases, names = self._plan_cache

@@ -10,11 +10,11 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
-import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from lightning_deadunits._compat import torch_functions_undispatched
 from lightning_deadunits.metrics.activation_stats import CallSite
 
 __all__ = ["ForwardTracer", "OnCall", "function_site"]
@@ -276,7 +276,7 @@ class ForwardTracer(Generic[Mark]):
                 output = output[0]
             self._busy = True
             # The measurement's own torch calls bypass the function mode: none of them is a call site.
-            outside_mode = torch._C.DisableTorchFunction() if self._interceptor else contextlib.nullcontext()
+            outside_mode = torch_functions_undispatched() if self._interceptor else contextlib.nullcontext()
             try:
                 with outside_mode:
                     mark = self.on_call((name, call), module, inputs, output)
