@@ -17,6 +17,7 @@ from lightning_deadunits.panels.render import png_bytes
 __all__ = ["TensorBoardPanels"]
 
 _LAYOUT_TAG_CHARTS = dict[str, list[Any]]
+_HISTOGRAM_BINS = 30
 
 
 class TensorBoardPanels:
@@ -76,12 +77,32 @@ class TensorBoardPanels:
             writer.add_custom_scalars(merged)
 
     def histogram(self, trainer: "pl.Trainer", tag: str, values: torch.Tensor, step: int) -> None:
-        """Add a histogram of ``values`` (moved to CPU only when a TensorBoard logger exists)."""
+        """Add a histogram of the finite ``values`` (moved to CPU only when a TensorBoard logger exists).
+
+        Thirty equal bins over their range, written raw: ``add_histogram``'s default of about 1500 exponential
+        buckets costs four times as much (0.4 ms a histogram, a dozen per check), and TensorBoard shows 30 bins.
+        """
         writers = self.writers(trainer)
-        if writers and values.numel() > 0:
-            data = values.detach().float().cpu().numpy()
-            for writer in writers:
-                writer.add_histogram(tag, data, step)
+        if not writers or values.numel() == 0:
+            return
+        data = values.detach().double().cpu().numpy().reshape(-1)
+        data = data[np.isfinite(data)]
+        if data.size == 0:
+            return
+        counts, edges = np.histogram(data, bins=_HISTOGRAM_BINS)
+        for writer in writers:
+            writer.add_histogram_raw(
+                tag,
+                min=float(data.min()),
+                max=float(data.max()),
+                num=int(data.size),
+                sum=float(data.sum()),
+                sum_squares=float(data @ data),
+                # TensorBoard reads right bin edges only: an empty bin ending at the left edge keeps it.
+                bucket_limits=edges.tolist(),
+                bucket_counts=[0, *counts.tolist()],
+                global_step=step,
+            )
 
     def image(self, trainer: "pl.Trainer", tag: str, image: np.ndarray, step: int) -> None:
         """Add an ``(H, W, 3)`` uint8 image.
