@@ -209,7 +209,7 @@ def test_reused_figures_give_the_same_image_and_png_encodes_it() -> None:
 _REDRAWN = {
     "bar_chart": [
         lambda figure: bar_chart(["a", "b"], {"abs": [1, 2]}, title="t", value_label="v", step=1, figure=figure),
-        lambda figure: bar_chart(["c"] * 5, {"abs": [0.5] * 5}, title="u", value_label="w", step=2, figure=figure),
+        lambda figure: bar_chart(["a", "b"], {"abs": [5.5, -1]}, title="u", value_label="w", step=2, figure=figure),
     ],
     "heatmap_grid": [
         lambda figure: heatmap_grid(
@@ -239,6 +239,7 @@ def test_a_reused_figure_draws_the_pixels_of_a_fresh_full_draw(kind: str) -> Non
     first(reused)
     assert not np.array_equal(other(reused), expected)
     assert np.array_equal(first(reused), expected)  # nothing left of the other figure's data, texts or size
+    assert np.array_equal(first(reused), expected)  # nor when drawn over the parts kept from the last call
     assert len(_shapes(reused)) == len(_shapes(fresh))  # nor of its bars, meshes or outlines, hidden or not
 
 

@@ -166,8 +166,10 @@ def bar_chart(
     integers = all(float(value).is_integer() for series in columns.values() for value in _finite(series))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True) if integers else AutoLocator())
     skipped = "" if len(shown) == layers else f", every {shown.step}th name shown"
-    _label(ax, title, step, value_label, f"layer ({layers}, {order}{skipped})", title_y)
-    return _pixels(figure)
+    y_label = f"layer ({layers}, {order}{skipped})"
+    _label(ax, title, step, value_label, y_label, title_y)
+    colours = None if marked is None else tuple(bool(marked[index]) for index in shown)
+    return _pixels_over_background(figure, ax, held, (tuple(names), colours, y_label), kept=[ax.yaxis])
 
 
 def _bar_artists(figure: "Figure", legend: Sequence[str], series: int, total: bool) -> Artists:
@@ -637,22 +639,31 @@ def _pixels(figure: "Figure") -> np.ndarray:
     return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()  # type: ignore[attr-defined]
 
 
-def _pixels_over_background(figure: "Figure", ax: "Axes", held: Artists) -> np.ndarray:
-    """Like :func:`_pixels`, drawing only ``ax`` over a kept rendering of the rest of the figure.
+def _pixels_over_background(
+    figure: "Figure", ax: "Axes", held: Artists, key: tuple[Any, ...] = (), kept: Sequence[Any] = ()
+) -> np.ndarray:
+    """Like :func:`_pixels`, drawing only ``ax`` (less its ``kept`` parts) over a kept rendering of the rest.
 
-    For figures whose other parts (legend, colour bar of a fixed scale) never change: they are two fifths of a band
-    chart's cost. The rendering is made anew when the figure's size changes.
+    For the parts of a figure that do not change from call to call (legend, colour bar of a fixed scale, layer
+    names): drawing text is most of a figure's cost. The rendering is made anew when ``key`` (what those parts
+    show) or the figure's size changes.
     """
     canvas = figure.canvas
-    size = tuple(figure.bbox.size)
-    if held.get("background_size") != size:
+    key = (tuple(figure.bbox.size), *key)
+    if held.get("background_key") != key:
         ax.set_visible(False)
         canvas.draw()
         ax.set_visible(True)
+        for artist in kept:
+            figure.draw_artist(artist)
         held["background"] = canvas.copy_from_bbox(figure.bbox)  # type: ignore[attr-defined]
-        held["background_size"] = size
+        held["background_key"] = key
     canvas.restore_region(held["background"])  # type: ignore[attr-defined]
+    for artist in kept:
+        artist.set_visible(False)
     figure.draw_artist(ax)
+    for artist in kept:
+        artist.set_visible(True)
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()  # type: ignore[attr-defined]
 
 
