@@ -270,17 +270,25 @@ def heatmap_grid(
         [str(row * columns) for row in range(0, rows, row_step)],
         fontsize=_FONT - 1,
     )
+    from matplotlib.collections import PatchCollection
     from matplotlib.patches import Rectangle
 
-    for outline in held["outlines"]:
-        outline.remove()
-    held["outlines"] = [
-        ax.add_patch(Rectangle(corner, tile_cols, tile_rows, fill=False, edgecolor=_MARK_COLOUR, linewidth=1.5))
-        for corner in (
-            ((index % columns) * (tile_cols + 1) - 0.5, (index // columns) * (tile_rows + 1) - 0.5)
-            for index in dead_indices
-        )
+    if held["outlines"] is not None:
+        held["outlines"].remove()
+    # One collection however many filters are dead (a patch each costs ~1 ms to add and draw).
+    corners = [
+        ((index % columns) * (tile_cols + 1) - 0.5, (index // columns) * (tile_rows + 1) - 0.5)
+        for index in dead_indices
     ]
+    held["outlines"] = ax.add_collection(
+        PatchCollection(
+            [Rectangle(corner, tile_cols, tile_rows) for corner in corners],
+            facecolors="none",
+            edgecolors=_MARK_COLOUR,
+            linewidths=1.5,
+        ),
+        autolim=False,
+    )
     if dead is not None:
         figure.legends[0].get_texts()[0].set_text(dead_legend)
     _label(
@@ -308,7 +316,7 @@ def _heatmap_artists(figure: "Figure", dead_legend: str | None) -> Artists:
     ax.xaxis.tick_top()
     if dead_legend is not None:
         _legend(figure, [Rectangle((0, 0), 1, 1, fill=False, edgecolor=_MARK_COLOUR, label=dead_legend)])
-    return {"ax": ax, "colour_axes": colour_axes, "image": image, "colour_bar": colour_bar, "outlines": []}
+    return {"ax": ax, "colour_axes": colour_axes, "image": image, "colour_bar": colour_bar, "outlines": None}
 
 
 def band_chart(
