@@ -5,11 +5,12 @@ checks, activation band charts every ``images_every_n_logs`` logs), so a 100-ste
 its ratio alone would hide them. This measures them directly: each monitor, with the bundle's settings but checking
 (or logging) at every step and drawing at every check, trains the model for a few steps beside a TensorBoard logger;
 the time of each check's or log's panels is split into histograms (timed in the panel writer) and images (the rest:
-drawing the figures, encoding and writing them). The first rounds are left out (figure creation, font caches).
+drawing the figures, encoding and writing them; wall time, and the training thread's CPU time beside it in the
+JSON). The first rounds are left out (figure creation, font caches).
 
 The amortised share of training time is the cost of one round over the steps between two rounds at the bundle's
 defaults, read from ``DeadUnits()`` itself: ``images_ms / (steps_per_round * ms_per_step)`` with the bare run's
-time per step (see ``report.image_rows``).
+time per step (see ``report.image_shares``).
 """
 
 import statistics
@@ -34,13 +35,15 @@ class TimedPanels(TensorBoardPanels):
 
     def __init__(self) -> None:
         self.histogram_seconds = 0.0
+        self.histogram_cpu_seconds = 0.0
         self.histograms = 0
         self.images = 0
 
     def histogram(self, trainer: "pl.Trainer", tag: str, values: torch.Tensor, step: int) -> None:
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.thread_time()
         super().histogram(trainer, tag, values, step)
         self.histogram_seconds += time.perf_counter() - began
+        self.histogram_cpu_seconds += time.thread_time() - began_cpu
         self.histograms += 1
 
     def image(self, trainer: "pl.Trainer", tag: str, image: np.ndarray, step: int) -> None:
@@ -54,16 +57,17 @@ def _timed_rounds(monitor: Any, panels: TimedPanels) -> list[dict[str, float]]:
     write: Callable[..., None] = monitor.drawing.write
 
     def timed(*args: Any, **kwargs: Any) -> None:
-        before = (panels.histogram_seconds, panels.histograms, panels.images)
-        began = time.perf_counter()
+        before = (panels.histogram_seconds, panels.histograms, panels.images, panels.histogram_cpu_seconds)
+        began, began_cpu = time.perf_counter(), time.thread_time()
         write(*args, **kwargs)
-        total = time.perf_counter() - began
+        total, total_cpu = time.perf_counter() - began, time.thread_time() - began_cpu
         histograms = panels.histogram_seconds - before[0]
         rounds.append(
             {
                 "histogram_ms": 1000 * histograms,
                 "histograms": panels.histograms - before[1],
                 "image_ms": 1000 * (total - histograms),
+                "image_cpu_ms": 1000 * (total_cpu - (panels.histogram_cpu_seconds - before[3])),
                 "images": panels.images - before[2],
             }
         )
@@ -111,6 +115,6 @@ def image_cost(model_kind: str, width: int, steps: int = 12, warmup: int = 2) ->
             )
             trainer.fit(BenchModule(*build_model(model_kind, width)))
         measured = rounds[warmup:-1] or rounds  # the train-end round repeats the last step's
-        for key in ("image_ms", "histogram_ms", "images", "histograms"):
+        for key in ("image_ms", "image_cpu_ms", "histogram_ms", "images", "histograms"):
             result[f"{name}_{key}"] = statistics.median(entry[key] for entry in measured)
     return result
