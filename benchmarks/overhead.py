@@ -44,6 +44,7 @@ from harness import (
     steady_allocator,
     train,
 )
+from image_cost import image_cost
 from lightning_deadunits.functional import activations as functional_activations
 from models import MODELS, build_model
 from report import (
@@ -210,6 +211,8 @@ def benchmark(model_kind: str, args: argparse.Namespace, log_dir: Path) -> list[
     # steady state of a long run (the kernel compiled once COMPILE_AFTER_CALLS tensors were measured).
     pass_costs = roofline(build_model(model_kind, args.width), args.device, args.roofline_repeats, 5, not args.smoke)
     progress(f"[{model_kind}] statistics pass: {pass_costs}")
+    image_costs = image_cost(model_kind, args.width, steps=4 if args.smoke else 12, warmup=1 if args.smoke else 2)
+    progress(f"[{model_kind}] images and histograms: {image_costs}")
     if args.eager_statistics:
         functional_activations.COMPILE_AFTER_CALLS = None
     results, twins = run_beside_twins(model_kind, bare, monitored, args, log_dir)
@@ -223,6 +226,7 @@ def benchmark(model_kind: str, args: argparse.Namespace, log_dir: Path) -> list[
         progress(f"[{model_kind}] memory runs done")
     rows = overhead_rows(model_kind, results, twins, memory, args.device == "cpu")
     rows[0]["roofline"] = pass_costs
+    rows[0]["images"] = image_costs
     return rows
 
 

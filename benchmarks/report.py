@@ -194,12 +194,56 @@ def overhead_markdown(rows: list[dict[str, Any]], verdicts: list[dict[str, Any]]
                 f"| {row['model']} | {int(cost['values']):,} | {cost['sum_ms']:.2f} "
                 f"| {cost['eager_ms']:.2f} ({cost['eager_over_sum']:.1f}x) | {fused} |"
             )
+    lines += image_markdown(rows)
     if verdicts:
         lines += ["", "| model | target | measured | met |", "| --- | --- | --- | --- |"]
         for verdict in verdicts:
             met = "yes" if verdict["met"] else "**no**"
             lines.append(f"| {verdict['model']} | {verdict['target']} | {verdict['measured']} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+def image_shares(cost: dict[str, float], ms_per_step: float) -> dict[str, float]:
+    """The images' and the histograms' shares of training time at the bundle's default cadence, from one model's
+    ``image_cost`` and its bare time per step."""
+    shares = {"images": 0.0, "histograms": 0.0}
+    for monitor in ("kernel", "activation"):
+        source = "kernels" if monitor == "kernel" else "activations"
+        shares["images"] += cost[f"{source}_image_ms"] / (cost[f"{monitor}_steps_per_image_round"] * ms_per_step)
+        shares["histograms"] += cost[f"{source}_histogram_ms"] / (cost[f"{monitor}_steps_per_round"] * ms_per_step)
+    return shares
+
+
+def image_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The table of what ``DeadUnits()``'s images and histograms cost, for the models whose bare row holds one."""
+    measured = [row for row in rows if row.get("images")]
+    if not measured:
+        return []
+    lines = [
+        "",
+        "Images and histograms of `DeadUnits()` (`image_cost.py`): each monitor with the bundle's settings, drawing at "
+        "every step for a few steps, median ms per round (a check's or a log's panels: figures drawn, encoded and "
+        "written; histograms timed apart). At the defaults a round of images comes every N steps, so the timed window "
+        "above may hold none; the share is the round's cost over N steps of the bare run (ms/step above).",
+        "",
+        "| model | kernel images: ms (count), every N steps | band charts: ms (count), every N steps "
+        "| histograms: ms (count) per check + log, every N steps | share of training time: images | histograms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in measured:
+        cost = row["images"]
+        shares = image_shares(cost, row["ms_per_step"])
+        lines.append(
+            f"| {row['model']} | {cost['kernels_image_ms']:.0f} ({cost['kernels_images']:.0f}), "
+            f"{cost['kernel_steps_per_image_round']:.0f} "
+            f"| {cost['activations_image_ms']:.0f} ({cost['activations_images']:.0f}), "
+            f"{cost['activation_steps_per_image_round']:.0f} "
+            f"| {cost['kernels_histogram_ms']:.1f} ({cost['kernels_histograms']:.0f}) + "
+            f"{cost['activations_histogram_ms']:.1f} ({cost['activations_histograms']:.0f}), "
+            f"{cost['kernel_steps_per_round']:.0f} / {cost['activation_steps_per_round']:.0f} "
+            f"| {100 * shares['images']:.2f}% | {100 * shares['histograms']:.2f}% |"
+        )
+    return lines
 
 
 def scaling_markdown(rows: list[dict[str, Any]], machine: str) -> str:

@@ -13,6 +13,7 @@ from lightning.fabric.utilities.logger import _add_prefix
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.loops.fetchers import _DataLoaderIterDataFetcher
 from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
 
 __all__: list[str] = []
 
@@ -38,9 +39,12 @@ def logger_tags(logger: TensorBoardLogger, metrics: Mapping[str, float]) -> dict
     return dict(_add_prefix(dict(metrics), logger._prefix, logger.LOGGER_JOIN_CHAR))  # type: ignore[arg-type]
 
 
-def tensorboard_file_writer(logger: TensorBoardLogger) -> Any:
-    """The ``FileWriter`` behind the logger's ``SummaryWriter`` (to write many scalars as one event)."""
-    return logger.experiment._get_file_writer()  # type: ignore[no-untyped-call]
+def tensorboard_file_writer(writer: SummaryWriter) -> Any:
+    """The ``FileWriter`` behind a ``SummaryWriter`` (a logger's ``experiment``), for summaries built here.
+
+    Many scalars go as one event, and images are encoded here (see ``TensorBoardPanels``).
+    """
+    return writer._get_file_writer()  # type: ignore[no-untyped-call]
 
 
 def step_progress(trainer: "pl.Trainer") -> dict[str, Any]:

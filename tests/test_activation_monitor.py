@@ -490,6 +490,16 @@ def test_activation_band_charts_go_to_the_sites_with_the_most_dead_channels(tmp_
     assert images == [f"{KEY}/model.relu#1/channel_range"]  # the call site with the dead channel (conv2's bias)
 
 
+def test_activation_band_charts_start_at_the_nth_log_and_are_drawn_once_more_at_train_end(tmp_path: Path) -> None:
+    monitor = ActivationMonitor(every_n_steps=1, log_every_n_samples=1, images_every_n_logs=2, band_layers=1)
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    _fit(tmp_path, Fixed(ReusedRelu(), image_batches(5)), monitor, max_steps=5, logger=logger)
+    events = load_events(tmp_path)
+    # logs at steps 0-4: band charts at the 2nd and 4th, and at train end (the last log, step 4, drew none)
+    assert [event.step for event in events.Images(f"{KEY}/model.relu#1/channel_range")] == [1, 3, 4]
+    assert len(events.Histograms(f"{KEY}/model.relu#1/channel_zero_frac")) == 5  # histograms at every log
+
+
 def test_activation_monitor_rejects_a_negative_band_layers() -> None:
     with pytest.raises(ValueError, match=r"`band_layers` must be an int >= 0, got -1"):
         ActivationMonitor(band_layers=-1)

@@ -74,7 +74,7 @@ def test_log_every_n_steps_is_the_trainers() -> None:
 def test_logger_tags_and_file_writer_follow_the_tensorboard_logger(tmp_path: Path) -> None:
     logger = TensorBoardLogger(tmp_path, name="", version="", prefix="run")
     assert _compat.logger_tags(logger, {"deadunits/x": 1.0}) == {"run-deadunits/x": 1.0}
-    assert callable(_compat.tensorboard_file_writer(logger).add_summary)
+    assert callable(_compat.tensorboard_file_writer(logger.experiment).add_summary)
 
 
 def test_step_progress_round_trip_sets_the_global_step_back(tmp_path: Path) -> None:

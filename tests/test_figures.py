@@ -4,9 +4,10 @@ from itertools import pairwise
 
 import numpy as np
 import pytest
-from matplotlib.collections import QuadMesh
+from matplotlib.collections import Collection, PatchCollection, QuadMesh
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
+from matplotlib.image import AxesImage
+from matplotlib.patches import Patch
 from matplotlib.text import Text
 
 from lightning_deadunits.panels.render import band_chart, bar_chart, heatmap_grid, png_bytes, series_chart, shorten
@@ -121,9 +122,10 @@ def test_heatmap_grid_labels_layer_filters_colour_scale_and_dead_filters() -> No
     assert [tick.get_text() for tick in ax.get_xticklabels()] == [f"+{column}" for column in range(8)]
     assert "filter index" in ax.get_xlabel()
     assert _legend_entries(figure) == ["dead filter (2 of 20)"]
-    outlines = [patch for patch in ax.patches if isinstance(patch, Rectangle)]
+    (outlines,) = [collection for collection in ax.collections if isinstance(collection, PatchCollection)]
+    corners = sorted(tuple(path.vertices[0]) for path in outlines.get_paths())
     # filter 3 is row 0, column 3; filter 17 is row 2, column 1 (tiles of 3 cells and a 1-cell gap)
-    assert sorted(patch.get_xy() for patch in outlines) == [(1 * 4 - 0.5, 2 * 4 - 0.5), (3 * 4 - 0.5, -0.5)]
+    assert corners == [(1 * 4 - 0.5, 2 * 4 - 0.5), (3 * 4 - 0.5, -0.5)]
 
 
 @pytest.mark.parametrize("empty", ["bar_chart", "heatmap_grid", "series_chart"])
@@ -203,6 +205,47 @@ def test_reused_figures_give_the_same_image_and_png_encodes_it() -> None:
     again = bar_chart(["a", "b"], {"abs": [1, 2]}, **arguments)  # type: ignore[arg-type]
     assert np.array_equal(first, again)
     assert png_bytes(first).startswith(b"\x89PNG\r\n\x1a\n")
+
+
+_REDRAWN = {
+    "bar_chart": [
+        lambda figure: bar_chart(["a", "b"], {"abs": [1, 2]}, title="t", value_label="v", step=1, figure=figure),
+        lambda figure: bar_chart(["a", "b"], {"abs": [5.5, -1]}, title="u", value_label="w", step=2, figure=figure),
+    ],
+    "heatmap_grid": [
+        lambda figure: heatmap_grid(
+            list(np.eye(3)[None].repeat(5, 0)), layer="a", step=1, dead=[True] + [False] * 4, figure=figure
+        ),
+        lambda figure: heatmap_grid([np.ones((2, 2))] * 40, layer="b", step=2, dead=[False] * 40, figure=figure),
+    ],
+    "band_chart": [
+        lambda figure: band_chart(
+            -np.ones((3, 4)), np.arange(12.0).reshape(3, 4), steps=[0, 5, 9], layer="a", step=9, figure=figure
+        ),
+        lambda figure: band_chart(
+            np.full((1, 8), 5.0), np.full((1, 8), 10.0), steps=[0], layer="b", step=4, figure=figure
+        ),
+    ],
+}
+
+
+@pytest.mark.parametrize("kind", list(_REDRAWN))
+def test_a_reused_figure_draws_the_pixels_of_a_fresh_full_draw(kind: str) -> None:
+    first, other = _REDRAWN[kind]
+    fresh = Figure()
+    expected = first(fresh)
+    fresh.canvas.draw()  # everything drawn anew: the band chart's kept background must not show
+    assert np.array_equal(expected, np.asarray(fresh.canvas.buffer_rgba())[..., :3])  # type: ignore[attr-defined]
+    reused = Figure()
+    first(reused)
+    assert not np.array_equal(other(reused), expected)
+    assert np.array_equal(first(reused), expected)  # nothing left of the other figure's data, texts or size
+    assert np.array_equal(first(reused), expected)  # nor when drawn over the parts kept from the last call
+    assert len(_shapes(reused)) == len(_shapes(fresh))  # nor of its bars, meshes or outlines, hidden or not
+
+
+def _shapes(figure: Figure) -> list[object]:
+    return figure.findobj(lambda artist: isinstance(artist, Collection | Patch | AxesImage))
 
 
 def test_figures_leave_pyplot_and_the_global_backend_alone() -> None:

@@ -1,9 +1,13 @@
 import csv
+import io
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from PIL import Image
 
 from lightning_deadunits import KernelNormMonitor, ThresholdRule
 from lightning_deadunits.panels import TensorBoardPanels
@@ -98,3 +102,24 @@ def test_tensorboard_text_joins_entries_of_one_step_unless_replaced(tmp_path: Pa
 
     assert texts("deadunits/alarms") == [(3, "a"), (3, "a\n\nb"), (4, "c")]  # TensorBoard shows the last per step
     assert texts("deadunits/table") == [(4, "| old |"), (4, "| new |")]
+
+
+def test_tensorboard_histograms_and_images_hold_what_was_given(tmp_path: Path) -> None:
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    trainer = SimpleNamespace(global_rank=0, loggers=[logger])
+    panels = TensorBoardPanels()
+    values = torch.tensor([0.0, 0.5, 0.5, 1.0, float("nan"), float("inf")])
+    panels.histogram(trainer, "h", values, 7)  # type: ignore[arg-type]
+    image = np.zeros((2, 3, 3), dtype=np.uint8)
+    image[1, 2] = (255, 128, 0)
+    panels.image(trainer, "i", image, 7)  # type: ignore[arg-type]
+    logger.experiment.flush()
+
+    events = load_events(tmp_path)
+    (histogram,) = events.Histograms("h")
+    value = histogram.histogram_value
+    assert (histogram.step, value.min, value.max, value.num, value.sum) == (7, 0.0, 1.0, 4, 2.0)  # finite ones
+    assert sum(value.bucket) == 4 and value.bucket_limit[0] == 0.0 and value.bucket_limit[-1] == 1.0
+    (written,) = events.Images("i")
+    decoded = np.asarray(Image.open(io.BytesIO(written.encoded_image_string)).convert("RGB"))
+    assert (written.step, written.width, written.height) == (7, 3, 2) and np.array_equal(decoded, image)

@@ -167,8 +167,11 @@ class ActivationMonitor(MonitorCallback):
         band_history: logs kept for the band chart (>= 1).
         band_layers: how many call sites get a band chart at an image log (>= 0): those with the most dead channels,
             then the highest zero fraction.
-        images_every_n_logs: draw the band charts at every this many training logs, the first included (>= 1; each
-            figure takes tens of milliseconds), and at the log made when training ends within a log period.
+        images_every_n_logs: draw the band charts at every this many training logs (>= 1): the ``n``-th, ``2n``-th...
+            (each chart takes ~50 ms to draw and encode, a log's histograms and scalars under 10 ms), and once when
+            training ends. Not at the first log (unless 1): a band chart is a trend over logs, and one log gives it
+            one column and says nothing. At the end the kept ranges are drawn as of the last log (at the log made
+            then, when training ends within a log period), so a short run still gets band charts.
         dead_frac_above: alarm when a ``dead_frac`` (a layer's or the total, validation ones included) exceeds
             this, in [0, 1].
         max_abs_above: alarm when a layer's ``max_abs`` exceeds this (explosion), >= 0.
@@ -268,6 +271,7 @@ class ActivationMonitor(MonitorCallback):
         self.history: list[dict[str, float]] = []
         self.last_log_step: int | None = None
         self.logs_done = 0
+        self._drew_images = False
         self._sample_step: int | None = None
         self._last_sample_step: int | None = None
         self._samples_in_period = 0
@@ -354,6 +358,8 @@ class ActivationMonitor(MonitorCallback):
             self._end_sample(trainer)
         if self._samples_in_period and self._last_sample_step is not None:
             self.log_training(trainer, self._last_sample_step, final=True)
+        elif self.last_log_step is not None and not self._drew_images:
+            self.drawing.draw_bands(self.panels, trainer, self.last_log_step)
 
     @override
     def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -423,7 +429,7 @@ class ActivationMonitor(MonitorCallback):
         """Reduce, log and check the training statistics of the current period at ``step``; return the readings.
 
         Every rank must call it at the same step (the sampling schedule guarantees it). Band charts are drawn at
-        every ``images_every_n_logs``-th log, and when ``final``.
+        the ``images_every_n_logs``-th log, every ``images_every_n_logs`` logs after it, and when ``final``.
         """
         self._samples_in_period = 0
         self.last_log_step = step
@@ -439,8 +445,9 @@ class ActivationMonitor(MonitorCallback):
         )
         del self.history[:-_MAX_HISTORY]
         self.drawing.remember(summaries, step)
-        self._show(trainer, summaries, step, (), images=final or self.logs_done % self.images_every_n_logs == 0)
         self.logs_done += 1
+        self._drew_images = final or self.logs_done % self.images_every_n_logs == 0
+        self._show(trainer, summaries, step, (), images=self._drew_images)
         dead_counts = {name: float(s.dead.sum()) for name, s in summaries.items() if s.dead is not None}
         self.publish(trainer, self.reading(step, scalars, dead_counts=dead_counts, dead_masks=dead_masks))
         return scalars

@@ -33,8 +33,9 @@ class DeadUnits(Callback):
     ``prefix``), ``False`` (off) or a configured instance (used as it is). For a low overhead (on CPU, 1.2% of a
     ResNet-style CNN's training step and 4.7% of a small MobileNet-like CNN's, see ``benchmarks/``) two defaults
     differ from the monitors' own: kernel norms, which move slowly, are checked every 100 steps, and activations
-    are sampled every 50 steps (the dead-unit window counts samples) but logged, panels included, every second
-    sample. At ``setup`` the parts are inserted
+    are sampled every 50 steps (the dead-unit window counts samples) but logged, histograms included, every second
+    sample. Images are drawn at every 10th check or log (every 1000 steps; the kernel images also at fit start) and
+    at train end: ``benchmarks/`` reports their cost apart. At ``setup`` the parts are inserted
     into ``trainer.callbacks`` right after this callback, so they are ordinary callbacks from then on: each has
     its own hooks, its own checkpoint state (``state_key``), and sees the others (the loss monitor relates
     spikes to the dead units the other two count; ``LRWarmup`` re-warms on the loss monitor's spike alarms).

@@ -50,13 +50,15 @@ class ActivationPanels:
         self.log_images = log_images
         self.band_history = band_history
         self.channel_ranges: dict[str, list[tuple[int, Tensor, Tensor]]] = {}
+        self.worst: list[str] = []
 
     def remember(self, summaries: Mapping[str, SiteSummary], step: int) -> None:
-        """Keep each site's per-channel range of a training log (host tensors)."""
+        """Keep each site's per-channel range of a training log (host tensors), and which sites are the worst."""
         for name, summary in summaries.items():
             ranges = self.channel_ranges.setdefault(name, [])
             ranges.append((step, summary.min.float(), summary.max.float()))
             del ranges[: -self.band_history]
+        self.worst = sorted(summaries, key=lambda site: _worst_first(summaries[site]))[: self.band_layers]
 
     def write(
         self,
@@ -75,9 +77,14 @@ class ActivationPanels:
                 if summary.channel_zero_frac is not None:
                     tag = self.key(*scope, name, "channel_zero_frac")
                     writer.histogram(trainer, tag, summary.channel_zero_frac, step)
-        if not (self.log_images and images) or scope:
+        if images and not scope:
+            self.draw_bands(writer, trainer, step)
+
+    def draw_bands(self, writer: PanelWriter, trainer: "pl.Trainer", step: int) -> None:
+        """Draw the band charts of the ``band_layers`` worst sites of the latest training log kept, at ``step``."""
+        if not (self.log_images and writer.active(trainer)):
             return
-        for name in sorted(summaries, key=lambda site: _worst_first(summaries[site]))[: self.band_layers]:
+        for name in self.worst or list(self.channel_ranges)[: self.band_layers]:
             ranges = self.channel_ranges.get(name, [])
             if ranges and len({low.numel() for _, low, _ in ranges}) == 1:
                 lows = np.stack([low.numpy() for _, low, _ in ranges])

@@ -12,10 +12,12 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_deadunits._compat import logger_tags, tensorboard_file_writer
+from lightning_deadunits.panels.render import png_bytes
 
 __all__ = ["TensorBoardPanels"]
 
 _LAYOUT_TAG_CHARTS = dict[str, list[Any]]
+_HISTOGRAM_BINS = 30
 
 
 class TensorBoardPanels:
@@ -62,7 +64,7 @@ class TensorBoardPanels:
                     Summary.Value(tag=tag, simple_value=float(value))
                     for tag, value in logger_tags(logger, metrics).items()
                 ]
-                tensorboard_file_writer(logger).add_summary(Summary(value=values), step)
+                tensorboard_file_writer(logger.experiment).add_summary(Summary(value=values), step)
             else:
                 logger.log_metrics(dict(metrics), step=step)
 
@@ -75,17 +77,47 @@ class TensorBoardPanels:
             writer.add_custom_scalars(merged)
 
     def histogram(self, trainer: "pl.Trainer", tag: str, values: torch.Tensor, step: int) -> None:
-        """Add a histogram of ``values`` (moved to CPU only when a TensorBoard logger exists)."""
+        """Add a histogram of the finite ``values`` (moved to CPU only when a TensorBoard logger exists).
+
+        Thirty equal bins over their range, written raw: ``add_histogram``'s default of about 1500 exponential
+        buckets costs four times as much (0.4 ms a histogram, a dozen per check), and TensorBoard shows 30 bins.
+        """
         writers = self.writers(trainer)
-        if writers and values.numel() > 0:
-            data = values.detach().float().cpu().numpy()
-            for writer in writers:
-                writer.add_histogram(tag, data, step)
+        if not writers or values.numel() == 0:
+            return
+        data = values.detach().double().cpu().numpy().reshape(-1)
+        data = data[np.isfinite(data)]
+        if data.size == 0:
+            return
+        counts, edges = np.histogram(data, bins=_HISTOGRAM_BINS)
+        for writer in writers:
+            writer.add_histogram_raw(
+                tag,
+                min=float(data.min()),
+                max=float(data.max()),
+                num=int(data.size),
+                sum=float(data.sum()),
+                sum_squares=float(data @ data),
+                # TensorBoard reads right bin edges only: an empty bin ending at the left edge keeps it.
+                bucket_limits=edges.tolist(),
+                bucket_counts=[0, *counts.tolist()],
+                global_step=step,
+            )
 
     def image(self, trainer: "pl.Trainer", tag: str, image: np.ndarray, step: int) -> None:
-        """Add an ``(H, W, 3)`` uint8 image."""
-        for writer in self.writers(trainer):
-            writer.add_image(tag, image, step, dataformats="HWC")
+        """Add an ``(H, W, 3)`` uint8 image.
+
+        It is encoded here (:func:`~lightning_deadunits.panels.render.png_bytes`), once for all writers:
+        ``add_image`` converts the pixels to float and back and compresses harder, at twice the cost.
+        """
+        writers = self.writers(trainer)
+        if not writers:
+            return
+        height, width, channels = image.shape
+        encoded = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=png_bytes(image))
+        summary = Summary(value=[Summary.Value(tag=tag, image=encoded)])
+        for writer in writers:
+            tensorboard_file_writer(writer).add_summary(summary, step)
 
     def text(self, trainer: "pl.Trainer", tag: str, text: str, step: int, replace: bool = False) -> None:
         """Add a markdown text entry.
