@@ -55,7 +55,8 @@ class Scenario:
 
     ``corrupt``: corrupted batches (``corruption``: ``"shuffle"`` the LM's characters, or replace them by
     ``"random"`` ones; the CNN's are always scaled with wrong labels); ``lr_blowup``: steps whose update uses 100x
-    the learning rate.
+    the learning rate; ``pretrain``: clean steps trained before the recorded ones (a converged model that a fresh
+    detector first sees, as when fine-tuning or resuming without the detector's state).
     """
 
     name: str
@@ -64,6 +65,7 @@ class Scenario:
     corrupt: tuple[int, ...] = ()
     lr_blowup: tuple[int, ...] = ()
     corruption: str = "shuffle"
+    pretrain: int = 0
 
     @property
     def truth(self) -> list[int]:
@@ -80,6 +82,7 @@ def scenarios(smoke: bool) -> list[Scenario]:
         Scenario("cnn corrupted batches", "cnn", 400, corrupt=(150, 250, 350)),
         Scenario("cnn learning-rate blow-up", "cnn", 400, lr_blowup=(300,)),
         Scenario("cnn spikes in the first 50 steps", "cnn", 200, corrupt=(12, 30, 45)),
+        Scenario("cnn converged start (fresh detector)", "cnn", 400, corrupt=(30, 150, 300), pretrain=400),
         Scenario("lm clean", "lm", 300),
         Scenario("lm shuffled-token batches", "lm", 300, corrupt=(150, 250)),
         # early on the LM predicts character frequencies, which shuffling keeps: random characters break them
@@ -117,7 +120,7 @@ def record_trace(scenario: Scenario, seed: int) -> Trace:
         codes = torch.cat([data.tensors[0], data.tensors[1][:, -1:]], dim=1)  # windows of seq_len + 1
     losses, norms = [], []
     base_lr = optimizer.param_groups[0]["lr"]
-    for step in range(scenario.steps):
+    for step in range(-scenario.pretrain, scenario.steps):  # negative steps: pretraining, not recorded
         size = len(labels) if scenario.model == "cnn" else len(codes)
         rows = torch.randint(0, size, (batch_size,), generator=generator)
         if scenario.model == "cnn":
@@ -138,8 +141,10 @@ def record_trace(scenario: Scenario, seed: int) -> Trace:
         loss.backward()
         for group in optimizer.param_groups:
             group["lr"] = base_lr * (100.0 if step in scenario.lr_blowup else 1.0)
-        losses.append(float(loss.detach()))
-        norms.append(float(nn.utils.clip_grad_norm_(model.parameters(), 1.0)))  # the norm before clipping
+        norm = float(nn.utils.clip_grad_norm_(model.parameters(), 1.0))  # the norm before clipping
+        if step >= 0:
+            losses.append(float(loss.detach()))
+            norms.append(norm)
         optimizer.step()
     return losses, norms
 

@@ -14,10 +14,16 @@ from lightning_deadunits.triggers.spike_episodes import SpikeEpisodes
 
 __all__ = ["SpikeDetector", "SpikeVerdict"]
 
+# which signals flagged a batch, by (gradient norm flagged, loss flagged)
+_SIGNALS = {(False, False): "", (True, False): "grad_norm", (False, True): "loss", (True, True): "grad_norm+loss"}
 
-@dataclass(frozen=True)
+
+@dataclass
 class SpikeVerdict:
     """What :meth:`SpikeDetector.update` decided about one loss.
+
+    A plain (not frozen) dataclass: one is made on every training step, and a frozen one's ``__init__`` alone
+    cost 4 us of the detector's per-step budget.
 
     Args:
         step: the global step the loss belongs to.
@@ -192,31 +198,28 @@ class SpikeDetector:
             agree: turns this rank's spike decision into everyone's (``None``: this rank alone).
         """
         self.recent.append((step, loss))
-        warming_up = self.warming_up
-        judged = self.loss_baseline.judge(loss) if math.isfinite(loss) else self.loss_baseline.judge(0.0)
+        warming_up = self.loss_baseline.warming_up
+        finite = math.isfinite(loss)
+        judged = self.loss_baseline.judge(loss if finite else 0.0, step)
         grad_finite = grad_norm is not None and math.isfinite(grad_norm)
-        grad = self.grad_baseline.judge(grad_norm) if grad_finite and grad_norm is not None else None
-        loss_flagged = not math.isfinite(loss) or judged.flagged
+        grad = self.grad_baseline.judge(grad_norm, step) if grad_finite and grad_norm is not None else None
+        loss_flagged = not finite or judged.flagged
         grad_flagged = grad is not None and grad.flagged
         flagged = loss_flagged or grad_flagged
-        signal = "+".join(name for name, hit in (("grad_norm", grad_flagged), ("loss", loss_flagged)) if hit)
-        reason = "non-finite" if not math.isfinite(loss) else "ratio and z-score" if flagged else ""
-        self._streak = self._streak + 1 if flagged and math.isfinite(loss) else 0
-        spike = not math.isfinite(loss) or (
-            flagged and (self._streak >= self.patience or self.episodes.current is not None)
-        )
+        signal = _SIGNALS[grad_flagged, loss_flagged]
+        reason = "non-finite" if not finite else "ratio and z-score" if flagged else ""
+        self._streak = self._streak + 1 if flagged and finite else 0
+        spike = not finite or (flagged and (self._streak >= self.patience or self.episodes.current is not None))
         if spike and self._streak >= self.patience:
             self._streak = 0
         if agree is not None:
             spike = bool(agree(spike))
         layers = self.layer_baselines.attribute(layer_norms) if spike and layer_norms else []
-        scores = [judged.score, None if grad is None else grad.score]
-        score = max((value for value in scores if value is not None), default=math.inf)
-        if not math.isfinite(loss):
-            score = math.inf
-        episode, started, ended = self.episodes.update(
-            step, spike, loss, score if flagged else -math.inf, signal, layers
-        )
+        score = -math.inf
+        if flagged:  # the episode's peak score: the larger of the two, inf without a baseline or for a NaN/Inf loss
+            scores = [value for value in (judged.score, None if grad is None else grad.score) if value is not None]
+            score = max(scores) if scores and finite else math.inf
+        episode, started, ended = self.episodes.update(step, spike, loss, score, signal, layers)
         late: list[tuple[int, float, float]] = []
         rebaselined = False
         if not loss_flagged:
@@ -240,8 +243,8 @@ class SpikeDetector:
             loss,
             judged.baseline,
             judged.spread,
-            judged.ratio if math.isfinite(loss) else None if judged.ratio is None else math.nan,
-            judged.score if math.isfinite(loss) else None if judged.score is None else math.nan,
+            judged.ratio if finite else None if judged.ratio is None else math.nan,
+            judged.score if finite else None if judged.score is None else math.nan,
             judged.limit,
             flagged=flagged,
             spike=spike,
