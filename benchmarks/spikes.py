@@ -14,6 +14,10 @@ An *alarm* is the first flagged step of a run of flagged steps (for this project
 injected spike is *caught* when an alarm falls on its step, *late* when the first alarm comes 1-5 steps after it,
 *missed* otherwise. Alarms outside the 10 steps from an injection are false alarms, counted per 1,000 such steps.
 
+The report closes with the detector's per-step host work: ``SpikeDetector.update`` timed over 10,000 steps of a
+slowly falling noisy loss (and gradient norm), the best of 5 repeats, split into the warm-up steps (the baseline
+follows a trend there) and the rest.
+
 Usage:
     python benchmarks/spikes.py           # every scenario, 3 seeds, writes results/spikes-cpu.{md,json}
     python benchmarks/spikes.py --smoke   # seconds: short runs, 1 seed (CI runs this)
@@ -22,6 +26,7 @@ Usage:
 import argparse
 import json
 import math
+import random
 import statistics
 import sys
 import time
@@ -242,6 +247,34 @@ def score(scenario: Scenario, flags: list[bool]) -> dict[str, float]:
     return {"caught": caught, "late": late, "missed": missed, "false": false, "clean_steps": clean_steps}
 
 
+def step_cost(steps: int, repeats: int) -> dict[str, float]:
+    """Microseconds of ``SpikeDetector.update`` per step (best of ``repeats``): warm-up, after it, and overall."""
+    noise = random.Random(0)
+    losses = [2.0 * 0.9995**step + 0.05 * noise.random() for step in range(steps)]
+    norms = [1.0 + 0.2 * noise.random() for _ in range(steps)]
+    warmup = SpikeDetector().warmup
+    best: dict[str, float] = {}
+    for _ in range(repeats):
+        for signals in ("loss", "loss and gradient norm"):
+            detector = SpikeDetector()
+            grads: list[float | None] = list(norms) if signals != "loss" else [None] * steps
+            marks = [time.perf_counter()]
+            for step in range(steps):
+                detector.update(losses[step], step, grads[step])
+                if step == warmup - 1:
+                    marks.append(time.perf_counter())
+            marks.append(time.perf_counter())
+            costs = {
+                "warm-up": (marks[1] - marks[0]) / warmup,
+                "after warm-up": (marks[2] - marks[1]) / (steps - warmup),
+                "every step": (marks[2] - marks[0]) / steps,
+            }
+            for phase, seconds in costs.items():
+                key = f"{signals}, {phase}"
+                best[key] = min(best.get(key, math.inf), 1e6 * seconds)
+    return best
+
+
 def run(smoke: bool, seeds: int) -> dict[str, Any]:
     """Record every scenario's traces and score every rule on them."""
     rows = []
@@ -256,7 +289,17 @@ def run(smoke: bool, seeds: int) -> dict[str, Any]:
             per_1000 = 1000 * totals["false"] / max(1, totals["clean_steps"])
             rows.append({"scenario": scenario.name, "rule": rule, **totals, "false_per_1000": per_1000})
         print(f"{scenario.name}: {seeds} seeds in {time.perf_counter() - started:.0f} s", flush=True)
-    return {"seeds": seeds, "smoke": smoke, "torch": torch.__version__, "rows": rows}
+    steps = 1_000 if smoke else 10_000
+    repeats = 1 if smoke else 5
+    cost = step_cost(steps, repeats)
+    return {
+        "seeds": seeds,
+        "smoke": smoke,
+        "torch": torch.__version__,
+        "rows": rows,
+        "step_cost_us": cost,
+        "steps": steps,
+    }
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -274,7 +317,16 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {row['scenario']} | {row['rule']} | {row['caught']} | {row['late']} | {row['missed']} "
             f"| {row['false_per_1000']:.1f} |"
         )
-    return "\n".join([*lines, "", *closing_notes(report)]) + "\n"
+    cost = [
+        "",
+        f"Per-step host work of `SpikeDetector.update` ({report['steps']:,} steps of a slowly falling noisy loss, "
+        f"best of {report['repeats']}; pure Python on the host, on steps where nothing is logged too):",
+        "",
+        "| signals and steps | microseconds per step |",
+        "| --- | ---: |",
+        *(f"| {key} | {value:.1f} |" for key, value in report["step_cost_us"].items()),
+    ]
+    return "\n".join([*lines, "", *closing_notes(report), *cost]) + "\n"
 
 
 def closing_notes(report: dict[str, Any]) -> list[str]:

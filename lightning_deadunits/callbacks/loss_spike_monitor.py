@@ -51,7 +51,10 @@ class LossSpikeMonitor(MonitorCallback):
     ``x > ratio * m`` and ``(x - m) / s > z_score`` and ``x - m > min_excess * |r|`` (``grad_min_excess`` for the
     gradient norm, whose hard batches are far more heavy-tailed): far above the recent
     values, and large for this signal (the scale floor: late in a converged run the median nears 0 and an ordinary
-    hard batch is 20x it and many spreads above it, yet a few percent of the young loss). The MAD ignores up to half
+    hard batch is 20x it and many spreads above it, yet a few percent of the young loss). During warm-up ``m`` follows
+    the window's falling trend (a young loss falls faster than a median follows); a run that starts trained
+    (fine-tuning, resuming without the monitor's state) has no young level, and its heavy-tailed values are also
+    judged in log space (see :class:`~lightning_deadunits.triggers.SpikeDetector`). The MAD ignores up to half
     of the window, so spikes in warm-up cannot widen it; judging starts after 10 accepted values (a provisional
     baseline), and when warm-up ends the window is screened by its own baseline: earlier outliers are logged and
     written to the events file as ``"spike"`` records with ``"late": true``. NaN and Inf losses are always spikes;
@@ -124,7 +127,7 @@ class LossSpikeMonitor(MonitorCallback):
 
     ==========================  ========================================================================
     ``<p>/loss/value``          the loss (mean over ranks)
-    ``<p>/loss/baseline``       the median of the accepted losses (after the first loss)
+    ``<p>/loss/baseline``       the median of the accepted losses (in warm-up, their trend)
     ``<p>/loss/spike_score``    the robust z-score of the loss against the baseline
     ``<p>/loss/spikes``         spike episodes so far
     ``<p>/loss/episode_length`` at a spike: spiking batches of its episode so far (1 at its start)

@@ -6,7 +6,6 @@ is one lookup and the median absolute deviation a binary search (see :func:`_med
 """
 
 import math
-import statistics
 from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -103,18 +102,25 @@ class SpikeBaseline:
     the loss's own scale.
 
     **The baseline.** Once warm-up is over, :math:`c` is the median and :math:`s = 1.4826\,\mathrm{MAD}`. During
-    warm-up a young run's loss falls fast and a median lags behind it (and the trend widens the MAD), so the
-    baseline follows the trend: a resistant line (Tukey's three-group line: the slope joins the medians of the
-    oldest and the newest third of the window, the intercept is the median residual; a rising slope is taken as 0,
-    since a slow rise is what a blow-up looks like) predicts :math:`c` at step :math:`t`, and :math:`s` is 1.4826x
-    the median absolute residual.
+    warm-up a young run's loss falls fast: a median lags behind it and the fall widens the MAD (the LM of the
+    benchmark falls from 4.9 to 3.2 in 15 steps; the median of those, 3.8, put the limit above a corrupted batch's
+    5.4). So from 6 accepted values on, the baseline follows the trend: Tukey's resistant line (the slope joins the
+    medians of the oldest and the newest third of the window, a rising slope counts as 0 since a slow rise is what
+    a blow-up looks like; the intercept is the median residual) gives :math:`c` at step :math:`t`, and :math:`s` is
+    1.4826x the median absolute residual. The line is used only when its fall across the window exceeds 3 residual
+    spreads; a flat noisy window keeps its median.
 
-    **A run that starts trained.** When the first ``provisional`` values are positive and span more than a factor
-    of 10 (a young model's batches lie within a few tens of percent of each other; a trained model's are a
-    near-zero median with hard batches 20-100x it: fine-tuning, or resuming without the detector's state), the
-    reference is not a young level and the scale floor would be near 0. The scale is then judged in log space: a
-    flagged value must also lie ``z_score`` robust spreads above the median of the window's log values,
-    :math:`(\ln x - \ln m) / (1.4826\,\mathrm{median}_i |\ln x_i - \ln m|) > z`.
+    **Size in log space.** The young level is a known scale once the signal's median has fallen a decade below
+    it. Until then, for a non-negative signal whose log values are heavy-tailed, a flagged value must also lie
+    ``z_score`` robust spreads above the median :math:`\ell` of the window's log values,
+
+    .. math:: \ln x > \ell + z \cdot 1.4826\, \mathrm{median}_i |\ln x_i - \ell|.
+
+    Heavy-tailed means: the signal *started trained* (its first ``provisional`` values span more than 4x: a young
+    model's lie within a few tens of percent of each other, a trained model's are a near-zero median with hard
+    batches 20-100x it; fine-tuning, or resuming without the detector's state, where :math:`r` is that near-zero
+    level and the floor is no floor), or, after warm-up, the log values spread by more than 0.5 (a factor 1.65).
+    A trained model's ordinary hard batch is then 4-5 log spreads above the median, a corrupted batch 7 or more.
 
     Judging starts after ``provisional`` accepted values (a provisional baseline), so spikes early in warm-up are
     kept out of the window. When the window first holds ``warmup`` values it is *screened*: values that its own
@@ -145,6 +151,7 @@ class SpikeBaseline:
         self.provisional = provisional
         self.window: deque[tuple[int, float]] = deque(maxlen=window)
         self.ordered: list[float] = []
+        self._fit: tuple[float, float, float] | None = None  # (slope, intercept, spread) of this window, once made
         self.reference: float | None = None
         self.started_trained = False
         self.screened = False
@@ -160,9 +167,12 @@ class SpikeBaseline:
 
     def center(self, step: int) -> tuple[float, float]:
         """``(center, spread)`` the value at ``step`` is judged against (the window must not be empty)."""
-        center = _median(self.ordered)
-        level = center, MAD_TO_SIGMA * _median_deviation(self.ordered, center)
-        return _trend_or_level(list(self.window) if self._trending() else [], step, level)
+        if self._fit is None:  # one fit per window: screening judges every value of the window against it
+            center = _median(self.ordered)
+            level = 0.0, center, MAD_TO_SIGMA * _median_deviation(self.ordered, center)
+            self._fit = _trend_or_level(list(self.window) if self._trending() else [], level)
+        slope, intercept, spread = self._fit
+        return intercept + slope * step, spread
 
     def log_limit(self) -> float:
         """The value ``z_score`` robust spreads above the median of the window's log values.
@@ -203,6 +213,7 @@ class SpikeBaseline:
             self.ordered.pop(bisect_left(self.ordered, self.window[0][1]))
         self.window.append((step, value))
         insort(self.ordered, value)
+        self._fit = None
         if self.reference is None and len(self.window) >= self.provisional:
             self._set_reference(self.ordered)
         if self.screened or len(self.window) < self.warmup:
@@ -221,6 +232,7 @@ class SpikeBaseline:
         self.window.clear()
         self.window.extend(items)
         self.ordered = sorted(value for _, value in self.window)
+        self._fit = None
 
     def state_dict(self) -> dict[str, Any]:
         """The window, the reference and the flags, as plain Python values."""
@@ -251,8 +263,8 @@ class SpikeBaseline:
         return not self.screened and len(self.window) >= _TREND_MIN
 
 
-def _trend_or_level(items: list[tuple[int, float]], step: int, level: tuple[float, float]) -> tuple[float, float]:
-    """Tukey's resistant line through ``(step, value)`` items at ``step`` with its residual spread, when the items
+def _trend_or_level(items: list[tuple[int, float]], level: tuple[float, float, float]) -> tuple[float, float, float]:
+    """``(slope, intercept, spread)`` of Tukey's resistant line through ``(step, value)`` items, when the items
     fall along it; else ``level``.
 
     The slope joins the medians of the oldest and the newest third; a rising slope counts as 0 (a slow rise is what
@@ -262,12 +274,14 @@ def _trend_or_level(items: list[tuple[int, float]], step: int, level: tuple[floa
     if not items:
         return level
     third = len(items) // 3
-    old, new = items[:third], items[-third:]
-    run = statistics.median(s for s, _ in new) - statistics.median(s for s, _ in old)
-    rise = statistics.median(v for _, v in new) - statistics.median(v for _, v in old)
-    slope = min(0.0, rise / run) if run > 0 else 0.0
-    residuals = sorted(value - slope * item_step for item_step, value in items)
+    steps, values = [s for s, _ in items], [v for _, v in items]
+    run = _median(sorted(steps[-third:])) - _median(sorted(steps[:third]))
+    rise = _median(sorted(values[-third:])) - _median(sorted(values[:third]))
+    if run <= 0 or rise >= 0:  # flat or rising: the level
+        return level
+    slope = rise / run
+    residuals = sorted([value - slope * item_step for item_step, value in items])
     intercept = _median(residuals)
     spread = MAD_TO_SIGMA * _median_deviation(residuals, intercept)
-    falls = -slope * (items[-1][0] - items[0][0]) > _TREND_FALL * spread
-    return (intercept + slope * step, spread) if falls else level
+    falls = -slope * (steps[-1] - steps[0]) > _TREND_FALL * spread
+    return (slope, intercept, spread) if falls else level

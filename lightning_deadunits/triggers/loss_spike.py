@@ -28,12 +28,14 @@ class SpikeVerdict:
     Args:
         step: the global step the loss belongs to.
         loss: the loss.
-        baseline: median of the accepted losses before this one (``None`` while the window is empty).
-        spread: their robust standard deviation (see :func:`~lightning_deadunits.functional.loss.robust_baseline`;
-            ``None`` while the window is empty).
+        baseline: the center the loss was judged against: the median of the accepted losses before this one, or
+            during warm-up their falling trend at this step (``None`` while the window is empty).
+        spread: their robust standard deviation (1.4826 x the MAD, around the trend when it is followed; ``None``
+            while the window is empty).
         ratio: ``1 + (loss - baseline) / |baseline|`` (``None`` while the window is empty).
         score: the robust z-score ``(loss - baseline) / spread`` (``None`` while the window is empty).
-        limit: the loss above which both thresholds are crossed (``None`` while the window is empty).
+        limit: the loss above which it is flagged (``None`` while the window is empty). The log-space condition
+            is evaluated only for a loss above the other three, so below them this is their limit.
         flagged: this rank's loss is non-finite, or its loss or gradient norm crossed every threshold; neither
             entered its window.
         spike: a spike batch (on any rank when the detector was given ``agree``): a non-finite loss, or the
@@ -83,24 +85,36 @@ class SpikeDetector:
     r"""Flags batches whose loss or gradient norm jumps far above its own robust baseline; groups them in episodes.
 
     **The rule.** Each signal (the loss; the global gradient norm when given) keeps the last ``window`` accepted
-    values, their median :math:`m`, robust spread :math:`s = 1.4826\,\mathrm{MAD}` and a *reference*
-    :math:`r`, the median of its first ``provisional`` accepted values (its level while training was young). A
-    value :math:`x` is flagged when
+    values, their center :math:`c` (the median :math:`m`), robust spread :math:`s = 1.4826\,\mathrm{MAD}` and a
+    *reference* :math:`r`, the median of its first ``provisional`` accepted values (its level while training was
+    young). A value :math:`x` is flagged when
 
-    .. math:: x > m\,\mathrm{ratio}, \quad (x - m) / s > z, \quad x - m > \mathrm{min\_excess} \cdot |r|
+    .. math:: x > c\,\mathrm{ratio}, \quad (x - c) / s > z, \quad x - c > \mathrm{min\_excess} \cdot |r|
 
     (``grad_min_excess`` instead of ``min_excess`` for the gradient norm).
 
     The first two say "far above the recent losses"; the third, the scale floor, says "and large for this
     loss": late in a converged run the median nears 0, so an ordinary batch with one misclassified sample is
     20x the median and 9 spreads above it, but its excess is a few percent of the young loss. The MAD ignores up
-    to half of the window, so a contaminated warm-up cannot widen the spread. Judging starts after
-    ``provisional`` accepted values (a provisional baseline, so spikes during warm-up are caught and kept out);
-    when ``warmup`` values have been accepted, the window is screened by its own baseline and the outliers from
-    before judging started are removed and reported in :attr:`SpikeVerdict.late`. A NaN or infinite loss is
-    always flagged; a non-finite gradient norm is ignored (fp16 AMP overflows are the ``GradScaler``'s business).
-    Flagged values never enter a window; ``rebaseline_after`` flagged losses in a row become the new window (a
-    lasting change of level, e.g. a new data phase).
+    to half of the window, so a contaminated warm-up cannot widen the spread.
+
+    *Young runs*: during warm-up the loss falls fast and a median lags; when the window falls along a line (its
+    fall exceeds 3 residual spreads), :math:`c` is Tukey's resistant line (slope at most 0) at the current step and
+    :math:`s` the robust spread of its residuals. *Runs that start trained* (fine-tuning, resuming without the
+    detector's state): :math:`r` is then a near-zero level and the floor no floor, so until the signal's median
+    has fallen a decade below :math:`r`, a non-negative heavy-tailed signal (its first ``provisional`` values span
+    more than 4x, or after warm-up its log values spread by more than 0.5) must also lie ``z_score`` robust
+    spreads above the median of its log values. See
+    :class:`~lightning_deadunits.metrics.spike_baseline.SpikeBaseline` for the details and the measurements.
+
+    Judging starts after ``provisional`` accepted values (a provisional baseline, so spikes during warm-up are
+    caught and kept out); when ``warmup`` values have been accepted, the window is screened by its own baseline and
+    the outliers from before judging started are removed and reported in :attr:`SpikeVerdict.late` (the reference
+    is then taken again without them). A NaN or infinite loss is always flagged; a non-finite gradient norm is
+    ignored (fp16 AMP overflows are the ``GradScaler``'s business). Flagged values never enter a window;
+    ``rebaseline_after`` flagged losses in a row become the new window (a lasting change of level, e.g. a new data
+    phase). The per-step work is a few microseconds of host Python (a sorted window: the median is a lookup, the
+    MAD a binary search; ``benchmarks/spikes.py`` measures it).
 
     **Spikes and episodes.** A flagged batch is a spike once ``patience`` batches in a row were flagged (or while
     its episode is open). With ``agree`` (under DDP: ``reduce_boolean_decision``) every rank gets the same spike
