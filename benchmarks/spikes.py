@@ -299,6 +299,7 @@ def run(smoke: bool, seeds: int) -> dict[str, Any]:
         "rows": rows,
         "step_cost_us": cost,
         "steps": steps,
+        "repeats": repeats,
     }
 
 
