@@ -89,12 +89,14 @@ def _trained_start() -> tuple[list[float], list[float]]:
 def test_a_run_that_starts_trained_raises_no_false_alarm_and_still_catches_spikes() -> None:
     losses, grads = _trained_start()
     detector = SpikeDetector()
-    assert not any(detector.update(loss, step, grad).flagged for step, (loss, grad) in enumerate(zip(losses, grads)))
+    assert not any(
+        detector.update(loss, step, grad).flagged for step, (loss, grad) in enumerate(zip(losses, grads, strict=True))
+    )
     assert detector.loss_baseline.started_trained and detector.grad_baseline.started_trained
     for step in (30, 150, 300):  # corrupted batches: the loss and the gradient norm jump 10^4-10^5x
         losses[step], grads[step] = 40.0, 120.0
     fresh = SpikeDetector()
-    verdicts = [fresh.update(loss, step, grad) for step, (loss, grad) in enumerate(zip(losses, grads))]
+    verdicts = [fresh.update(loss, step, grad) for step, (loss, grad) in enumerate(zip(losses, grads, strict=True))]
     assert [v.step for v in verdicts if v.spike] == [30, 150, 300]
     assert all(v.episode_start and v.signal == "grad_norm+loss" for v in verdicts if v.spike)
 
