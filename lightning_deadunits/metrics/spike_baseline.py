@@ -27,9 +27,6 @@ _LOG_FLOOR = 1e-30
 _LOG_MAX = 709.0
 # the fewest accepted values the trend is fitted to (two per third)
 _TREND_MIN = 6
-# Log values spreading more than this around their center (a factor e**0.5 = 1.65) are heavy-tailed: a trained
-# model's batches (measured 0.7-1.9), never a young model's, which sit near its young level (0.05-0.3).
-_HEAVY_TAIL = 0.5
 # the baseline follows a trend whose fall across the window exceeds this many residual spreads
 _TREND_FALL = 3.0
 
@@ -110,17 +107,17 @@ class SpikeBaseline:
     1.4826x the median absolute residual. The line is used only when its fall across the window exceeds 3 residual
     spreads; a flat noisy window keeps its median.
 
-    **Size in log space.** The young level is a known scale once the signal's median has fallen a decade below
-    it. Until then, for a non-negative signal whose log values are heavy-tailed, a flagged value must also lie
-    ``z_score`` robust spreads above the median :math:`\ell` of the window's log values,
+    **A signal that starts trained.** Its first ``provisional`` values span more than 4x (a young model's lie
+    within a few tens of percent of each other, at most 2.4x apart in the benchmark; a trained model's are a
+    near-zero median with hard batches 20-100x it: fine-tuning, or resuming without the detector's state). Then
+    :math:`r` is that near-zero level and the floor no floor, so until the signal's median falls a decade below
+    :math:`r`, a flagged value must also lie ``z_score`` robust spreads above the median :math:`\ell` of the
+    window's log values (a scale-free size for a heavy-tailed signal):
 
     .. math:: \ln x > \ell + z \cdot 1.4826\, \mathrm{median}_i |\ln x_i - \ell|.
 
-    Heavy-tailed means: the signal *started trained* (its first ``provisional`` values span more than 4x: a young
-    model's lie within a few tens of percent of each other, a trained model's are a near-zero median with hard
-    batches 20-100x it; fine-tuning, or resuming without the detector's state, where :math:`r` is that near-zero
-    level and the floor is no floor), or, after warm-up, the log values spread by more than 0.5 (a factor 1.65).
-    A trained model's ordinary hard batch is then 4-5 log spreads above the median, a corrupted batch 7 or more.
+    A trained CNN's ordinary hard batches measured up to 5.3 such spreads above the median, corrupted batches 6.7
+    or more. If warm-up screening removes spikes from the first values, the test is taken again without them.
 
     Judging starts after ``provisional`` accepted values (a provisional baseline), so spikes early in warm-up are
     kept out of the window. When the window first holds ``warmup`` values it is *screened*: values that its own
@@ -175,17 +172,10 @@ class SpikeBaseline:
         return intercept + slope * step, spread
 
     def log_limit(self) -> float:
-        """The value ``z_score`` robust spreads above the median of the window's log values.
-
-        0 (no limit) unless the signal started trained, or warm-up is over and the log values spread more than
-        ``_HEAVY_TAIL`` (during warm-up a young run's fall would count as spread).
-        """
+        """The value ``z_score`` robust spreads above the median of the window's log values."""
         logs = [_log(value) for value in self.ordered]  # sorted too; made only for values above the linear limit
         center = _median(logs)
-        spread = MAD_TO_SIGMA * _median_deviation(logs, center)
-        if not (self.started_trained or (self.screened and spread > _HEAVY_TAIL)):
-            return 0.0
-        limit = center + self.z_score * spread
+        limit = center + self.z_score * MAD_TO_SIGMA * _median_deviation(logs, center)
         return math.exp(limit) if limit < _LOG_MAX else math.inf
 
     def judge(self, value: float, step: int) -> Judgement:
@@ -196,10 +186,15 @@ class SpikeBaseline:
         ratio, score = spike_scores(value, center, spread)
         reference = center if self.reference is None else self.reference
         limit = spike_limit(center, spread, self.ratio, self.z_score, self.min_excess * abs(reference))
-        # the young level is a known scale once the signal has fallen a decade below it; until then (and for a model
-        # trained before the detector started) the size is also judged in log space: only above the linear limit,
-        # since it cannot lower it (a few microseconds saved on every ordinary step)
-        if value > limit and self.ordered[0] >= 0 and not _median(self.ordered) * _FALLEN < reference:
+        # a signal that started trained has no young level, so until it falls a decade below its first level the
+        # size is also judged in log space; only above the linear limit, since it cannot lower it (a few
+        # microseconds saved on every ordinary step)
+        if (
+            value > limit
+            and self.started_trained
+            and self.ordered[0] >= 0
+            and _median(self.ordered) * _FALLEN >= reference
+        ):
             limit = max(limit, self.log_limit())
         return Judgement(center, spread, ratio, score, limit, len(self.window) >= self.provisional and value > limit)
 
