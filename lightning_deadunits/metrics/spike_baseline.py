@@ -17,7 +17,7 @@ __all__ = ["SpikeBaseline"]
 
 # The first values of a young model lie within a few tens of percent of each other (measured: at most 2.4x apart,
 # CNN and character LM, losses and gradient norms); a trained model's span one to two decades (21-99x measured;
-# 10 draws of a log-normal with log spread 1 span less than 4x about 2% of the time).
+# 10 draws of a log-normal with log spread 1 span less than 4x 0.6% of the time).
 _TRAINED_SPAN = 4.0
 # A signal whose center fell this many times below its young level has a known scale: the young level.
 _FALLEN = 10.0
