@@ -14,6 +14,10 @@ An *alarm* is the first flagged step of a run of flagged steps (for this project
 injected spike is *caught* when an alarm falls on its step, *late* when the first alarm comes 1-5 steps after it,
 *missed* otherwise. Alarms outside the 10 steps from an injection are false alarms, counted per 1,000 such steps.
 
+The report closes with the detector's per-step host work: ``SpikeDetector.update`` timed over 10,000 steps of a
+slowly falling noisy loss (and gradient norm), the best of 5 repeats, split into the warm-up steps (the baseline
+follows a trend there) and the rest.
+
 Usage:
     python benchmarks/spikes.py           # every scenario, 3 seeds, writes results/spikes-cpu.{md,json}
     python benchmarks/spikes.py --smoke   # seconds: short runs, 1 seed (CI runs this)
@@ -22,6 +26,7 @@ Usage:
 import argparse
 import json
 import math
+import random
 import statistics
 import sys
 import time
@@ -55,7 +60,8 @@ class Scenario:
 
     ``corrupt``: corrupted batches (``corruption``: ``"shuffle"`` the LM's characters, or replace them by
     ``"random"`` ones; the CNN's are always scaled with wrong labels); ``lr_blowup``: steps whose update uses 100x
-    the learning rate.
+    the learning rate; ``pretrain``: clean steps trained before the recorded ones (a converged model that a fresh
+    detector first sees, as when fine-tuning or resuming without the detector's state).
     """
 
     name: str
@@ -64,6 +70,7 @@ class Scenario:
     corrupt: tuple[int, ...] = ()
     lr_blowup: tuple[int, ...] = ()
     corruption: str = "shuffle"
+    pretrain: int = 0
 
     @property
     def truth(self) -> list[int]:
@@ -80,6 +87,7 @@ def scenarios(smoke: bool) -> list[Scenario]:
         Scenario("cnn corrupted batches", "cnn", 400, corrupt=(150, 250, 350)),
         Scenario("cnn learning-rate blow-up", "cnn", 400, lr_blowup=(300,)),
         Scenario("cnn spikes in the first 50 steps", "cnn", 200, corrupt=(12, 30, 45)),
+        Scenario("cnn converged start (fresh detector)", "cnn", 400, corrupt=(30, 150, 300), pretrain=400),
         Scenario("lm clean", "lm", 300),
         Scenario("lm shuffled-token batches", "lm", 300, corrupt=(150, 250)),
         # early on the LM predicts character frequencies, which shuffling keeps: random characters break them
@@ -117,7 +125,7 @@ def record_trace(scenario: Scenario, seed: int) -> Trace:
         codes = torch.cat([data.tensors[0], data.tensors[1][:, -1:]], dim=1)  # windows of seq_len + 1
     losses, norms = [], []
     base_lr = optimizer.param_groups[0]["lr"]
-    for step in range(scenario.steps):
+    for step in range(-scenario.pretrain, scenario.steps):  # negative steps: pretraining, not recorded
         size = len(labels) if scenario.model == "cnn" else len(codes)
         rows = torch.randint(0, size, (batch_size,), generator=generator)
         if scenario.model == "cnn":
@@ -138,8 +146,10 @@ def record_trace(scenario: Scenario, seed: int) -> Trace:
         loss.backward()
         for group in optimizer.param_groups:
             group["lr"] = base_lr * (100.0 if step in scenario.lr_blowup else 1.0)
-        losses.append(float(loss.detach()))
-        norms.append(float(nn.utils.clip_grad_norm_(model.parameters(), 1.0)))  # the norm before clipping
+        norm = float(nn.utils.clip_grad_norm_(model.parameters(), 1.0))  # the norm before clipping
+        if step >= 0:
+            losses.append(float(loss.detach()))
+            norms.append(norm)
         optimizer.step()
     return losses, norms
 
@@ -237,6 +247,34 @@ def score(scenario: Scenario, flags: list[bool]) -> dict[str, float]:
     return {"caught": caught, "late": late, "missed": missed, "false": false, "clean_steps": clean_steps}
 
 
+def step_cost(steps: int, repeats: int) -> dict[str, float]:
+    """Microseconds of ``SpikeDetector.update`` per step (best of ``repeats``): warm-up, after it, and overall."""
+    noise = random.Random(0)
+    losses = [2.0 * 0.9995**step + 0.05 * noise.random() for step in range(steps)]
+    norms = [1.0 + 0.2 * noise.random() for _ in range(steps)]
+    warmup = SpikeDetector().warmup
+    best: dict[str, float] = {}
+    for _ in range(repeats):
+        for signals in ("loss", "loss and gradient norm"):
+            detector = SpikeDetector()
+            grads: list[float | None] = list(norms) if signals != "loss" else [None] * steps
+            marks = [time.perf_counter()]
+            for step in range(steps):
+                detector.update(losses[step], step, grads[step])
+                if step == warmup - 1:
+                    marks.append(time.perf_counter())
+            marks.append(time.perf_counter())
+            costs = {
+                "warm-up": (marks[1] - marks[0]) / warmup,
+                "after warm-up": (marks[2] - marks[1]) / (steps - warmup),
+                "every step": (marks[2] - marks[0]) / steps,
+            }
+            for phase, seconds in costs.items():
+                key = f"{signals}, {phase}"
+                best[key] = min(best.get(key, math.inf), 1e6 * seconds)
+    return best
+
+
 def run(smoke: bool, seeds: int) -> dict[str, Any]:
     """Record every scenario's traces and score every rule on them."""
     rows = []
@@ -251,7 +289,18 @@ def run(smoke: bool, seeds: int) -> dict[str, Any]:
             per_1000 = 1000 * totals["false"] / max(1, totals["clean_steps"])
             rows.append({"scenario": scenario.name, "rule": rule, **totals, "false_per_1000": per_1000})
         print(f"{scenario.name}: {seeds} seeds in {time.perf_counter() - started:.0f} s", flush=True)
-    return {"seeds": seeds, "smoke": smoke, "torch": torch.__version__, "rows": rows}
+    steps = 1_000 if smoke else 10_000
+    repeats = 1 if smoke else 5
+    cost = step_cost(steps, repeats)
+    return {
+        "seeds": seeds,
+        "smoke": smoke,
+        "torch": torch.__version__,
+        "rows": rows,
+        "step_cost_us": cost,
+        "steps": steps,
+        "repeats": repeats,
+    }
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -269,7 +318,16 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {row['scenario']} | {row['rule']} | {row['caught']} | {row['late']} | {row['missed']} "
             f"| {row['false_per_1000']:.1f} |"
         )
-    return "\n".join([*lines, "", *closing_notes(report)]) + "\n"
+    cost = [
+        "",
+        f"Per-step host work of `SpikeDetector.update` ({report['steps']:,} steps of a slowly falling noisy loss, "
+        f"best of {report['repeats']}; pure Python on the host, on steps where nothing is logged too):",
+        "",
+        "| signals and steps | microseconds per step |",
+        "| --- | ---: |",
+        *(f"| {key} | {value:.1f} |" for key, value in report["step_cost_us"].items()),
+    ]
+    return "\n".join([*lines, "", *closing_notes(report), *cost]) + "\n"
 
 
 def closing_notes(report: dict[str, Any]) -> list[str]:

@@ -15,6 +15,7 @@ from lightning_deadunits.functional.kernels import dead_kernel_masks
 from lightning_deadunits.functional.loss import robust_baseline, spike_scores
 from lightning_deadunits.functional.warmup import WARMUP_SHAPES, rewarm_factor, warmup_factor
 from lightning_deadunits.metrics.activation_stats import ActivationStats
+from lightning_deadunits.metrics.spike_baseline import SpikeBaseline
 from lightning_deadunits.triggers.loss_spike import SpikeDetector
 from lightning_deadunits.triggers.threshold import ThresholdRule
 
@@ -179,6 +180,21 @@ def _warm_detector(losses: list[float], ratio: float, z_score: float) -> SpikeDe
     for step, loss in enumerate(losses):
         detector.update(loss, step)
     return detector
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    values=st.lists(st.one_of(st.floats(-10, 10), st.sampled_from([0.0, 1.0, 2.0])), min_size=1, max_size=40),
+    evicted=st.integers(0, 30),
+)
+def test_sorted_window_baseline_equals_the_median_and_mad_of_its_values(values: list[float], evicted: int) -> None:
+    """The per-step baseline (a sorted window, the MAD by binary search) is exactly ``robust_baseline``'s."""
+    baseline = SpikeBaseline(window=20, warmup=1, ratio=2.0, z_score=6.0, min_excess=0.0, provisional=1)
+    baseline.screened = True  # judged against the median, not a trend
+    for step, value in enumerate(values + values[:evicted]):  # past 20 values the oldest leave the window
+        baseline.accept(step, value)
+    assert baseline.ordered == sorted(baseline.values())
+    assert baseline.center(step=len(values)) == robust_baseline(baseline.values())
 
 
 @settings(max_examples=60, deadline=None)

@@ -28,6 +28,9 @@ def test_spike_benchmark_smoke_run_scores_every_rule_and_this_project_catches_th
     assert ours["cnn corrupted"]["caught"] == 1 and ours["cnn corrupted"]["false"] == 0
     assert ours["lm clean"]["false"] == 0
     assert "| scenario | rule | caught | late | missed |" in (tmp_path / "spikes-cpu-smoke.md").read_text()
+    # the detector's per-step cost is reported (measured, not asserted: timings belong to the benchmark)
+    assert {"loss, every step", "loss and gradient norm, every step"} <= set(report["step_cost_us"])
+    assert "Per-step host work of `SpikeDetector.update`" in (tmp_path / "spikes-cpu-smoke.md").read_text()
 
 
 def test_published_rules_flag_what_their_definitions_say() -> None:

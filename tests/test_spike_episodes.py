@@ -51,6 +51,68 @@ def test_contaminated_warmup_does_not_blind_the_detector_and_its_outliers_are_re
     later = _feed(detector, [1.0, 10.0, 1.01, 50.0, 1.02, 100.0, 1.0], start=52)
     assert [v.step for v in later if v.spike] == [53, 55, 57]
     assert all(v.limit is not None and v.limit < 2.2 for v in later)  # the limit never rose with the spikes
+    # the spike among the first 10 made them span 50x, like a trained model's; screening took that back
+    assert not detector.loss_baseline.started_trained and detector.loss_baseline.reference == pytest.approx(1.03)
+
+
+def _young_lm() -> list[float]:
+    """A young LM's loss: 4.9 (about ln 128) falling towards 2.4 with a time constant of 10 steps, and random-
+    character batches at steps 15 (1.7x the loss) and 40 (1.9x), as in the benchmark's early-spike scenario."""
+    losses = [2.4 + 2.5 * math.exp(-step / 10) + 0.05 * ((step * 7) % 5 - 2) for step in range(100)]
+    losses[15] *= 1.7
+    losses[40] *= 1.9
+    return losses
+
+
+def test_spikes_while_a_young_loss_falls_fast_are_caught_at_their_step() -> None:
+    verdicts = _feed(SpikeDetector(), _young_lm())
+    assert [v.step for v in verdicts if v.spike] == [15, 40]
+    # the baseline followed the fall: at step 15 the median of steps 0-14 is 3.8, and 4.86 would be 1.3x it
+    spike = verdicts[15]
+    assert spike.baseline is not None and spike.baseline < 2.8 and spike.ratio is not None and spike.ratio > 1.7
+    assert all(v.limit is not None and v.loss < 0.85 * v.limit for v in verdicts[10:] if v.step not in (15, 40))
+
+
+def _trained_start() -> tuple[list[float], list[float]]:
+    """A trained CNN continued with a fresh detector (fine-tuning, or resuming without its state): losses spread
+    over a decade around 0.001 (log spread 0.95, as measured) with a hard batch of 0.05-0.19 (50-190x the median)
+    every 23 steps; gradient norms alike around 0.02 with hard ones of 0.5-3."""
+    cycle = [0.3, 1.0, 2.4, 0.6, 1.6, 0.15, 1.2, 3.0, 0.8, 0.45, 1.9]
+    losses = [0.001 * cycle[(step * 3) % 11] for step in range(400)]
+    grads = [0.02 * cycle[(step * 5) % 11] for step in range(400)]
+    for hard in range(7, 400, 23):
+        losses[hard] = 0.05 + 0.14 * ((hard * 7) % 10) / 9
+        grads[hard] = 0.5 + 2.5 * ((hard * 3) % 10) / 9
+    return losses, grads
+
+
+def test_a_run_that_starts_trained_raises_no_false_alarm_and_still_catches_spikes() -> None:
+    losses, grads = _trained_start()
+    detector = SpikeDetector()
+    assert not any(
+        detector.update(loss, step, grad).flagged for step, (loss, grad) in enumerate(zip(losses, grads, strict=True))
+    )
+    assert detector.loss_baseline.started_trained and detector.grad_baseline.started_trained
+    for step in (30, 150, 300):  # corrupted batches: the loss and the gradient norm jump 10^4-10^5x
+        losses[step], grads[step] = 40.0, 120.0
+    fresh = SpikeDetector()
+    verdicts = [fresh.update(loss, step, grad) for step, (loss, grad) in enumerate(zip(losses, grads, strict=True))]
+    assert [v.step for v in verdicts if v.spike] == [30, 150, 300]
+    assert all(v.episode_start and v.signal == "grad_norm+loss" for v in verdicts if v.spike)
+
+
+def test_a_detector_that_started_trained_resumes_exactly() -> None:
+    losses, grads = _trained_start()
+    losses[330] = 40.0
+    uninterrupted = SpikeDetector()
+    for step in range(300):
+        uninterrupted.update(losses[step], step, grads[step])
+    restored = SpikeDetector()
+    restored.load_state_dict(uninterrupted.state_dict())
+    assert restored.state_dict() == uninterrupted.state_dict() and restored.loss_baseline.started_trained
+    resumed = [repr(restored.update(losses[step], step, grads[step])) for step in range(300, 400)]
+    assert resumed == [repr(uninterrupted.update(losses[step], step, grads[step])) for step in range(300, 400)]
+    assert "step=330" in next(text for text in resumed if "spike=True" in text)
 
 
 def test_a_spike_and_its_three_batch_aftershock_are_one_episode_with_its_fields() -> None:

@@ -46,22 +46,25 @@ class LossSpikeMonitor(MonitorCallback):
     ``training_step`` returned) and, with ``grad_signal``, the global gradient norm of each optimizer step (read in
     ``on_before_optimizer_step``: after AMP unscaling and accumulation, and under DDP after the all-reduce, before
     clipping) go to a :class:`~lightning_deadunits.triggers.SpikeDetector`. Each signal keeps a window of its last
-    ``window`` accepted values, their median ``m``, robust spread ``s = 1.4826 x MAD`` and a reference ``r``: the
-    median of its first 10 accepted values (its level while training was young). A value ``x`` is flagged when
+    ``window`` accepted values, their median ``m``, robust spread ``s = 1.4826 x MAD`` and a reference ``r``: the median
+    of its first 10 accepted values (its level while training was young). A value ``x`` is flagged when
     ``x > ratio * m`` and ``(x - m) / s > z_score`` and ``x - m > min_excess * |r|`` (``grad_min_excess`` for the
-    gradient norm, whose hard batches are far more heavy-tailed): far above the recent
-    values, and large for this signal (the scale floor: late in a converged run the median nears 0 and an ordinary
-    hard batch is 20x it and many spreads above it, yet a few percent of the young loss). The MAD ignores up to half
-    of the window, so spikes in warm-up cannot widen it; judging starts after 10 accepted values (a provisional
-    baseline), and when warm-up ends the window is screened by its own baseline: earlier outliers are logged and
-    written to the events file as ``"spike"`` records with ``"late": true``. NaN and Inf losses are always spikes;
-    a non-finite gradient norm is ignored (fp16 overflows are the ``GradScaler``'s). Flagged values never enter a
-    window. A batch is flagged when its loss *or* its gradient norm is (``signal`` says which); ``patience`` flagged
-    batches in a row make a spike. A loss belongs to ``trainer.global_step`` as its batch starts (the optimizer steps
-    done before it), so the spike of the 1801st batch of a run without accumulation is at step 1800. The loss is
-    read from ``on_before_backward`` in automatic optimization, and from what ``training_step`` returns (a tensor or
-    ``{"loss": ...}``) in manual optimization; when there is none, one warning says so. A batch whose
-    ``training_step`` returns ``None`` in automatic optimization (Lightning's way to skip it) is not watched.
+    gradient norm, whose hard batches are far more heavy-tailed): far above the recent values, and large for this signal
+    (the scale floor: late in a converged run the median nears 0 and an ordinary hard batch is 20x it and many spreads
+    above it, yet a few percent of the young loss). During warm-up ``m`` follows the window's falling trend (a young
+    loss falls faster than a median follows); a run that starts trained (fine-tuning, resuming without the monitor's
+    state; its first 10 values span more than 4x) has no young level, and its values are also judged in log space (see
+    :class:`~lightning_deadunits.triggers.SpikeDetector`). The MAD ignores up to half of the window, so spikes in
+    warm-up cannot widen it; judging starts after 10 accepted values (a provisional baseline), and when warm-up ends the
+    window is screened by its own baseline: earlier outliers are logged and written to the events file as ``"spike"``
+    records with ``"late": true``. NaN and Inf losses are always spikes; a non-finite gradient norm is ignored (fp16
+    overflows are the ``GradScaler``'s). Flagged values never enter a window. A batch is flagged when its loss *or* its
+    gradient norm is (``signal`` says which); ``patience`` flagged batches in a row make a spike. A loss belongs to
+    ``trainer.global_step`` as its batch starts (the optimizer steps done before it), so the spike of the 1801st batch
+    of a run without accumulation is at step 1800. The loss is read from ``on_before_backward`` in automatic
+    optimization, and from what ``training_step`` returns (a tensor or ``{"loss": ...}``) in manual optimization; when
+    there is none, one warning says so. A batch whose ``training_step`` returns ``None`` in automatic optimization
+    (Lightning's way to skip it) is not watched.
 
     **Episodes.** Spikes no more than ``episode_gap`` steps apart are one episode (a corrupted batch and the
     aftershocks of the weights it damaged): one alarm and one count in ``<p>/loss/spikes`` per episode, at its
@@ -124,7 +127,7 @@ class LossSpikeMonitor(MonitorCallback):
 
     ==========================  ========================================================================
     ``<p>/loss/value``          the loss (mean over ranks)
-    ``<p>/loss/baseline``       the median of the accepted losses (after the first loss)
+    ``<p>/loss/baseline``       the median of the accepted losses (in warm-up, their trend)
     ``<p>/loss/spike_score``    the robust z-score of the loss against the baseline
     ``<p>/loss/spikes``         spike episodes so far
     ``<p>/loss/episode_length`` at a spike: spiking batches of its episode so far (1 at its start)

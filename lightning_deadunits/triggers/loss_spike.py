@@ -14,20 +14,28 @@ from lightning_deadunits.triggers.spike_episodes import SpikeEpisodes
 
 __all__ = ["SpikeDetector", "SpikeVerdict"]
 
+# which signals flagged a batch, by (gradient norm flagged, loss flagged)
+_SIGNALS = {(False, False): "", (True, False): "grad_norm", (False, True): "loss", (True, True): "grad_norm+loss"}
 
-@dataclass(frozen=True)
+
+@dataclass
 class SpikeVerdict:
     """What :meth:`SpikeDetector.update` decided about one loss.
+
+    A plain (not frozen) dataclass: one is made on every training step, and a frozen one's ``__init__`` alone
+    cost 4 us of the detector's per-step budget.
 
     Args:
         step: the global step the loss belongs to.
         loss: the loss.
-        baseline: median of the accepted losses before this one (``None`` while the window is empty).
-        spread: their robust standard deviation (see :func:`~lightning_deadunits.functional.loss.robust_baseline`;
-            ``None`` while the window is empty).
+        baseline: the center the loss was judged against: the median of the accepted losses before this one, or
+            during warm-up their falling trend at this step (``None`` while the window is empty).
+        spread: their robust standard deviation (1.4826 x the MAD, around the trend when it is followed; ``None``
+            while the window is empty).
         ratio: ``1 + (loss - baseline) / |baseline|`` (``None`` while the window is empty).
         score: the robust z-score ``(loss - baseline) / spread`` (``None`` while the window is empty).
-        limit: the loss above which both thresholds are crossed (``None`` while the window is empty).
+        limit: the loss above which it is flagged (``None`` while the window is empty). The log-space condition
+            is evaluated only for a loss above the other three, so below them this is their limit.
         flagged: this rank's loss is non-finite, or its loss or gradient norm crossed every threshold; neither
             entered its window.
         spike: a spike batch (on any rank when the detector was given ``agree``): a non-finite loss, or the
@@ -77,24 +85,35 @@ class SpikeDetector:
     r"""Flags batches whose loss or gradient norm jumps far above its own robust baseline; groups them in episodes.
 
     **The rule.** Each signal (the loss; the global gradient norm when given) keeps the last ``window`` accepted
-    values, their median :math:`m`, robust spread :math:`s = 1.4826\,\mathrm{MAD}` and a *reference*
-    :math:`r`, the median of its first ``provisional`` accepted values (its level while training was young). A
-    value :math:`x` is flagged when
+    values, their center :math:`c` (the median :math:`m`), robust spread :math:`s = 1.4826\,\mathrm{MAD}` and a
+    *reference* :math:`r`, the median of its first ``provisional`` accepted values (its level while training was
+    young). A value :math:`x` is flagged when
 
-    .. math:: x > m\,\mathrm{ratio}, \quad (x - m) / s > z, \quad x - m > \mathrm{min\_excess} \cdot |r|
+    .. math:: x > c\,\mathrm{ratio}, \quad (x - c) / s > z, \quad x - c > \mathrm{min\_excess} \cdot |r|
 
     (``grad_min_excess`` instead of ``min_excess`` for the gradient norm).
 
     The first two say "far above the recent losses"; the third, the scale floor, says "and large for this
     loss": late in a converged run the median nears 0, so an ordinary batch with one misclassified sample is
     20x the median and 9 spreads above it, but its excess is a few percent of the young loss. The MAD ignores up
-    to half of the window, so a contaminated warm-up cannot widen the spread. Judging starts after
-    ``provisional`` accepted values (a provisional baseline, so spikes during warm-up are caught and kept out);
-    when ``warmup`` values have been accepted, the window is screened by its own baseline and the outliers from
-    before judging started are removed and reported in :attr:`SpikeVerdict.late`. A NaN or infinite loss is
-    always flagged; a non-finite gradient norm is ignored (fp16 AMP overflows are the ``GradScaler``'s business).
-    Flagged values never enter a window; ``rebaseline_after`` flagged losses in a row become the new window (a
-    lasting change of level, e.g. a new data phase).
+    to half of the window, so a contaminated warm-up cannot widen the spread.
+
+    *Young runs*: during warm-up the loss falls fast and a median lags; when the window falls along a line (its
+    fall exceeds 3 residual spreads), :math:`c` is Tukey's resistant line (slope at most 0) at the current step and
+    :math:`s` the robust spread of its residuals. *Runs that start trained* (fine-tuning, resuming without the
+    detector's state; recognised by first ``provisional`` values spanning more than 4x): :math:`r` is then a
+    near-zero level and the floor no floor, so until the signal's median has fallen a decade below :math:`r`, a
+    flagged value must also lie ``z_score`` robust spreads above the median of the window's log values. See
+    :class:`~lightning_deadunits.metrics.spike_baseline.SpikeBaseline` for the details and the measurements.
+
+    Judging starts after ``provisional`` accepted values (a provisional baseline, so spikes during warm-up are
+    caught and kept out); when ``warmup`` values have been accepted, the window is screened by its own baseline and
+    the outliers from before judging started are removed and reported in :attr:`SpikeVerdict.late` (the reference
+    is then taken again without them). A NaN or infinite loss is always flagged; a non-finite gradient norm is
+    ignored (fp16 AMP overflows are the ``GradScaler``'s business). Flagged values never enter a window;
+    ``rebaseline_after`` flagged losses in a row become the new window (a lasting change of level, e.g. a new data
+    phase). The per-step work is a few microseconds of host Python (a sorted window: the median is a lookup, the
+    MAD a binary search; ``benchmarks/spikes.py`` measures it).
 
     **Spikes and episodes.** A flagged batch is a spike once ``patience`` batches in a row were flagged (or while
     its episode is open). With ``agree`` (under DDP: ``reduce_boolean_decision``) every rank gets the same spike
@@ -192,31 +211,28 @@ class SpikeDetector:
             agree: turns this rank's spike decision into everyone's (``None``: this rank alone).
         """
         self.recent.append((step, loss))
-        warming_up = self.warming_up
-        judged = self.loss_baseline.judge(loss) if math.isfinite(loss) else self.loss_baseline.judge(0.0)
+        warming_up = self.loss_baseline.warming_up
+        finite = math.isfinite(loss)
+        judged = self.loss_baseline.judge(loss if finite else 0.0, step)
         grad_finite = grad_norm is not None and math.isfinite(grad_norm)
-        grad = self.grad_baseline.judge(grad_norm) if grad_finite and grad_norm is not None else None
-        loss_flagged = not math.isfinite(loss) or judged.flagged
+        grad = self.grad_baseline.judge(grad_norm, step) if grad_finite and grad_norm is not None else None
+        loss_flagged = not finite or judged.flagged
         grad_flagged = grad is not None and grad.flagged
         flagged = loss_flagged or grad_flagged
-        signal = "+".join(name for name, hit in (("grad_norm", grad_flagged), ("loss", loss_flagged)) if hit)
-        reason = "non-finite" if not math.isfinite(loss) else "ratio and z-score" if flagged else ""
-        self._streak = self._streak + 1 if flagged and math.isfinite(loss) else 0
-        spike = not math.isfinite(loss) or (
-            flagged and (self._streak >= self.patience or self.episodes.current is not None)
-        )
+        signal = _SIGNALS[grad_flagged, loss_flagged]
+        reason = "non-finite" if not finite else "ratio and z-score" if flagged else ""
+        self._streak = self._streak + 1 if flagged and finite else 0
+        spike = not finite or (flagged and (self._streak >= self.patience or self.episodes.current is not None))
         if spike and self._streak >= self.patience:
             self._streak = 0
         if agree is not None:
             spike = bool(agree(spike))
         layers = self.layer_baselines.attribute(layer_norms) if spike and layer_norms else []
-        scores = [judged.score, None if grad is None else grad.score]
-        score = max((value for value in scores if value is not None), default=math.inf)
-        if not math.isfinite(loss):
-            score = math.inf
-        episode, started, ended = self.episodes.update(
-            step, spike, loss, score if flagged else -math.inf, signal, layers
-        )
+        score = -math.inf
+        if flagged:  # the episode's peak score: the larger of the two, inf without a baseline or for a NaN/Inf loss
+            scores = [value for value in (judged.score, None if grad is None else grad.score) if value is not None]
+            score = max(scores) if scores and finite else math.inf
+        episode, started, ended = self.episodes.update(step, spike, loss, score, signal, layers)
         late: list[tuple[int, float, float]] = []
         rebaselined = False
         if not loss_flagged:
@@ -240,8 +256,8 @@ class SpikeDetector:
             loss,
             judged.baseline,
             judged.spread,
-            judged.ratio if math.isfinite(loss) else None if judged.ratio is None else math.nan,
-            judged.score if math.isfinite(loss) else None if judged.score is None else math.nan,
+            judged.ratio if finite else None if judged.ratio is None else math.nan,
+            judged.score if finite else None if judged.score is None else math.nan,
             judged.limit,
             flagged=flagged,
             spike=spike,
