@@ -19,6 +19,8 @@ __all__ = ["SpikeBaseline"]
 # CNN and character LM, losses and gradient norms); a trained model's span one to two decades (21-99x measured;
 # 10 draws of a log-normal with log spread 1 span less than 4x 0.6% of the time).
 _TRAINED_SPAN = 4.0
+# Fewer first values than this cannot tell: two draws of a young, noisy tiny-batch loss often span 4x.
+_START_EVIDENCE = 10
 # A signal whose center fell this many times below its young level has a known scale: the young level.
 _FALLEN = 10.0
 # In log space values below this count as this: a trained model's loss can be exactly 0 in float32.
@@ -107,7 +109,8 @@ class SpikeBaseline:
     1.4826x the median absolute residual. The line is used only when its fall across the window exceeds 3 residual
     spreads; a flat noisy window keeps its median.
 
-    **A signal that starts trained.** Its first ``provisional`` values span more than 4x (a young model's lie
+    **A signal that starts trained.** Its first ``provisional`` values (at least 10: fewer cannot tell, and the
+    test is not taken) span more than 4x (a young model's lie
     within a few tens of percent of each other, at most 2.4x apart in the benchmark; a trained model's are a
     near-zero median with hard batches 20-100x it: fine-tuning, or resuming without the detector's state). Then
     :math:`r` is that near-zero level and the floor no floor, so until the signal's median falls a decade below
@@ -251,7 +254,11 @@ class SpikeBaseline:
     def _set_reference(self, ordered: Sequence[float]) -> None:
         """The young level, and whether the signal started trained, from its first values (sorted)."""
         self.reference = _median(ordered)
-        self.started_trained = ordered[0] >= 0 and ordered[-1] > _TRAINED_SPAN * max(ordered[0], _LOG_FLOOR)
+        self.started_trained = (
+            len(ordered) >= _START_EVIDENCE
+            and ordered[0] >= 0
+            and ordered[-1] > _TRAINED_SPAN * max(ordered[0], _LOG_FLOOR)
+        )
 
     def _trending(self) -> bool:
         """Whether the baseline may follow a trend: during warm-up, with at least two values per third."""

@@ -101,9 +101,10 @@ class SpikeDetector:
     *Young runs*: during warm-up the loss falls fast and a median lags; when the window falls along a line (its
     fall exceeds 3 residual spreads), :math:`c` is Tukey's resistant line (slope at most 0) at the current step and
     :math:`s` the robust spread of its residuals. *Runs that start trained* (fine-tuning, resuming without the
-    detector's state; recognised by first ``provisional`` values spanning more than 4x): :math:`r` is then a
-    near-zero level and the floor no floor, so until the signal's median has fallen a decade below :math:`r`, a
-    flagged value must also lie ``z_score`` robust spreads above the median of the window's log values. See
+    detector's state; recognised by its first ``provisional`` values, at least 10, spanning more than 4x):
+    :math:`r` is then a near-zero level and the floor no floor, so until the signal's median has fallen a decade
+    below :math:`r`, a flagged value must also lie ``z_score`` robust spreads above the median of the window's log
+    values. See
     :class:`~lightning_deadunits.metrics.spike_baseline.SpikeBaseline` for the details and the measurements.
 
     Judging starts after ``provisional`` accepted values (a provisional baseline, so spikes during warm-up are
