@@ -2,6 +2,7 @@
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from functools import cached_property
 from typing import Any
 
 import lightning.pytorch as pl
@@ -278,7 +279,7 @@ class ActivationMonitor(MonitorCallback):
         self._validation_stats: ActivationStats | None = None
         self._warned_empty = False
 
-    @property
+    @cached_property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(

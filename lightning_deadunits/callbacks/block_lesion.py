@@ -4,6 +4,7 @@ import logging
 import re
 import warnings
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 from typing import Any
 
 import lightning.pytorch as pl
@@ -117,7 +118,7 @@ class BlockLesion(MonitorCallback):
         self._candidates: dict[str, nn.Module] = {}
         self._noted_skips: dict[str, str] = {}
 
-    @property
+    @cached_property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(

@@ -3,6 +3,7 @@
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 from typing import Any
 
 import lightning.pytorch as pl
@@ -142,7 +143,7 @@ class DeadUnitRecycler(MonitorCallback):
         self._pending: dict[str, tuple[Tensor, int]] = {}
         self._notes: set[str] = set()
 
-    @property
+    @cached_property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(

@@ -1,6 +1,7 @@
 """Watches gradient norms per layer and overall, and the rows whose gradient stays exactly zero."""
 
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 import lightning.pytorch as pl
@@ -94,7 +95,7 @@ class GradNormMonitor(MonitorCallback):
         self.samples = schedules.StepGate(schedules.every_n_steps(self.every_n_steps))
         self.samples_in_period = 0
 
-    @property
+    @cached_property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(

@@ -2,6 +2,7 @@
 
 import warnings
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 import lightning.pytorch as pl
@@ -160,7 +161,7 @@ class KernelNormMonitor(MonitorCallback):
         self.history: list[dict[str, float]] = []
         self._initial: tuple[int, list[LayerKernels]] | None = None
 
-    @property
+    @cached_property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(

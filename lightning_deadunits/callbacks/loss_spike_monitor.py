@@ -5,6 +5,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -236,7 +237,7 @@ class LossSpikeMonitor(MonitorCallback):
         self._deferred: tuple[BatchLoss, dict[str, dict[str, Any]], Any, Any] | None = None
         self._judged: tuple[BatchLoss, SpikeVerdict, bool] | None = None
 
-    @property
+    @cached_property
     @override
     def state_key(self) -> str:
         detector = self.detector

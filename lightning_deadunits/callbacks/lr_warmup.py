@@ -5,7 +5,7 @@ import fnmatch
 import logging
 import warnings
 from collections.abc import Sequence
-from functools import partial
+from functools import cached_property, partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -123,7 +123,8 @@ class LRWarmup(Callback):
         self.panels = TensorBoardPanels()
         self._logged = schedules.every_n_steps(1)
 
-    @property
+    # Cached, as MonitorCallback's: Lightning reads it around every hook; the settings it names are never reassigned.
+    @cached_property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(warmup_steps=self.warmup_steps, shape=self.shape, rewarm_on=self.rewarm_on)
