@@ -62,7 +62,7 @@ class GradNormProbe:
         self._squares: dict[str, Tensor] = {}
         self._total_squares: Tensor | None = None
         self._last_nonzero: dict[str, Tensor] = {}
-        self._plan_for: tuple[tuple[int, ...], torch.device] | None = None
+        self._plan_for: tuple[tuple[bool, ...], torch.device] | None = None
         self._plan_cache: tuple[Tensor, Tensor, list[str]] | None = None
 
     def attach(self, model: nn.Module) -> None:
@@ -133,36 +133,39 @@ class GradNormProbe:
         One batched norm over every gradient, whose squares the layers then gather: a
         handful of device operations whatever the model's size, and no host sync.
         """  # noqa: D205
-        present = tuple(index for index, param in enumerate(self.parameters) if param.grad is not None)
-        if not present:
+        # Read again each step: Lightning's `zero_grad` sets gradients to None, so every step brings new tensors.
+        every_grad = [param.grad for param in self.parameters]
+        grads = [grad for grad in every_grad if grad is not None]
+        if not grads:
             return None
-        grads = [self.parameters[index].grad.detach() for index in present]  # type: ignore[union-attr]
-        # One more entry, 0: what a layer without a bias gradient adds.
-        squares = torch.stack([*foreach_norms(grads), grads[0].new_zeros((), dtype=torch.float32)]).square_()
-        if self._plan_cache is None or self._plan_for != (present, squares.device):
-            self._plan_for, self._plan_cache = (present, squares.device), self._plan(present, squares.device)
-        weights, biases, names = self._plan_cache
-        # Gathers, not a scatter: deterministic on every device.
-        return squares.sum(), squares.index_select(0, weights) + squares.index_select(0, biases), names
+        present = tuple(grad is not None for grad in every_grad)
+        if self._plan_cache is None or self._plan_for != (present, grads[0].device):
+            self._plan_for, self._plan_cache = (present, grads[0].device), self._plan(present, grads[0].device)
+        pairs, zero, names = self._plan_cache
+        # `no_grad` rather than a `detach` per gradient (a third of this method's host time on a small model).
+        with torch.no_grad():
+            # One more entry, 0: what a layer without a bias gradient adds.
+            squares = torch.stack([*foreach_norms(grads), zero]).square_()
+            # A gather, not a scatter: deterministic on every device; each layer sums its (weight, bias) pair.
+            layer_squares = squares.index_select(0, pairs).view(-1, 2).sum(1)
+            return squares.sum(), layer_squares, names
 
-    def _plan(self, present: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, list[str]]:
-        """Where each layer's weight and bias gradients sit among the ``present`` gradients, as device indices.
-
-        A layer without a bias gradient points at the zero that follows them.
-        """
-        position = {id(self.parameters[index]): k for k, index in enumerate(present)}
+    def _plan(self, present: tuple[bool, ...], device: torch.device) -> tuple[Tensor, Tensor, list[str]]:
+        """Where each layer's weight and bias gradients sit among the present gradients, as (weight, bias) pairs of
+        device indices, and the 0 that a layer without a bias gradient points at (after them).
+        """  # noqa: D205
+        present_params = [param for param, has_grad in zip(self.parameters, present, strict=True) if has_grad]
+        position = {id(param): k for k, param in enumerate(present_params)}
         names: list[str] = []
-        weights: list[int] = []
-        biases: list[int] = []
+        pairs: list[int] = []
         for name, module in self.layers.items():
             if id(module.weight) not in position:
                 continue
             names.append(name)
-            weights.append(position[id(module.weight)])
-            biases.append(position.get(id(getattr(module, "bias", None)), len(present)))
-        # Built again only when the set of parameters with gradients changes: index tensors reach the device then.
-        weight_index, bias_index = (torch.tensor(i, dtype=torch.long, device=device) for i in (weights, biases))
-        return weight_index, bias_index, names
+            pairs += [position[id(module.weight)], position.get(id(getattr(module, "bias", None)), len(position))]
+        # Built again only when the set of parameters with gradients changes: the indices reach the device then.
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        return torch.tensor(pairs, dtype=torch.long, device=device), zero, names
 
     def state_dict(self) -> dict[str, Any]:
         """The sample count and each row's last sample with a nonzero gradient (the gradient-dead window)."""
