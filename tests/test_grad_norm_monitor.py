@@ -149,22 +149,22 @@ def test_grad_norm_probe_step_norms_equal_the_norms_of_each_parameter(dtype: tor
     for _ in range(2):  # the second reuses the cached layout of gradients
         found = probe.step_norms()
         assert found is not None
-        norms, layers = found
+        norms, layers, pairs = found
         assert layers == ["0", "1", "3"] and norms.dtype == torch.float32
+        total, by_layer = GradNormProbe.combine(norms.tolist(), layers, pairs)
         grads = {
             name: [p.grad.double() for p in module.parameters() if p.grad is not None]
             for name, module in model.named_children()
         }
         expected = [sum(float(g.square().sum()) for gs in grads.values() for g in gs)]
         expected += [sum(float(g.square().sum()) for g in grads[name]) for name in layers]
-        np.testing.assert_allclose(norms.square().double().numpy(), expected, rtol=1e-5)
+        np.testing.assert_allclose(np.square([total, *by_layer.values()]), expected, rtol=1e-5)
     model[3].bias.grad = torch.ones_like(model[3].bias)  # the layout changes: the bias counts again
     found = probe.step_norms()
     assert found is not None
-    assert float(found[0][3].square()) == pytest.approx(
-        float(model[3].weight.grad.float().square().sum()) + 5, rel=1e-5
-    )
+    total, by_layer = GradNormProbe.combine(found[0].tolist(), found[1], found[2])
+    assert by_layer["3"] ** 2 == pytest.approx(float(model[3].weight.grad.float().square().sum()) + 5, rel=1e-5)
     probe.sample()
-    norms_by_layer, total, _ = probe.summary(window=1)
-    assert total is not None and float(total) == pytest.approx(float(found[0][0]), rel=1e-6)
-    assert float(norms_by_layer["3"]) == pytest.approx(float(found[0][3]), rel=1e-6)
+    norms_by_layer, device_total, _ = probe.summary(window=1)
+    assert device_total is not None and float(device_total) == pytest.approx(total, rel=1e-6)
+    assert float(norms_by_layer["3"]) == pytest.approx(by_layer["3"], rel=1e-6)

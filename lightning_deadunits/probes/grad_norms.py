@@ -5,6 +5,7 @@ all-reduce, so every rank reads the same numbers), before clipping. Everything s
 monitor moves one stacked tensor to the host when it logs.
 """
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -62,8 +63,9 @@ class GradNormProbe:
         self._squares: dict[str, Tensor] = {}
         self._total_squares: Tensor | None = None
         self._last_nonzero: dict[str, Tensor] = {}
-        self._plan_for: tuple[tuple[bool, ...], torch.device] | None = None
-        self._plan_cache: tuple[Tensor, Tensor, list[str]] | None = None
+        self._layout_for: tuple[bool, ...] | None = None
+        self._layout: tuple[list[str], list[int]] = ([], [])
+        self._device_layout: tuple[Tensor, Tensor] | None = None
 
     def attach(self, model: nn.Module) -> None:
         """Find the watched layers (with a weight) and every parameter of ``model``."""
@@ -73,7 +75,7 @@ class GradNormProbe:
             if isinstance(getattr(module, "weight", None), Tensor)
         }
         self.parameters = list(model.parameters())
-        self._plan_for = None
+        self._layout_for = None
 
     def sample(self) -> None:
         """Add the current gradients to the period (device operations only)."""
@@ -113,18 +115,38 @@ class GradNormProbe:
         self._squares, self._total_squares, self._period = {}, None, 0
         return norms, total, dead
 
-    def step_norms(self) -> tuple[Tensor, list[str]] | None:
-        """This step's global gradient norm and per-layer norms, stacked in one device tensor (no host sync).
+    def step_norms(self) -> tuple[Tensor, list[str], list[int]] | None:
+        """This step's norm of each present gradient, stacked in one device tensor (no host sync), and where each
+        watched layer's gradients sit among them: two device operations, whatever the model.
+
+        The global and per-layer norms are then a few host operations on the values (:meth:`combine`), for
+        a consumer that reads them on the host anyway (the loss-spike detector, every step).
 
         Returns:
-            ``(norms, layers)``: ``norms[0]`` is the global norm, ``norms[1 + i]`` the norm of ``layers[i]`` (weight
-            and bias gradients together); ``None`` when no parameter has a gradient. Does not touch the period.
-        """
-        squares = self._squares_now()
-        if squares is None:
+            ``(norms, layers, pairs)``: ``norms[k]`` (float32) is the norm of the ``k``-th parameter with a
+            gradient; the weight and bias gradients of ``layers[i]`` are ``norms[pairs[2 * i]]`` and
+            ``norms[pairs[2 * i + 1]]`` (index ``len(norms)``: no bias gradient). ``None`` when no parameter has a
+            gradient. Does not touch the period.
+        """  # noqa: D205
+        found = self._present()
+        if found is None:
             return None
-        total, layer_squares, names = squares
-        return torch.cat([total.reshape(1), layer_squares]).sqrt(), names
+        grads, (names, pairs) = found
+        with torch.no_grad():  # rather than a `detach` per gradient, a third of the host time on a small model
+            return torch.stack(foreach_norms(grads)), names, pairs
+
+    @staticmethod
+    def combine(values: Sequence[float], layers: Sequence[str], pairs: Sequence[int]) -> tuple[float, dict[str, float]]:
+        """The global norm and each layer's norm (weight and bias gradients together) from :meth:`step_norms`'s
+        output read on the host (``values``: its ``norms`` as floats).
+
+        Returns:
+            ``(global_norm, {layer: norm})``.
+        """  # noqa: D205
+        squares = [value * value for value in values]
+        squares.append(0.0)  # what a layer without a bias gradient adds
+        norms = {name: math.sqrt(squares[pairs[2 * i]] + squares[pairs[2 * i + 1]]) for i, name in enumerate(layers)}
+        return math.sqrt(sum(squares)), norms
 
     def _squares_now(self) -> tuple[Tensor, Tensor, list[str]] | None:
         """The squared global norm, the squared norms of the layers whose weight has a gradient (one tensor, in
@@ -133,26 +155,40 @@ class GradNormProbe:
         One batched norm over every gradient, whose squares the layers then gather: a
         handful of device operations whatever the model's size, and no host sync.
         """  # noqa: D205
+        found = self._present()
+        if found is None:
+            return None
+        grads, (names, pairs) = found
+        device = grads[0].device
+        if self._device_layout is None or self._device_layout[0].device != device:
+            # Built again only when the layout changes: the indices reach the device then.
+            index = torch.tensor(pairs, dtype=torch.long, device=device)
+            self._device_layout = index, torch.zeros((), dtype=torch.float32, device=device)
+        index, zero = self._device_layout
+        with torch.no_grad():
+            # One more entry, 0: what a layer without a bias gradient adds.
+            squares = torch.stack([*foreach_norms(grads), zero]).square_()
+            # A gather, not a scatter: deterministic on every device; each layer sums its (weight, bias) pair.
+            layer_squares = squares.index_select(0, index).view(-1, 2).sum(1)
+            return squares.sum(), layer_squares, names
+
+    def _present(self) -> tuple[list[Tensor], tuple[list[str], list[int]]] | None:
+        """The gradients present now and the watched layers' layout among them (see :meth:`step_norms`), or
+        ``None``; the layout is built again only when the set of parameters with gradients changes.
+        """  # noqa: D205
         # Read again each step: Lightning's `zero_grad` sets gradients to None, so every step brings new tensors.
         every_grad = [param.grad for param in self.parameters]
         grads = [grad for grad in every_grad if grad is not None]
         if not grads:
             return None
         present = tuple(grad is not None for grad in every_grad)
-        if self._plan_cache is None or self._plan_for != (present, grads[0].device):
-            self._plan_for, self._plan_cache = (present, grads[0].device), self._plan(present, grads[0].device)
-        pairs, zero, names = self._plan_cache
-        # `no_grad` rather than a `detach` per gradient (a third of this method's host time on a small model).
-        with torch.no_grad():
-            # One more entry, 0: what a layer without a bias gradient adds.
-            squares = torch.stack([*foreach_norms(grads), zero]).square_()
-            # A gather, not a scatter: deterministic on every device; each layer sums its (weight, bias) pair.
-            layer_squares = squares.index_select(0, pairs).view(-1, 2).sum(1)
-            return squares.sum(), layer_squares, names
+        if self._layout_for != present:
+            self._layout_for, self._layout, self._device_layout = present, self._plan(present), None
+        return grads, self._layout
 
-    def _plan(self, present: tuple[bool, ...], device: torch.device) -> tuple[Tensor, Tensor, list[str]]:
-        """Where each layer's weight and bias gradients sit among the present gradients, as (weight, bias) pairs of
-        device indices, and the 0 that a layer without a bias gradient points at (after them).
+    def _plan(self, present: tuple[bool, ...]) -> tuple[list[str], list[int]]:
+        """The watched layers with a weight gradient, and where their weight and bias gradients sit among the
+        present ones, as flat (weight, bias) position pairs; a layer without a bias gradient points after them.
         """  # noqa: D205
         present_params = [param for param, has_grad in zip(self.parameters, present, strict=True) if has_grad]
         position = {id(param): k for k, param in enumerate(present_params)}
@@ -163,9 +199,7 @@ class GradNormProbe:
                 continue
             names.append(name)
             pairs += [position[id(module.weight)], position.get(id(getattr(module, "bias", None)), len(position))]
-        # Built again only when the set of parameters with gradients changes: the indices reach the device then.
-        zero = torch.zeros((), dtype=torch.float32, device=device)
-        return torch.tensor(pairs, dtype=torch.long, device=device), zero, names
+        return names, pairs
 
     def state_dict(self) -> dict[str, Any]:
         """The sample count and each row's last sample with a nonzero gradient (the gradient-dead window)."""
