@@ -86,7 +86,9 @@ class LossProbe:
         scale = loss_scale(trainer)
         if scale is not None:
             value = value / scale.to(value.device)
-        batch.loss = value * trainer.accumulate_grad_batches
+        accumulate = trainer.accumulate_grad_batches
+        # Without accumulation there is nothing to undo: one device operation fewer per batch.
+        batch.loss = value * accumulate if accumulate != 1 else value
 
     def from_outputs(self, batch: BatchLoss, outputs: Any) -> None:
         """Record the scalar loss a manual-optimization ``training_step`` returned, if any."""
