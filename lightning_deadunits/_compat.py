@@ -3,7 +3,10 @@
 When Lightning or torch renames one of these, the test for it fails here rather than a monitor deep in a run.
 """
 
+import ctypes
 import functools
+import random
+import struct
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import Any
@@ -113,8 +116,6 @@ def numpy_generator_fingerprint() -> bytes | None:
     a state taken at the first is still valid at the second.
     """
     try:
-        import ctypes
-
         import numpy as np
 
         generator = np.random.mtrand._rand._bit_generator
@@ -130,10 +131,6 @@ def _python_random_offset() -> int | None:
     """Where the C state of ``random``'s global generator (an int position, then 624 uint32 words) lies in its
     object, found once by matching ``random.getstate()`` against the object's memory; ``None`` if not found.
     """  # noqa: D205
-    import ctypes
-    import random
-    import struct
-
     _, internal, _ = random.getstate()
     *words, position = internal
     expected = struct.pack(f"=i{len(words)}I", position, *words)
@@ -150,9 +147,6 @@ def python_random_fingerprint() -> tuple[bytes, Any] | None:
     Equal fingerprints mean the generator has not drawn in between, so a state taken at the first is still valid
     at the second; ``random.getstate()`` builds a 625-int tuple (~11 us).
     """  # noqa: D205
-    import ctypes
-    import random
-
     offset = _python_random_offset()
     if offset is None:
         return None
