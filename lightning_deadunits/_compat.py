@@ -5,6 +5,7 @@ When Lightning or torch renames one of these, the test for it fails here rather 
 
 import ctypes
 import functools
+import platform
 import random
 import struct
 from collections.abc import Mapping
@@ -131,6 +132,8 @@ def _python_random_offset() -> int | None:
     """Where the C state of ``random``'s global generator (an int position, then 624 uint32 words) lies in its
     object, found once by matching ``random.getstate()`` against the object's memory; ``None`` if not found.
     """  # noqa: D205
+    if platform.python_implementation() != "CPython":  # elsewhere `id` is no address
+        return None
     _, internal, _ = random.getstate()
     *words, position = internal
     expected = struct.pack(f"=i{len(words)}I", position, *words)
