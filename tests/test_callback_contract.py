@@ -52,6 +52,7 @@ def test_callback_fits_twice_and_its_state_round_trips(entry: Entry, tmp_path: P
     fresh = entry.build()
     fresh.load_state_dict(callback.state_dict())
     assert identical(fresh.state_dict(), callback.state_dict())
+    assert callback.state_key == fresh.state_key  # cached once, and training changes none of what it names
     assert trainer.global_step == 8
     assert hook_count(trainer.lightning_module) == 0
 
