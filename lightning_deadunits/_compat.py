@@ -4,10 +4,6 @@ When Lightning or torch renames one of these, the test for it fails here rather 
 """
 
 import ctypes
-import functools
-import platform
-import random
-import struct
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import Any
@@ -125,36 +121,6 @@ def numpy_generator_fingerprint() -> bytes | None:
         return ctypes.string_at(generator.ctypes.state_address, _MT19937_STATE_BYTES)
     except (AttributeError, ImportError, TypeError, ValueError):
         return None
-
-
-@functools.cache
-def _python_random_offset() -> int | None:
-    """Where the C state of ``random``'s global generator (an int position, then 624 uint32 words) lies in its
-    object, found once by matching ``random.getstate()`` against the object's memory; ``None`` if not found.
-    """  # noqa: D205
-    if platform.python_implementation() != "CPython":  # elsewhere `id` is no address
-        return None
-    _, internal, _ = random.getstate()
-    *words, position = internal
-    expected = struct.pack(f"=i{len(words)}I", position, *words)
-    size = type(random._inst).__basicsize__  # type: ignore[attr-defined]  # reads stay inside the object
-    memory = ctypes.string_at(id(random._inst), size)  # type: ignore[attr-defined]
-    offset = memory.find(expected)
-    return None if offset < 0 or memory.find(expected, offset + 1) >= 0 else offset
-
-
-def python_random_fingerprint() -> tuple[bytes, Any] | None:
-    """A raw copy (~1 us) of the Mersenne Twister state behind ``random``'s global generator and its cached Gaussian,
-    or ``None`` where the state's place in memory was not found (then only ``random.getstate()`` tells).
-
-    Equal fingerprints mean the generator has not drawn in between, so a state taken at the first is still valid
-    at the second; ``random.getstate()`` builds a 625-int tuple (~11 us).
-    """  # noqa: D205
-    offset = _python_random_offset()
-    if offset is None:
-        return None
-    state = ctypes.string_at(id(random._inst) + offset, _MT19937_STATE_BYTES)  # type: ignore[attr-defined]
-    return state, random._inst.gauss_next  # type: ignore[attr-defined]
 
 
 def foreach_norms(tensors: list[Tensor]) -> tuple[Tensor, ...]:

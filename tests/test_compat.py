@@ -1,6 +1,5 @@
 """One test per private Lightning or torch internal used through lightning_deadunits._compat."""
 
-import random
 from pathlib import Path
 from typing import Any
 
@@ -110,23 +109,6 @@ def test_numpy_generator_fingerprint_changes_exactly_when_numpy_draws() -> None:
     assert first is not None and first == _compat.numpy_generator_fingerprint()
     np.random.rand()
     assert _compat.numpy_generator_fingerprint() != first
-
-
-def test_python_random_fingerprint_changes_exactly_when_python_draws_or_is_reseeded() -> None:
-    first = _compat.python_random_fingerprint()
-    assert first is not None and first == _compat.python_random_fingerprint()
-    random.random()
-    second = _compat.python_random_fingerprint()
-    assert second is not None and second != first
-    random.gauss()  # draws two normals, caches the second: the cached Gaussian is part of the state
-    third = _compat.python_random_fingerprint()
-    random.gauss()  # consumes the cached one alone, with no draw
-    assert _compat.python_random_fingerprint() not in (second, third)
-    state = random.getstate()
-    fingerprint = _compat.python_random_fingerprint()
-    random.random()
-    random.setstate(state)
-    assert _compat.python_random_fingerprint() == fingerprint
 
 
 def test_foreach_norms_are_each_tensors_2_norm_in_float32() -> None:

@@ -8,14 +8,14 @@ import random
 import re
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from lightning_deadunits._compat import numpy_generator_fingerprint, python_random_fingerprint
+from lightning_deadunits._compat import numpy_generator_fingerprint
 from lightning_deadunits._validation import check_int
 from lightning_deadunits.dumps import DUMP_FORMAT, DUMP_VERSION, encode, stored_bytes, verify_checksum, with_checksum
 from lightning_deadunits.errors import DeadUnitsWarning
@@ -30,44 +30,40 @@ _MAX_SUFFIX = 1000
 _NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK})
 
 
-class _CachedState:
-    """A generator's state (``get_state()``), taken again only when its ``fingerprint()`` changed since the last time.
+class _NumpyState:
+    """``np.random.get_state()``, taken again only when the generator has drawn since the last time.
 
-    numpy's and Python's states are tuples holding 624 words: building one costs 10-130 us, which a per-batch
-    capture pays on every step although most training loops never draw from them; comparing fingerprints costs
-    ~1 us. A ``None`` fingerprint (not readable here) means taking the state every time.
+    The state is a tuple holding a 624-word array: building it costs 35-130 us, which a per-batch capture pays
+    on every step although most training loops never draw from numpy; comparing fingerprints costs ~1 us.
     """
 
-    def __init__(self, fingerprint: Callable[[], Any], get_state: Callable[[], Any]) -> None:
-        self._fingerprint, self._get_state = fingerprint, get_state
-        self.fingerprint: Any = None
+    def __init__(self) -> None:
+        self.fingerprint: bytes | None = None
         self.state: Any = None
 
     def __call__(self) -> Any:
-        fingerprint = self._fingerprint()
+        fingerprint = numpy_generator_fingerprint()
         if fingerprint is None or fingerprint != self.fingerprint:
-            self.fingerprint, self.state = fingerprint, self._get_state()
+            self.fingerprint, self.state = fingerprint, np.random.get_state()
         return self.state
 
 
-_numpy_state = _CachedState(numpy_generator_fingerprint, np.random.get_state)
-_python_state = _CachedState(python_random_fingerprint, random.getstate)
+_numpy_state = _NumpyState()
 
 
 def rng_states() -> dict[str, Any]:
     """The states of the torch (CPU and every initialised CUDA device), numpy and Python generators.
 
     Host-side copies only (CUDA generator states live on the host), so this never waits for the device. Cheap
-    enough to call on every batch (~4 us): numpy's and Python's states, the costly ones, are taken again only
-    when their generator has drawn since the previous call (for numpy, a cached Gaussian consumed alone, with no
-    other draw, is not seen). Restore with ``torch.set_rng_state``, ``torch.cuda.set_rng_state_all``,
-    ``np.random.set_state`` and ``random.setstate`` (after :func:`~lightning_deadunits.load_dump`, which rebuilds
-    them).
+    enough to call on every batch (~15 us): numpy's state, the costly one, is taken again only when its
+    generator has drawn since the previous call (a cached Gaussian consumed alone, with no other draw, is not
+    seen). Restore with ``torch.set_rng_state``, ``torch.cuda.set_rng_state_all``, ``np.random.set_state`` and
+    ``random.setstate`` (after :func:`~lightning_deadunits.load_dump`, which rebuilds them).
     """
     states: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": _numpy_state(),
-        "python": _python_state(),
+        "python": random.getstate(),
     }
     if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]  # never initialise CUDA just for this
         states["torch.cuda"] = torch.cuda.get_rng_state_all()
