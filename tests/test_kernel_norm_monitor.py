@@ -268,3 +268,14 @@ def test_kernel_images_are_drawn_at_every_nth_check_and_at_the_train_end_check(t
     # checks at 0 (fit start), 2, 4, 6 and 7 (train end): images at the 1st and 3rd, and at train end
     assert [event.step for event in events.Images("deadunits/kernels/dead_per_layer")] == [0, 4, 7]
     assert len(events.Histograms("deadunits/kernels/model.stem/l1")) == 5
+
+
+def test_kernel_images_of_the_last_check_are_drawn_when_training_ends_on_it(tmp_path: Path) -> None:
+    monitor = KernelNormMonitor(every_n_steps=2, images_every_n_checks=10, heatmap_layers=1)
+    _trainer(tmp_path, [monitor], max_steps=6).fit(LitWrapper(AllKinds()))
+    events = load_events(tmp_path)
+    # checks at 0 (fit start), 2, 4 and 6, the last step: images at the first and, at train end, of the last
+    assert [event.step for event in events.Images("deadunits/kernels/dead_per_layer")] == [0, 6]
+    heatmaps = [tag for tag in events.Tags()["images"] if tag.startswith("deadunits/kernels/heatmap/")]
+    assert len(heatmaps) == 1 and [event.step for event in events.Images(heatmaps[0])] == [0, 6]
+    assert len(events.Histograms("deadunits/kernels/model.stem/l1")) == 4

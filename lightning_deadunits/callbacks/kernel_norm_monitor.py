@@ -98,8 +98,8 @@ class KernelNormMonitor(MonitorCallback):
         log_histograms: write per-layer norm histograms (TensorBoard only).
         log_images: write the per-layer bar chart and heat maps (TensorBoard only).
         heatmap_layers: how many layers get heat maps (0: none).
-        images_every_n_checks: draw the images at every this many checks, the first (fit start) included, and at
-            the check made when training ends between two checks (>= 1). Each figure takes 20-70 ms to draw and
+        images_every_n_checks: draw the images at every this many checks, the first (fit start) included, and
+            once at train end, of the last check (>= 1). Each figure takes 20-70 ms to draw and
             encode, against a few ms for a check's histograms and scalars. Unlike the activation band charts (a trend
             over logs), the bar chart and heat maps are complete at any check, so the first is worth drawing.
         alarms: :class:`~lightning_deadunits.triggers.Rule` objects over the logged keys.
@@ -158,6 +158,8 @@ class KernelNormMonitor(MonitorCallback):
         title = f"{self.prefix}/{self.source}"
         self.drawing = KernelPanels(self.key, title, rules, self.log_histograms, self.log_images, self.heatmap_layers)
         self.checks_done = 0
+        # the last check's readings while its images are not drawn: drawn at train end if it is the last check
+        self._undrawn: tuple[list[LayerKernels], list[dict[str, float]], int] | None = None
         self.history: list[dict[str, float]] = []
         self._initial: tuple[int, list[LayerKernels]] | None = None
 
@@ -225,6 +227,10 @@ class KernelNormMonitor(MonitorCallback):
             self._publish_initial(trainer)
         if self.last_check_step is not None and trainer.global_step != self.last_check_step:
             self.check(trainer, trainer.global_step, final=True)
+        elif self._undrawn is not None:  # training ended on a check that drew no images: the run's last state
+            layers, counts, step = self._undrawn
+            self.drawing.write_images(self.panels, trainer, layers, counts, self.probe.layers, step)
+        self._undrawn = None
 
     @override
     def release(self) -> None:
@@ -305,4 +311,5 @@ class KernelNormMonitor(MonitorCallback):
             groups.setdefault(layer.kind, []).append(layer.name)
         self.show_layout(trainer, KERNEL_LAYOUT, groups)
         self.drawing.write(self.panels, trainer, layers, counts, self.probe.layers, step, images)
+        self._undrawn = None if images else (layers, counts, step)
         return scalars

@@ -83,7 +83,20 @@ class KernelPanels:
         if self.log_histograms:
             for layer in layers:
                 writer.histogram(trainer, self.key(layer.name, "l1"), layer.l1, step)
-        if not (self.log_images and images):
+        if images:
+            self.write_images(writer, trainer, layers, counts, modules, step)
+
+    def write_images(
+        self,
+        writer: PanelWriter,
+        trainer: "pl.Trainer",
+        layers: Sequence[_Layer],
+        counts: Sequence[Mapping[str, float]],
+        modules: Mapping[str, nn.Module],
+        step: int,
+    ) -> None:
+        """Draw the bar chart and heat maps of ``layers`` with their per-rule ``counts`` at ``step``."""
+        if not (self.log_images and writer.active(trainer)):
             return
         dead = np.array([layer_counts["dead"] for layer_counts in counts])
         chart = bar_chart(
