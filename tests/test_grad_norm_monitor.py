@@ -149,9 +149,10 @@ def test_grad_norm_probe_step_norms_equal_the_norms_of_each_parameter(dtype: tor
     for _ in range(2):  # the second reuses the cached layout of gradients
         found = probe.step_norms()
         assert found is not None
-        norms, layers, pairs = found
+        norms, layers = found
         assert layers == ["0", "1", "3"] and norms.dtype == torch.float32
-        total, by_layer = GradNormProbe.combine(norms.tolist(), layers, pairs)
+        total, *layer_norms = norms.tolist()
+        by_layer = dict(zip(layers, layer_norms, strict=True))
         grads = {
             name: [p.grad.double() for p in module.parameters() if p.grad is not None]
             for name, module in model.named_children()
@@ -162,7 +163,8 @@ def test_grad_norm_probe_step_norms_equal_the_norms_of_each_parameter(dtype: tor
     model[3].bias.grad = torch.ones_like(model[3].bias)  # the layout changes: the bias counts again
     found = probe.step_norms()
     assert found is not None
-    total, by_layer = GradNormProbe.combine(found[0].tolist(), found[1], found[2])
+    total, *layer_norms = found[0].tolist()
+    by_layer = dict(zip(found[1], layer_norms, strict=True))
     assert by_layer["3"] ** 2 == pytest.approx(float(model[3].weight.grad.float().square().sum()) + 5, rel=1e-5)
     probe.sample()
     norms_by_layer, device_total, _ = probe.summary(window=1)

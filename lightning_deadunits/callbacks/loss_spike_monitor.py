@@ -313,7 +313,7 @@ class LossSpikeMonitor(MonitorCallback):
         if self.grad_probe is not None and self._batch is not None:
             norms = self.grad_probe.step_norms()
             if norms is not None:
-                self._batch.grads, self._batch.grad_layers, self._batch.grad_pairs = norms
+                self._batch.grads, self._batch.grad_layers = norms
         if not self.skip_update:
             return
         if self._batch is not None:

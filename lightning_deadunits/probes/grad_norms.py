@@ -5,7 +5,6 @@ all-reduce, so every rank reads the same numbers), before clipping. Everything s
 monitor moves one stacked tensor to the host when it logs.
 """
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -115,38 +114,19 @@ class GradNormProbe:
         self._squares, self._total_squares, self._period = {}, None, 0
         return norms, total, dead
 
-    def step_norms(self) -> tuple[Tensor, list[str], list[int]] | None:
-        """This step's norm of each present gradient, stacked in one device tensor (no host sync), and where each
-        watched layer's gradients sit among them: two device operations, whatever the model.
-
-        The global and per-layer norms are then a few host operations on the values (:meth:`combine`), for
-        a consumer that reads them on the host anyway (the loss-spike detector, every step).
+    def step_norms(self) -> tuple[Tensor, list[str]] | None:
+        """This step's global gradient norm and per-layer norms, stacked in one device tensor (no host sync).
 
         Returns:
-            ``(norms, layers, pairs)``: ``norms[k]`` (float32) is the norm of the ``k``-th parameter with a
-            gradient; the weight and bias gradients of ``layers[i]`` are ``norms[pairs[2 * i]]`` and
-            ``norms[pairs[2 * i + 1]]`` (index ``len(norms)``: no bias gradient). ``None`` when no parameter has a
-            gradient. Does not touch the period.
-        """  # noqa: D205
-        found = self._present()
-        if found is None:
+            ``(norms, layers)``: ``norms[0]`` is the global norm, ``norms[1 + i]`` the norm of ``layers[i]`` (weight
+            and bias gradients together), in float32; ``None`` when no parameter has a gradient. Does not touch the
+            period.
+        """
+        squares = self._squares_now()
+        if squares is None:
             return None
-        grads, (names, pairs) = found
-        with torch.no_grad():  # rather than a `detach` per gradient, a third of the host time on a small model
-            return torch.stack(foreach_norms(grads)), names, pairs
-
-    @staticmethod
-    def combine(values: Sequence[float], layers: Sequence[str], pairs: Sequence[int]) -> tuple[float, dict[str, float]]:
-        """The global norm and each layer's norm (weight and bias gradients together) from :meth:`step_norms`'s
-        output read on the host (``values``: its ``norms`` as floats).
-
-        Returns:
-            ``(global_norm, {layer: norm})``.
-        """  # noqa: D205
-        squares = [value * value for value in values]
-        squares.append(0.0)  # what a layer without a bias gradient adds
-        norms = {name: math.sqrt(squares[pairs[2 * i]] + squares[pairs[2 * i + 1]]) for i, name in enumerate(layers)}
-        return math.sqrt(sum(squares)), norms
+        total, layer_squares, names = squares
+        return torch.cat([total.reshape(1), layer_squares]).sqrt(), names
 
     def _squares_now(self) -> tuple[Tensor, Tensor, list[str]] | None:
         """The squared global norm, the squared norms of the layers whose weight has a gradient (one tensor, in
@@ -173,7 +153,7 @@ class GradNormProbe:
             return squares.sum(), layer_squares, names
 
     def _present(self) -> tuple[list[Tensor], tuple[list[str], list[int]]] | None:
-        """The gradients present now and the watched layers' layout among them (see :meth:`step_norms`), or
+        """The gradients present now and the watched layers' layout among them (see :meth:`_plan`), or
         ``None``; the layout is built again only when the set of parameters with gradients changes.
         """  # noqa: D205
         # Read again each step: Lightning's `zero_grad` sets gradients to None, so every step brings new tensors.

@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from lightning_deadunits._compat import loss_scale
-from lightning_deadunits.probes.grad_norms import GradNormProbe
 
 __all__ = ["BatchLoss", "LossProbe"]
 
@@ -34,11 +33,10 @@ class BatchLoss:
         rng: host RNG states before the batch (for dumps), or ``None``.
         loss: the loss on its device, or a pinned host copy in flight (see ``arrived``), or ``None``.
         arrived: the CUDA event after which a pinned ``loss`` may be read, or ``None``.
-        grads: the step's norm of each gradient (see
+        grads: the step's global and per-layer gradient norms (see
             :meth:`~lightning_deadunits.probes.grad_norms.GradNormProbe.step_norms`) on the device or in flight like
             the loss, or ``None`` (no optimizer step at this batch, or the gradient signal is off).
-        grad_layers: the watched layers with a gradient.
-        grad_pairs: where their weight and bias gradients sit in ``grads`` (see ``step_norms``).
+        grad_layers: the layer names of ``grads[1:]``.
     """
 
     step: int
@@ -49,7 +47,6 @@ class BatchLoss:
     arrived: Any = None
     grads: Tensor | None = None
     grad_layers: list[str] = field(default_factory=list)
-    grad_pairs: list[int] = field(default_factory=list)
 
     def value(self) -> float:
         """The loss as a float: waits for its own host copy (never for the whole device)."""
@@ -64,7 +61,8 @@ class BatchLoss:
             return None, {}
         if self.arrived is not None:
             self.arrived.synchronize()
-        return GradNormProbe.combine(self.grads.tolist(), self.grad_layers, self.grad_pairs)
+        values = self.grads.tolist()
+        return values[0], dict(zip(self.grad_layers, values[1:], strict=True))
 
 
 class LossProbe:
