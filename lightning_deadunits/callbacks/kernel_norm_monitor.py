@@ -228,8 +228,7 @@ class KernelNormMonitor(MonitorCallback):
         if self.last_check_step is not None and trainer.global_step != self.last_check_step:
             self.check(trainer, trainer.global_step, final=True)
         elif self._undrawn is not None:  # training ended on a check that drew no images: the run's last state
-            layers, counts, step = self._undrawn
-            self.drawing.write_images(self.panels, trainer, layers, counts, self.probe.layers, step)
+            self.drawing.write_images(self.panels, trainer, self.probe.layers, *self._undrawn)
         self._undrawn = None
 
     @override
@@ -310,6 +309,6 @@ class KernelNormMonitor(MonitorCallback):
         for layer in layers:
             groups.setdefault(layer.kind, []).append(layer.name)
         self.show_layout(trainer, KERNEL_LAYOUT, groups)
-        self.drawing.write(self.panels, trainer, layers, counts, self.probe.layers, step, images)
+        self.drawing.write(self.panels, trainer, self.probe.layers, layers, counts, step, images)
         self._undrawn = None if images else (layers, counts, step)
         return scalars

@@ -71,9 +71,9 @@ class KernelPanels:
         self,
         writer: PanelWriter,
         trainer: "pl.Trainer",
+        modules: Mapping[str, nn.Module],
         layers: Sequence[_Layer],
         counts: Sequence[Mapping[str, float]],
-        modules: Mapping[str, nn.Module],
         step: int,
         images: bool = True,
     ) -> None:
@@ -84,15 +84,15 @@ class KernelPanels:
             for layer in layers:
                 writer.histogram(trainer, self.key(layer.name, "l1"), layer.l1, step)
         if images:
-            self.write_images(writer, trainer, layers, counts, modules, step)
+            self.write_images(writer, trainer, modules, layers, counts, step)
 
     def write_images(
         self,
         writer: PanelWriter,
         trainer: "pl.Trainer",
+        modules: Mapping[str, nn.Module],
         layers: Sequence[_Layer],
         counts: Sequence[Mapping[str, float]],
-        modules: Mapping[str, nn.Module],
         step: int,
     ) -> None:
         """Draw the bar chart and heat maps of ``layers`` with their per-rule ``counts`` at ``step``."""
