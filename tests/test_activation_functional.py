@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_deadunits.functional.activations import channel_stats, dormant_channels, moments, reduction_dims
+from lightning_deadunits.functional.activations import (
+    _channel_grid,
+    channel_stats,
+    dormant_channels,
+    moments,
+    reduction_dims,
+)
 
 
 def _reference(values: np.ndarray, channel_axis: int, eps: float) -> dict[str, np.ndarray]:
@@ -51,6 +57,26 @@ def test_channel_stats_equal_numpy_per_channel(
             np.testing.assert_allclose(getattr(stats, field).numpy(), expected[field], rtol=1e-6, atol=1e-5)
     without = channel_stats(values, channel_dim, eps=None, nonnegative=nonnegative)
     assert without.near_zero is None and torch.equal(without.totals, stats.totals[:3])
+
+
+@pytest.mark.parametrize(
+    ("shape", "memory_format"),
+    [((4, 6, 5, 3), torch.channels_last), ((2, 6, 3, 4, 5), torch.channels_last_3d)],
+)
+def test_channels_last_activations_are_measured_in_place_with_the_same_numbers(
+    shape: tuple[int, ...], memory_format: torch.memory_format
+) -> None:
+    values = torch.randn(shape).relu()
+    strided = values.contiguous(memory_format=memory_format)
+    grid = _channel_grid(strided, 1)
+    # a view: reshaping channels-last memory as (N, C, positions) would copy every value first
+    assert grid.data_ptr() == strided.data_ptr() and grid.shape == (values.numel() // 6, 6, 1)
+    expected = _reference(values.numpy(), 1, 0.0)
+    stats = channel_stats(strided, 1, eps=0.0, nonnegative=True)
+    assert stats.near_zero is not None
+    np.testing.assert_array_equal(stats.near_zero.numpy(), expected["near_zero"])
+    for field in ("sum", "sum_sq", "sum_abs", "min", "max"):
+        np.testing.assert_allclose(getattr(stats, field).numpy(), expected[field], rtol=1e-6, atol=1e-5)
 
 
 def test_channel_stats_counts_negative_zero_and_skips_without_eps() -> None:

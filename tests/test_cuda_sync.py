@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from digits_demo import MobileNetLike, digits_dataset
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_deadunits import ActivationMonitor, DeadUnits, GradNormMonitor, KernelNormMonitor
@@ -24,14 +24,17 @@ STEPS = 12  # DeadUnits samples at step 0 only (every_n_steps=50); the checks at
 class DigitsOnDevice(pl.LightningModule):
     """A tiny MobileNet on 8 x 8 digits that already live on the device, so no batch is copied from the host."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, model: nn.Module | None = None, channels_last: bool = False) -> None:
         super().__init__()
-        self.model = MobileNetLike(widths=(8, 8, 16))
+        self.model = model or MobileNetLike(widths=(8, 8, 16))
+        self.channels_last = channels_last
         images, labels = digits_dataset(8, "train").tensors
         self.data = TensorDataset(images[:512].to(device), labels[:512].to(device))
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         images, labels = batch
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         per_sample = F.cross_entropy(self.model(images), labels, reduction="none")
         return {"loss": per_sample.mean(), "per_sample_loss": per_sample.detach()}
 
@@ -40,6 +43,20 @@ class DigitsOnDevice(pl.LightningModule):
 
     def train_dataloader(self) -> DataLoader[Any]:
         return DataLoader(self.data, batch_size=32)
+
+
+class FunctionalConvNet(nn.Module):
+    """Convolutions whose activations are functions called in ``forward`` (no activation module to hook)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.gelu(self.conv2(F.relu(self.conv1(x))))
+        return self.head(x.mean(dim=(2, 3)))  # type: ignore[no-any-return]
 
 
 class SyncDebugGuard(pl.Callback):
@@ -64,14 +81,24 @@ class SyncDebugGuard(pl.Callback):
 def _monitors() -> dict[str, Callable[[], list[pl.Callback]]]:
     """Every monitor, each at a setting whose sampling points fall between the guarded steps: measuring on the
     device there must not wait for it; logging (one host transfer) comes at step 0 or at train end only."""
+    every_step = lambda: [ActivationMonitor(every_n_steps=1)]  # noqa: E731
     return {
         "bare": lambda: [],
         "DeadUnits": lambda: [DeadUnits()],
-        "ActivationMonitor every step": lambda: [ActivationMonitor(every_n_steps=1)],
+        "ActivationMonitor every step": every_step,
+        "ActivationMonitor every step, functional activations": every_step,
+        "ActivationMonitor every step, channels last": every_step,
         "GradNormMonitor every step": lambda: [GradNormMonitor(every_n_steps=1, log_every_n_samples=50)],
         "KernelNormMonitor": lambda: [KernelNormMonitor()],
         "LossSpikeMonitor": lambda: [LossSpikeMonitor()],
+        "LossSpikeMonitor without gradient signal": lambda: [LossSpikeMonitor(grad_signal=False)],
     }
+
+
+def _module(name: str, device: torch.device) -> DigitsOnDevice:
+    if name.endswith("functional activations"):
+        return DigitsOnDevice(device, FunctionalConvNet())
+    return DigitsOnDevice(device, channels_last=name.endswith("channels last"))
 
 
 @pytest.mark.cuda
@@ -85,7 +112,7 @@ def test_monitors_make_no_device_sync_between_sampling_points(
         pytest.skip("no activation statistics")
     # Fused: the compiled (Triton) statistics kernel from the first measured tensor on, compiled at step 0.
     monkeypatch.setattr(functional_activations, "COMPILE_AFTER_CALLS", 0 if fused else None)
-    module = DigitsOnDevice(torch.device("cuda"))
+    module = _module(name, torch.device("cuda"))
     first, last = SyncDebugGuard("on"), SyncDebugGuard("off")
     callbacks = _monitors()[name]()
     trainer = pl.Trainer(
@@ -111,10 +138,13 @@ def test_monitors_make_no_device_sync_between_sampling_points(
         # every loss was judged (the last one at train end), and the monitors measured at their sampling points
         assert [step for step, _ in bundle.loss.detector.recent] == list(range(STEPS))
         assert bundle.kernels.last_check_step == STEPS and bundle.activations.last_log_step == 0
-    if name == "ActivationMonitor every step":
+    if name.startswith("ActivationMonitor every step"):
         monitor = callbacks[0]
         assert isinstance(monitor, ActivationMonitor)
         assert monitor.stats.samples == STEPS and monitor.last_log_step == STEPS - 1  # one log, at train end
+        sites = {monitor.probe.site_name(site) for site in monitor.stats.sites}
+        if name.endswith("functional activations"):
+            assert sites == {"model:relu#0", "model:gelu#0"}
     if fused:
         assert functional_activations._FUSED.variants, "the fused kernel did not run"
 

@@ -153,13 +153,27 @@ def channel_stats(x: Tensor, channel_dim: int = 1, eps: float | None = 0.0, nonn
     if x.numel() == 0:
         raise ValueError(f"an activation needs at least one element, got shape {tuple(x.shape)}.")
     channels = x.shape[dim]
-    outer = math.prod(x.shape[:dim])
     count = x.numel() // channels
     with torch.no_grad():
-        grid = x.detach().reshape(outer, channels, count // outer)
+        grid = _channel_grid(x.detach(), dim)
         compiles = grid.device.type in COMPILE_DEVICES and count < _EXACT_FLOAT32_COUNT
         fused = _FUSED.stats(grid, eps) if compiles else None
         return fused if fused is not None else _eager_stats(grid.float(), count, eps, nonnegative)
+
+
+def _channel_grid(x: Tensor, dim: int) -> Tensor:
+    """``x`` as an ``(outer, C, inner)`` grid, channels of ``dim`` in the middle: a view wherever the layout allows.
+
+    A tensor whose channels are innermost in memory (the ``channels_last`` formats of conv activations) becomes
+    ``(positions, C, 1)``: reshaping it as ``(N, C, positions)`` would copy it.
+    """
+    channels = x.shape[dim]
+    if not x.is_contiguous():
+        moved = x.movedim(dim, -1)
+        if moved.is_contiguous():
+            return moved.view(-1, channels, 1)
+    outer = math.prod(x.shape[:dim])
+    return x.reshape(outer, channels, x.numel() // channels // outer)
 
 
 def _eager_stats(grid: Tensor, count: int, eps: float | None, nonnegative: bool) -> ChannelStats:
