@@ -1,6 +1,5 @@
 """Watches per-filter kernel norms and counts collapsed ("zero") kernels per layer during training."""
 
-import warnings
 from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
@@ -13,10 +12,10 @@ from lightning_deadunits._strategies import reject_sharded_strategy
 from lightning_deadunits._validation import check_bool, check_float, check_int, check_strings, check_types
 from lightning_deadunits.actions.alarm_handler import AlarmAction
 from lightning_deadunits.callbacks.monitor import MonitorCallback
-from lightning_deadunits.errors import DeadUnitsWarning
 from lightning_deadunits.metrics.kernel_deaths import KernelDeathTracker
 from lightning_deadunits.panels.kernel_panels import KERNEL_LAYOUT, KernelPanels
 from lightning_deadunits.probes.kernel_norms import DEFAULT_KERNEL_TYPES, KernelNormProbe, LayerKernels
+from lightning_deadunits.probes.selection import ModuleSelector, warn_nothing_selected
 from lightning_deadunits.schedules import StepGate
 from lightning_deadunits.triggers.rule import Rule
 
@@ -189,13 +188,8 @@ class KernelNormMonitor(MonitorCallback):
         reject_sharded_strategy(trainer, type(self).__name__, advice=advice)
         self.probe.attach(pl_module)
         if not self.probe.layers and not self.probe.batchnorms:
-            warnings.warn(
-                f"`KernelNormMonitor` found no layer to watch in {type(pl_module).__name__} (types "
-                f"{[t.__name__ for t in self.layer_types]}, include={list(self.include)}, "
-                f"exclude={list(self.exclude)}); it will log nothing.",
-                DeadUnitsWarning,
-                stacklevel=2,
-            )
+            selector = ModuleSelector(self.layer_types, self.include, self.exclude)
+            warn_nothing_selected(type(self).__name__, "layer", pl_module, selector)
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
