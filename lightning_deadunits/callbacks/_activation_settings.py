@@ -4,9 +4,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from lightning_deadunits._compat import log_every_n_steps
 from lightning_deadunits._validation import (
     check_bool,
     check_callable,
@@ -120,6 +122,10 @@ class ActivationSettings:
             std_below=check_optional_float("std_below", self.std_below, minimum=0.0),
             functional=check_bool("functional", self.functional),
         )
+
+    def samples_per_log(self, trainer: "pl.Trainer") -> int:
+        """Samples per log: ``log_every_n_samples``, or as many as span the trainer's ``log_every_n_steps`` (>= 1)."""
+        return self.log_every_n_samples or max(1, log_every_n_steps(trainer) // self.every_n_steps)
 
     def rules(self, base: str) -> list[Rule]:
         """The alarm rules of ``dead_frac_above``, ``max_abs_above`` and ``std_below`` over the keys under ``base``."""

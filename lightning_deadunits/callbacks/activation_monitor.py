@@ -1,6 +1,7 @@
 """Watches activations on sampled steps: zero fractions, ranges and spread per layer, dead and dormant channels."""
 
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -8,7 +9,6 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_deadunits import schedules
-from lightning_deadunits._compat import log_every_n_steps
 from lightning_deadunits._strategies import reject_sharded_strategy
 from lightning_deadunits.actions.alarm_handler import AlarmAction
 from lightning_deadunits.callbacks._activation_settings import ActivationSettings
@@ -18,12 +18,12 @@ from lightning_deadunits.metrics.activation_stats import ActivationStats, SiteSu
 from lightning_deadunits.panels.activation_panels import ACTIVATION_LAYOUT, ActivationPanels
 from lightning_deadunits.probes.activations import ActivationProbe, ChannelDim, Watch, find_token_mask
 from lightning_deadunits.probes.selection import ModuleSelector, warn_nothing_selected
+from lightning_deadunits.readings import keep_totals
 from lightning_deadunits.triggers.rule import Rule
 
 __all__ = ["ActivationMonitor"]
 
 _VALIDATION = "val"
-_MAX_HISTORY = 1000
 
 
 class ActivationMonitor(MonitorCallback):
@@ -326,10 +326,9 @@ class ActivationMonitor(MonitorCallback):
             return
         self.probe.stop()
         stats, self._validation_stats = self._validation_stats, None
-        stats.sync()
-        summaries = self._named(stats.summarise(window=1))
+        summaries = self._summarise(stats, window=1)
         scalars = self.validation_readings = activation_scalars(
-            summaries, self.settings.dormant_tau, self._validation_key
+            summaries, self.settings.dormant_tau, partial(self.key, _VALIDATION)
         )
         self._show(trainer, summaries, trainer.global_step, (_VALIDATION,))
         self.publish(trainer, self.reading(trainer.global_step, scalars))
@@ -373,8 +372,7 @@ class ActivationMonitor(MonitorCallback):
         """
         self._samples_in_period = 0
         self.last_log_step = step
-        self.stats.sync()
-        summaries = self._named(self.stats.summarise(self.settings.window))
+        summaries = self._summarise(self.stats, self.settings.window)
         dead_masks = {
             self.probe.site_name(site): mask for site, mask in self.stats.dead_masks(self.settings.window).items()
         }
@@ -382,10 +380,7 @@ class ActivationMonitor(MonitorCallback):
         scalars = self.readings = activation_scalars(summaries, self.settings.dormant_tau, self.key)
         if not scalars:
             return scalars
-        self.history.append(
-            {"step": float(step), **{stat: scalars[self.key("total", stat)] for stat in ("dead", "dormant")}}
-        )
-        del self.history[:-_MAX_HISTORY]
+        keep_totals(self.history, step, {stat: scalars[self.key("total", stat)] for stat in ("dead", "dormant")})
         self.drawing.remember(summaries, step)
         self.logs_done += 1
         self._drew_images = final or self.logs_done % self.settings.images_every_n_logs == 0
@@ -397,17 +392,13 @@ class ActivationMonitor(MonitorCallback):
     def _end_sample(self, trainer: "pl.Trainer") -> None:
         self._last_sample_step, self._sample_step = self._sample_step, None
         self._samples_in_period += 1
-        samples_per_log = self.settings.log_every_n_samples or max(
-            1, log_every_n_steps(trainer) // self.settings.every_n_steps
-        )
-        if self._samples_in_period >= samples_per_log and self._last_sample_step is not None:
+        if self._samples_in_period >= self.settings.samples_per_log(trainer) and self._last_sample_step is not None:
             self.log_training(trainer, self._last_sample_step)
 
-    def _named(self, summaries: Mapping[tuple[str, int], SiteSummary]) -> dict[str, SiteSummary]:
-        return {self.probe.site_name(site): summary for site, summary in summaries.items()}
-
-    def _validation_key(self, *parts: str) -> str:
-        return self.key(_VALIDATION, *parts)
+    def _summarise(self, stats: ActivationStats, window: int) -> dict[str, SiteSummary]:
+        """Reduce ``stats`` across ranks and read them on the host, by call-site name."""
+        stats.sync()
+        return {self.probe.site_name(site): summary for site, summary in stats.summarise(window).items()}
 
     def _show(
         self,

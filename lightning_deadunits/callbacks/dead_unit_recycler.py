@@ -26,14 +26,12 @@ from lightning_deadunits.callbacks._recycler_settings import RecyclerSettings
 from lightning_deadunits.callbacks.monitor import MonitorCallback
 from lightning_deadunits.probes.selection import ModuleSelector
 from lightning_deadunits.probes.unit_flow import UnitFlowTracer
-from lightning_deadunits.readings import Reading
+from lightning_deadunits.readings import Reading, keep_totals
 from lightning_deadunits.triggers.rule import Rule
 
 __all__ = ["DeadUnitRecycler"]
 
 log = logging.getLogger("lightning_deadunits")
-
-_MAX_HISTORY = 1000
 
 
 class DeadUnitRecycler(MonitorCallback):
@@ -233,8 +231,7 @@ class DeadUnitRecycler(MonitorCallback):
             totals["recycled_cumulative"] = float(self.recycled_total)
         if totals:
             readings.update({self.key("total", stat): value for stat, value in totals.items()})
-            self.history.append({"step": float(step), **totals})
-            del self.history[:-_MAX_HISTORY]
+            keep_totals(self.history, step, totals)
             self.publish(trainer, self.reading(step, readings))
 
     def _recycle(

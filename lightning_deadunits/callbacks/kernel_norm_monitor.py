@@ -16,12 +16,12 @@ from lightning_deadunits.metrics.kernel_deaths import KernelDeathTracker
 from lightning_deadunits.panels.kernel_panels import KERNEL_LAYOUT, KernelPanels
 from lightning_deadunits.probes.kernel_norms import DEFAULT_KERNEL_TYPES, KernelNormProbe, LayerKernels
 from lightning_deadunits.probes.selection import ModuleSelector, warn_nothing_selected
+from lightning_deadunits.readings import keep_totals
 from lightning_deadunits.schedules import StepGate
 from lightning_deadunits.triggers.rule import Rule
 
 __all__ = ["KernelNormMonitor"]
 
-_MAX_HISTORY = 1000
 _EMBEDDING = "embedding"
 # readings whose rows are not the output units of a module of that name: no recycler may act on them
 _NOT_UNITS = ("batchnorm", "attention", "recurrent", _EMBEDDING)
@@ -294,8 +294,7 @@ class KernelNormMonitor(MonitorCallback):
                 if stat in _TOKEN_STATS
             }
         )
-        self.history.append({"step": float(step), **{stat: totals[stat] for stat in ("dead_abs", "dead_rel", "dead")}})
-        del self.history[:-_MAX_HISTORY]
+        keep_totals(self.history, step, {stat: totals[stat] for stat in ("dead_abs", "dead_rel", "dead")})
         dead_counts = {layer.name: layer_counts["dead"] for layer, layer_counts in zip(layers, counts, strict=True)}
         dead_masks = {layer.name: layer.dead for layer in layers if layer.kind not in _NOT_UNITS}
         self.publish(trainer, self.reading(step, scalars, dead_counts=dead_counts, dead_masks=dead_masks))
