@@ -1,7 +1,6 @@
 """Watches per-filter kernel norms and counts collapsed ("zero") kernels per layer during training."""
 
 from collections.abc import Sequence
-from functools import cached_property
 from typing import Any
 
 import lightning.pytorch as pl
@@ -116,6 +115,15 @@ class KernelNormMonitor(MonitorCallback):
 
     source = "kernels"
     unit = "kernels"
+    state_key_fields = (
+        "every_n_steps",
+        "abs_threshold",
+        "rel_threshold",
+        "bn_threshold",
+        "include",
+        "exclude",
+        "prefix",
+    )
 
     def __init__(
         self,
@@ -161,19 +169,6 @@ class KernelNormMonitor(MonitorCallback):
         self._undrawn: tuple[list[LayerKernels], list[dict[str, float]], int] | None = None
         self.history: list[dict[str, float]] = []
         self._initial: tuple[int, list[LayerKernels]] | None = None
-
-    @cached_property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(
-            every_n_steps=self.every_n_steps,
-            abs_threshold=self.abs_threshold,
-            rel_threshold=self.rel_threshold,
-            bn_threshold=self.bn_threshold,
-            include=self.include,
-            exclude=self.exclude,
-            prefix=self.prefix,
-        )
 
     @property
     def last_check_step(self) -> int | None:

@@ -2,7 +2,7 @@
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import fields, replace
+from dataclasses import replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -49,8 +49,8 @@ class MonitorCallback(Callback):
     - :meth:`release` undoes side effects (hooks on the model); it runs at teardown and on exceptions.
     - ``state_dict`` includes :meth:`base_state` (rules, alarm log, stop reason); ``load_state_dict`` calls
       :meth:`load_base_state`, which tolerates missing keys.
-    - A monitor validates its constructor arguments into a frozen dataclass held as ``settings`` (the arguments
-      and what follows from them); ``monitor.<argument>`` reads ``monitor.settings.<argument>``.
+    - A monitor may validate its constructor arguments into a frozen dataclass held as ``settings`` (the
+      arguments and what follows from them); ``monitor.<argument>`` then reads ``monitor.settings.<argument>``.
     - ``state_key`` names the class and the settings listed in :attr:`state_key_fields` (none: the class alone).
       It is a :func:`functools.cached_property`: Lightning reads it around every hook of every callback (to name
       the hook in its profiler), and rebuilding the string each time cost ~4 us a read. It is computed once, so
@@ -102,7 +102,7 @@ class MonitorCallback(Callback):
         def __getattr__(self, name: str) -> Any:
             """A constructor argument, validated: ``monitor.<argument>`` is ``monitor.settings.<argument>``."""
             settings = self.__dict__.get("settings")  # not `self.settings`: absent while unpickling, it would recurse
-            if settings is not None and name in {field.name for field in fields(settings)}:
+            if name in getattr(settings, "__dataclass_fields__", ()):  # a subclass's own `settings` may be anything
                 return getattr(settings, name)
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
