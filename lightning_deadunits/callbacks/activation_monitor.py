@@ -15,7 +15,7 @@ from lightning_deadunits.callbacks._activation_settings import ActivationSetting
 from lightning_deadunits.callbacks.monitor import MonitorCallback
 from lightning_deadunits.metrics.activation_readings import activation_scalars
 from lightning_deadunits.metrics.activation_stats import ActivationStats, SiteSummary
-from lightning_deadunits.panels.activation_panels import ACTIVATION_LAYOUT, ActivationPanels
+from lightning_deadunits.panels.activation_panels import ActivationPanels
 from lightning_deadunits.probes.activations import ActivationProbe, ChannelDim, Watch, find_token_mask
 from lightning_deadunits.probes.selection import ModuleSelector, warn_nothing_selected
 from lightning_deadunits.readings import keep_totals
@@ -215,9 +215,8 @@ class ActivationMonitor(MonitorCallback):
         )
         self.stats = ActivationStats()
         self.sampled = schedules.every_n_steps(settings.every_n_steps)
-        self.drawing = ActivationPanels(
-            self.key, settings.log_histograms, settings.log_images, settings.band_history, settings.band_layers
-        )
+        panel_options = (settings.log_histograms, settings.log_images, settings.band_history, settings.band_layers)
+        self.drawing = ActivationPanels(self.key, *panel_options, show_layout=self.show_layout)
         self.readings: dict[str, float] = {}
         self.validation_readings: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
@@ -330,7 +329,7 @@ class ActivationMonitor(MonitorCallback):
         scalars = self.validation_readings = activation_scalars(
             summaries, self.settings.dormant_tau, partial(self.key, _VALIDATION)
         )
-        self._show(trainer, summaries, trainer.global_step, (_VALIDATION,))
+        self.drawing.write(self.panels, trainer, summaries, trainer.global_step, (_VALIDATION,))
         self.publish(trainer, self.reading(trainer.global_step, scalars))
 
     @override
@@ -384,7 +383,7 @@ class ActivationMonitor(MonitorCallback):
         self.drawing.remember(summaries, step)
         self.logs_done += 1
         self._drew_images = final or self.logs_done % self.settings.images_every_n_logs == 0
-        self._show(trainer, summaries, step, (), images=self._drew_images)
+        self.drawing.write(self.panels, trainer, summaries, step, images=self._drew_images)
         dead_counts = {name: float(s.dead.sum()) for name, s in summaries.items() if s.dead is not None}
         self.publish(trainer, self.reading(step, scalars, dead_counts=dead_counts, dead_masks=dead_masks))
         return scalars
@@ -399,15 +398,3 @@ class ActivationMonitor(MonitorCallback):
         """Reduce ``stats`` across ranks and read them on the host, by call-site name."""
         stats.sync()
         return {self.probe.site_name(site): summary for site, summary in stats.summarise(window).items()}
-
-    def _show(
-        self,
-        trainer: "pl.Trainer",
-        summaries: Mapping[str, SiteSummary],
-        step: int,
-        scope: tuple[str, ...],
-        images: bool = False,
-    ) -> None:
-        if summaries:
-            self.show_layout(trainer, ACTIVATION_LAYOUT, {"": list(summaries)}, scope)
-        self.drawing.write(self.panels, trainer, summaries, step, scope, images)
