@@ -200,7 +200,7 @@ class ActivationMonitor(MonitorCallback):
         prefix: str = "deadunits",
     ) -> None:
         super().__init__(prefix=prefix, alarms=alarms, on_alarm=on_alarm)
-        # every argument but the three above is a setting: validated there, each under its own name
+        # every argument but `alarms`, `on_alarm` and `prefix` is a field of the settings, by the same name
         self.settings = settings = ActivationSettings.of(locals())
         self.alarms.extend(settings.rules(f"{self.prefix}/{self.source}"))
         self.probe = ActivationProbe(
