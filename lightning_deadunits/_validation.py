@@ -9,6 +9,25 @@ __all__: list[str] = []
 _T = TypeVar("_T")
 
 
+def set_validated(settings: object, **values: Any) -> None:
+    """Replace fields of a frozen settings dataclass by their validated values, from its ``__post_init__``.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass(frozen=True)
+        ... class Settings:
+        ...     every_n_steps: int
+        ...     def __post_init__(self):
+        ...         set_validated(self, every_n_steps=check_int("every_n_steps", self.every_n_steps, minimum=1))
+        >>> Settings(0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `every_n_steps` must be an int >= 1, got 0.
+    """
+    for name, value in values.items():
+        object.__setattr__(settings, name, value)
+
+
 def check_int(name: str, value: Any, minimum: int = 0) -> int:
     """Return ``value`` if it is an int >= ``minimum``; raise a ``ValueError`` naming ``name`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -17,7 +17,18 @@ from torch import Tensor
 
 from lightning_deadunits.triggers.alarm import Alarm
 
-__all__ = ["AlarmListener", "Reading", "ReadingListener", "announce_alarm", "announce_reading"]
+__all__ = [
+    "HISTORY_LENGTH",
+    "AlarmListener",
+    "Reading",
+    "ReadingListener",
+    "announce_alarm",
+    "announce_reading",
+    "keep_totals",
+]
+
+HISTORY_LENGTH = 1000
+"""How many entries a monitor's ``history`` keeps (the latest)."""
 
 
 @dataclass(frozen=True)
@@ -80,3 +91,16 @@ def announce_alarm(trainer: "pl.Trainer", alarm: Alarm) -> None:
     for callback in getattr(trainer, "callbacks", []):
         if isinstance(callback, AlarmListener):
             callback.on_deadunits_alarm(trainer, trainer.lightning_module, alarm)
+
+
+def keep_totals(history: list[dict[str, float]], step: int, totals: Mapping[str, float]) -> None:
+    """Append ``{"step": step, **totals}`` to a monitor's ``history``, which keeps the latest :data:`HISTORY_LENGTH`.
+
+    Example:
+        >>> history = []
+        >>> keep_totals(history, 100, {"dead": 3.0})
+        >>> history
+        [{'step': 100.0, 'dead': 3.0}]
+    """
+    history.append({"step": float(step), **totals})
+    del history[:-HISTORY_LENGTH]

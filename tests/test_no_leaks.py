@@ -8,8 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_deadunits import DeadUnits, ThresholdRule
-from lightning_deadunits.callbacks import activation_monitor, kernel_norm_monitor
+from lightning_deadunits import DeadUnits, ThresholdRule, readings
 from lightning_deadunits.callbacks.activation_monitor import ActivationMonitor
 from lightning_deadunits.callbacks.kernel_norm_monitor import KernelNormMonitor
 from lightning_deadunits.callbacks.loss_spike_monitor import LossSpikeMonitor
@@ -92,8 +91,7 @@ def test_memory_held_by_the_callbacks_stays_flat_over_two_thousand_steps(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The histories are capped at 1000 entries; a cap of 100 shows the bound within this run's 2000 steps.
-    monkeypatch.setattr(kernel_norm_monitor, "_MAX_HISTORY", 100)
-    monkeypatch.setattr(activation_monitor, "_MAX_HISTORY", 100)
+    monkeypatch.setattr(readings, "HISTORY_LENGTH", 100)
     quiet_rule = ThresholdRule("deadunits/*", above=1e12)  # keeps a streak per key, never fires
     bundle = DeadUnits(
         kernels=KernelNormMonitor(every_n_steps=2, alarms=[quiet_rule]),

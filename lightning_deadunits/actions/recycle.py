@@ -21,7 +21,7 @@ are refused (:func:`mixing_refusal` says why); nothing keeps the function unchan
 unit as it is.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,14 +29,18 @@ from torch.nn.utils import parametrize
 
 from lightning_deadunits.probes.module_kinds import DEFAULT_KERNEL_TYPES, NORM_UNIT_ENTRIES, unit_count
 from lightning_deadunits.probes.unit_flow import UnitFlowTracer
+from lightning_deadunits.readings import Reading
 
 # UnitFlowTracer (now a probe) and unit_count (now a module kind) stay importable from here, where they were
 __all__ = [
     "RECYCLABLE_TYPES",
     "UnitFlowTracer",
     "cap_units",
+    "consumer_refusal",
+    "flagged_units",
     "fresh_parameters",
     "mixing_refusal",
+    "recyclable",
     "recycle_seed",
     "recycle_units",
     "unit_count",
@@ -46,6 +50,63 @@ RECYCLABLE_TYPES: tuple[type, ...] = DEFAULT_KERNEL_TYPES
 """The layers whose units can be recycled: the kernel layers."""
 
 _SEED_MULTIPLIER = 1_000_003
+
+
+def recyclable(module: nn.Module) -> bool:
+    """Whether ``module`` can be recycled: trainable, with its own initialisation and plain (not parametrized) weights.
+
+    Example:
+        >>> recyclable(nn.Linear(2, 3)), recyclable(nn.Linear(2, 3).requires_grad_(False))
+        (True, False)
+    """
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(weight, Tensor)
+        and weight.requires_grad
+        and callable(getattr(module, "reset_parameters", None))
+        and not parametrize.is_parametrized(module)
+    )
+
+
+def flagged_units(
+    readings: Iterable[Reading], layers: Mapping[str, nn.Module], sites: Mapping[str, str]
+) -> tuple[dict[str, Tensor], list[str]]:
+    """The units flagged dead by ``readings``, as one bool mask per layer of ``layers`` (or-ed over the readings).
+
+    A mask's name is a layer of ``layers`` or a call site that ``sites`` (a :class:`UnitFlowTracer`'s) maps to one;
+    a mask of any other name, or of another size than its layer's units, is left out with a note saying why.
+
+    Args:
+        readings: readings with ``dead_masks`` (``{name: bool mask over units}``).
+        layers: the recyclable layers by name.
+        sites: ``{call site: layer}``.
+
+    Returns:
+        ``({layer: mask}, notes)``.
+
+    Example:
+        >>> reading = Reading("p", "kernels", 0, {}, dead_masks={"fc": torch.tensor([True, False])})
+        >>> flagged_units([reading], {"fc": nn.Linear(3, 2)}, {})
+        ({'fc': tensor([ True, False])}, [])
+    """
+    flagged: dict[str, Tensor] = {}
+    notes: list[str] = []
+    for reading in readings:
+        for site, mask in reading.dead_masks.items():
+            layer = site if site in layers else sites.get(site)
+            if layer is None or layer not in layers:
+                notes.append(
+                    f"cannot recycle {site!r} ({reading.source}): no recyclable convolution or linear layer "
+                    "reaches it through elementwise, normalisation or pooling modules"
+                )
+            elif mask.shape != (unit_count(layers[layer]),):
+                notes.append(
+                    f"cannot recycle {site!r} ({reading.source}): its mask has shape {tuple(mask.shape)}, "
+                    f"layer {layer!r} has {unit_count(layers[layer])} units"
+                )
+            else:
+                flagged[layer] = flagged[layer] | mask.bool() if layer in flagged else mask.bool()
+    return flagged, notes
 
 
 def mixing_refusal(layer: str, mixers: Sequence[tuple[str, nn.Module]]) -> str:
@@ -65,6 +126,21 @@ def mixing_refusal(layer: str, mixers: Sequence[tuple[str, nn.Module]]) -> str:
         "fresh incoming weights would change its mean and variance and every other unit's output; only per-unit "
         "normalisation (BatchNorm, InstanceNorm, GroupNorm with one channel per group) keeps the network's function "
         "unchanged"
+    )
+
+
+def consumer_refusal(layer: str, required: bool) -> str:
+    """What happens to ``layer`` whose readers were not found: not recycled if they are ``required``, else recycled
+    with its outgoing weights left as they are (the network's function changes at once).
+
+    Example:
+        >>> consumer_refusal("fc2", required=True)  # doctest: +NORMALIZE_WHITESPACE
+        "does not recycle 'fc2': no layer reading its units through elementwise, normalisation or pooling modules
+        only was found"
+    """  # noqa: D205
+    return (
+        f"{'does not recycle' if required else 'leaves the outgoing weights of'} {layer!r}: "
+        "no layer reading its units through elementwise, normalisation or pooling modules only was found"
     )
 
 

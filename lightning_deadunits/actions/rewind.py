@@ -11,8 +11,9 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_deadunits._compat import grad_scaler, load_step_progress, step_progress
 from lightning_deadunits.actions.batch_dump import rng_states
+from lightning_deadunits.triggers.rewind_escalation import Episode
 
-__all__ = ["TrainingState"]
+__all__ = ["TrainingState", "rewind_event"]
 
 
 class TrainingState:
@@ -72,6 +73,41 @@ class TrainingState:
         load_step_progress(trainer, state["progress"])
         for callback, callback_state in zip(self.callbacks, state["callbacks"], strict=True):
             callback.load_state_dict(callback_state)
+
+
+def rewind_event(
+    trainer: "pl.Trainer", episode: Episode, snapshot_step: int, from_step: int, epoch: int, skipped: range
+) -> tuple[str, dict[str, Any]]:
+    """What a rewind did, said and as the fields of its ``"action"`` event (after ``type``, ``prefix``, ``source``
+    and ``step``), read after the restore (the learning rates are those training goes on with).
+
+    Args:
+        trainer: the trainer, rewound.
+        episode: the spike episode that caused it.
+        snapshot_step: the global step of the snapshot restored.
+        from_step: the global step before the rewind.
+        epoch: the epoch whose batches were skipped.
+        skipped: the positions skipped in ``epoch``.
+
+    Returns:
+        ``(message, fields)``.
+    """  # noqa: D205
+    lrs = [float(group["lr"]) for optimizer in trainer.optimizers for group in optimizer.param_groups]
+    message = (
+        f"rewound from step {from_step} to the snapshot of step {snapshot_step} after a {episode.reason} "
+        f"starting at step {episode.step}; skipped batches {skipped.start}-{skipped.stop - 1} of epoch {epoch}"
+    )
+    fields = {
+        "action": "rewind",
+        "reason": episode.reason,
+        "episode_start": episode.step,
+        "snapshot_step": snapshot_step,
+        "from_step": from_step,
+        "epoch": epoch,
+        "skipped_batch_indices": list(skipped),
+        "lr": lrs,
+    }
+    return message, fields
 
 
 def set_rng_states(states: dict[str, Any]) -> None:

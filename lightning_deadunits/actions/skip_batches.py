@@ -46,6 +46,26 @@ class SkippedBatches:
         """Whether position ``batch_idx`` of ``epoch`` is skipped."""
         return any(e == epoch and first <= batch_idx <= last for e, first, last in self.ranges)
 
+    def undo_since(
+        self, trainer: "pl.Trainer", snapshot: tuple[int, int], epoch: int, batch_idx: int, more: int
+    ) -> range:
+        """Skip the batches of ``epoch`` trained since a snapshot, up to ``batch_idx``, and the ``more`` after it.
+
+        Args:
+            trainer: the trainer, whose coming batches are dropped at once (within the epoch).
+            snapshot: the data position ``(epoch, batch_idx)`` of the snapshot restored; from an earlier epoch,
+                this epoch's batches are skipped from its first.
+            epoch: the epoch trained in before the rewind.
+            batch_idx: the last batch trained before the rewind.
+            more: batches after ``batch_idx`` to skip too.
+
+        Returns:
+            The positions skipped in ``epoch``: those undone and those dropped now.
+        """
+        first = snapshot[1] + 1 if snapshot[0] == epoch else 0
+        self.add(epoch, first, batch_idx + more)
+        return range(first, batch_idx + 1 + len(self.drop_upcoming(trainer)))
+
     def drop_upcoming(self, trainer: "pl.Trainer") -> list[int]:
         """Drop the coming batches while their positions are skipped; their positions."""
         dropped: list[int] = []

@@ -1,53 +1,29 @@
 """Watches activations on sampled steps: zero fractions, ranges and spread per layer, dead and dormant channels."""
 
-import warnings
 from collections.abc import Callable, Mapping, Sequence
-from functools import cached_property
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_deadunits import schedules
-from lightning_deadunits._compat import log_every_n_steps
 from lightning_deadunits._strategies import reject_sharded_strategy
-from lightning_deadunits._validation import (
-    check_bool,
-    check_callable,
-    check_choice,
-    check_eps,
-    check_float,
-    check_int,
-    check_optional_float,
-    check_strings,
-    check_types,
-)
 from lightning_deadunits.actions.alarm_handler import AlarmAction
+from lightning_deadunits.callbacks._activation_settings import ActivationSettings
 from lightning_deadunits.callbacks.monitor import MonitorCallback
-from lightning_deadunits.errors import DeadUnitsWarning
 from lightning_deadunits.metrics.activation_readings import activation_scalars
 from lightning_deadunits.metrics.activation_stats import ActivationStats, SiteSummary
-from lightning_deadunits.panels.activation_panels import ACTIVATION_LAYOUT, ActivationPanels
-from lightning_deadunits.probes.activations import (
-    DEFAULT_ACTIVATION_TYPES,
-    POOLING_TYPES,
-    PRE_ACTIVATION_TYPES,
-    ActivationProbe,
-    ChannelDim,
-    Watch,
-    find_token_mask,
-)
+from lightning_deadunits.panels.activation_panels import ActivationPanels
+from lightning_deadunits.probes.activations import ActivationProbe, ChannelDim, Watch, find_token_mask
+from lightning_deadunits.probes.selection import ModuleSelector, warn_nothing_selected
+from lightning_deadunits.readings import keep_totals
 from lightning_deadunits.triggers.rule import Rule
-from lightning_deadunits.triggers.threshold import ThresholdRule
 
 __all__ = ["ActivationMonitor"]
 
-_WATCH_MODES: tuple[Watch, ...] = ("activations", "pre_activations")
-_CHANNEL_DIMS: tuple[ChannelDim, ...] = ("auto", 1, -1)
 _VALIDATION = "val"
-_MAX_HISTORY = 1000
 
 
 class ActivationMonitor(MonitorCallback):
@@ -193,6 +169,7 @@ class ActivationMonitor(MonitorCallback):
     """  # noqa: D205
 
     source = "activations"
+    state_key_fields = ("every_n_steps", "window", "watch", "include", "exclude", "prefix")
 
     def __init__(
         self,
@@ -223,50 +200,23 @@ class ActivationMonitor(MonitorCallback):
         prefix: str = "deadunits",
     ) -> None:
         super().__init__(prefix=prefix, alarms=alarms, on_alarm=on_alarm)
-        self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
-        self.log_every_n_samples = (
-            None if log_every_n_samples is None else check_int("log_every_n_samples", log_every_n_samples, minimum=1)
-        )
-        self.window = check_int("window", window, minimum=1)
-        self.eps = check_eps(eps)
-        self.dormant_tau = check_float("dormant_tau", dormant_tau, minimum=0.0, maximum=1.0)
-        self.include = check_strings("include", include)
-        self.exclude = check_strings("exclude", exclude)
-        self.watch: Watch = check_choice("watch", watch, _WATCH_MODES)
-        self.pre_activation_fn = (
-            torch.relu if pre_activation_fn is None else check_callable("pre_activation_fn", pre_activation_fn)
-        )
-        self.pooling = check_bool("pooling", pooling)
-        default_types = DEFAULT_ACTIVATION_TYPES if self.watch == "activations" else PRE_ACTIVATION_TYPES
-        self.layer_types = default_types if layer_types is None else check_types("layer_types", layer_types)
-        if self.pooling:
-            self.layer_types = (*self.layer_types, *POOLING_TYPES)
-        self.channel_dim: ChannelDim = check_choice("channel_dim", channel_dim, _CHANNEL_DIMS)
-        self.on_validation = check_bool("on_validation", on_validation)
-        self.log_histograms = check_bool("log_histograms", log_histograms)
-        self.log_images = check_bool("log_images", log_images)
-        self.band_history = check_int("band_history", band_history, minimum=1)
-        self.images_every_n_logs = check_int("images_every_n_logs", images_every_n_logs, minimum=1)
-        self.band_layers = check_int("band_layers", band_layers, minimum=0)
-        self.dead_frac_above = check_optional_float("dead_frac_above", dead_frac_above, 0.0, 1.0)
-        self.max_abs_above = check_optional_float("max_abs_above", max_abs_above, minimum=0.0)
-        self.std_below = check_optional_float("std_below", std_below, minimum=0.0)
-        self.alarms.extend(self._convenience_rules())
+        # every argument but `alarms`, `on_alarm` and `prefix` is a field of the settings, by the same name
+        self.settings = settings = ActivationSettings.of(locals())
+        self.alarms.extend(settings.rules(f"{self.prefix}/{self.source}"))
         self.probe = ActivationProbe(
-            self.layer_types,
-            self.include,
-            self.exclude,
-            eps=self.eps,
-            watch=self.watch,
-            pre_activation_fn=self.pre_activation_fn if self.watch == "pre_activations" else None,
-            channel_dim=self.channel_dim,
-            functional=check_bool("functional", functional),
+            settings.layer_types,
+            settings.include,
+            settings.exclude,
+            eps=settings.eps,
+            watch=settings.watch,
+            pre_activation_fn=settings.pre_activation_fn if settings.watch == "pre_activations" else None,
+            channel_dim=settings.channel_dim,
+            functional=settings.functional,
         )
         self.stats = ActivationStats()
-        self.sampled = schedules.every_n_steps(self.every_n_steps)
-        self.drawing = ActivationPanels(
-            self.key, self.log_histograms, self.log_images, self.band_history, self.band_layers
-        )
+        self.sampled = schedules.every_n_steps(settings.every_n_steps)
+        panel_options = (settings.log_histograms, settings.log_images, settings.band_history, settings.band_layers)
+        self.drawing = ActivationPanels(self.key, *panel_options, show_layout=self.show_layout)
         self.readings: dict[str, float] = {}
         self.validation_readings: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
@@ -279,21 +229,9 @@ class ActivationMonitor(MonitorCallback):
         self._validation_stats: ActivationStats | None = None
         self._warned_empty = False
 
-    @cached_property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(
-            every_n_steps=self.every_n_steps,
-            window=self.window,
-            watch=self.watch,
-            include=self.include,
-            exclude=self.exclude,
-            prefix=self.prefix,
-        )
-
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        if stage != "fit" and not (stage == "validate" and self.on_validation):
+        if stage != "fit" and not (stage == "validate" and self.settings.on_validation):
             return
         reject_sharded_strategy(
             trainer,
@@ -310,14 +248,12 @@ class ActivationMonitor(MonitorCallback):
     def _warn_nothing_watched(self, pl_module: "pl.LightningModule") -> None:
         self._warned_empty = True
         functions = ", nor an activation function called in a forward" if self.probe.functional else ""
-        warnings.warn(
-            f"`ActivationMonitor` found no module to watch in {type(pl_module).__name__} (types "
-            f"{[t.__name__ for t in self.layer_types]}, include={list(self.include)}, "
-            f"exclude={list(self.exclude)}){functions}; it will log nothing. Models that apply their activation in "
-            f'a way neither hooks nor torch functions can see need watch="pre_activations".',
-            DeadUnitsWarning,
-            stacklevel=2,
+        advice = (
+            " Models that apply their activation in a way neither hooks nor torch functions can see need "
+            'watch="pre_activations".'
         )
+        selector = ModuleSelector(self.settings.layer_types, self.settings.include, self.settings.exclude)
+        warn_nothing_selected(type(self).__name__, "module", pl_module, selector, functions, advice)
 
     @property
     def channel_ranges(self) -> dict[str, list[tuple[int, Tensor, Tensor]]]:
@@ -365,7 +301,7 @@ class ActivationMonitor(MonitorCallback):
     @override
     def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self.probe.stop()
-        if not self.on_validation or trainer.sanity_checking or not self.probe.watching:
+        if not self.settings.on_validation or trainer.sanity_checking or not self.probe.watching:
             return
         self._validation_stats = ActivationStats()
         self._validation_stats.begin_sample()
@@ -389,10 +325,11 @@ class ActivationMonitor(MonitorCallback):
             return
         self.probe.stop()
         stats, self._validation_stats = self._validation_stats, None
-        stats.sync()
-        summaries = self._named(stats.summarise(window=1))
-        scalars = self.validation_readings = activation_scalars(summaries, self.dormant_tau, self._validation_key)
-        self._show(trainer, summaries, trainer.global_step, (_VALIDATION,))
+        summaries = self._summarise(stats, window=1)
+        scalars = self.validation_readings = activation_scalars(
+            summaries, self.settings.dormant_tau, partial(self.key, _VALIDATION)
+        )
+        self.drawing.write(self.panels, trainer, summaries, trainer.global_step, (_VALIDATION,))
         self.publish(trainer, self.reading(trainer.global_step, scalars))
 
     @override
@@ -434,21 +371,19 @@ class ActivationMonitor(MonitorCallback):
         """
         self._samples_in_period = 0
         self.last_log_step = step
-        self.stats.sync()
-        summaries = self._named(self.stats.summarise(self.window))
-        dead_masks = {self.probe.site_name(site): mask for site, mask in self.stats.dead_masks(self.window).items()}
+        summaries = self._summarise(self.stats, self.settings.window)
+        dead_masks = {
+            self.probe.site_name(site): mask for site, mask in self.stats.dead_masks(self.settings.window).items()
+        }
         self.stats.reset_period()
-        scalars = self.readings = activation_scalars(summaries, self.dormant_tau, self.key)
+        scalars = self.readings = activation_scalars(summaries, self.settings.dormant_tau, self.key)
         if not scalars:
             return scalars
-        self.history.append(
-            {"step": float(step), **{stat: scalars[self.key("total", stat)] for stat in ("dead", "dormant")}}
-        )
-        del self.history[:-_MAX_HISTORY]
+        keep_totals(self.history, step, {stat: scalars[self.key("total", stat)] for stat in ("dead", "dormant")})
         self.drawing.remember(summaries, step)
         self.logs_done += 1
-        self._drew_images = final or self.logs_done % self.images_every_n_logs == 0
-        self._show(trainer, summaries, step, (), images=self._drew_images)
+        self._drew_images = final or self.logs_done % self.settings.images_every_n_logs == 0
+        self.drawing.write(self.panels, trainer, summaries, step, images=self._drew_images)
         dead_counts = {name: float(s.dead.sum()) for name, s in summaries.items() if s.dead is not None}
         self.publish(trainer, self.reading(step, scalars, dead_counts=dead_counts, dead_masks=dead_masks))
         return scalars
@@ -456,35 +391,10 @@ class ActivationMonitor(MonitorCallback):
     def _end_sample(self, trainer: "pl.Trainer") -> None:
         self._last_sample_step, self._sample_step = self._sample_step, None
         self._samples_in_period += 1
-        samples_per_log = self.log_every_n_samples or max(1, log_every_n_steps(trainer) // self.every_n_steps)
-        if self._samples_in_period >= samples_per_log and self._last_sample_step is not None:
+        if self._samples_in_period >= self.settings.samples_per_log(trainer) and self._last_sample_step is not None:
             self.log_training(trainer, self._last_sample_step)
 
-    def _named(self, summaries: Mapping[tuple[str, int], SiteSummary]) -> dict[str, SiteSummary]:
-        return {self.probe.site_name(site): summary for site, summary in summaries.items()}
-
-    def _validation_key(self, *parts: str) -> str:
-        return self.key(_VALIDATION, *parts)
-
-    def _show(
-        self,
-        trainer: "pl.Trainer",
-        summaries: Mapping[str, SiteSummary],
-        step: int,
-        scope: tuple[str, ...],
-        images: bool = False,
-    ) -> None:
-        if summaries:
-            self.show_layout(trainer, ACTIVATION_LAYOUT, {"": list(summaries)}, scope)
-        self.drawing.write(self.panels, trainer, summaries, step, scope, images)
-
-    def _convenience_rules(self) -> list[Rule]:
-        base = f"{self.prefix}/{self.source}"
-        rules: list[Rule] = []
-        if self.dead_frac_above is not None:
-            rules.append(ThresholdRule(f"{base}/*/dead_frac", above=self.dead_frac_above, name="dead_activations"))
-        if self.max_abs_above is not None:
-            rules.append(ThresholdRule(f"{base}/*/max_abs", above=self.max_abs_above, name="activation_explosion"))
-        if self.std_below is not None:
-            rules.append(ThresholdRule(f"{base}/*/std", below=self.std_below, name="activation_collapse"))
-        return rules
+    def _summarise(self, stats: ActivationStats, window: int) -> dict[str, SiteSummary]:
+        """Reduce ``stats`` across ranks and read them on the host, by call-site name."""
+        stats.sync()
+        return {self.probe.site_name(site): summary for site, summary in stats.summarise(window).items()}

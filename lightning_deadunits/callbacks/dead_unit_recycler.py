@@ -3,37 +3,35 @@
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from functools import cached_property
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 from typing_extensions import override
 
 from lightning_deadunits._strategies import reject_sharded_strategy
-from lightning_deadunits._validation import check_bool, check_float, check_int, check_strings
 from lightning_deadunits.actions.alarm_handler import AlarmAction
 from lightning_deadunits.actions.recycle import (
     RECYCLABLE_TYPES,
     cap_units,
+    consumer_refusal,
+    flagged_units,
     mixing_refusal,
+    recyclable,
     recycle_seed,
     recycle_units,
 )
+from lightning_deadunits.callbacks._recycler_settings import RecyclerSettings
 from lightning_deadunits.callbacks.monitor import MonitorCallback
-from lightning_deadunits.probes.module_kinds import unit_count
 from lightning_deadunits.probes.selection import ModuleSelector
 from lightning_deadunits.probes.unit_flow import UnitFlowTracer
-from lightning_deadunits.readings import Reading
+from lightning_deadunits.readings import Reading, keep_totals
 from lightning_deadunits.triggers.rule import Rule
 
 __all__ = ["DeadUnitRecycler"]
 
 log = logging.getLogger("lightning_deadunits")
-
-_MAX_HISTORY = 1000
 
 
 class DeadUnitRecycler(MonitorCallback):
@@ -110,6 +108,7 @@ class DeadUnitRecycler(MonitorCallback):
     """
 
     source = "recycle"
+    state_key_fields = ("every_n_steps", "max_fraction", "sources", "require_consumer", "include", "exclude")
 
     def __init__(
         self,
@@ -125,13 +124,7 @@ class DeadUnitRecycler(MonitorCallback):
         prefix: str = "deadunits",
     ) -> None:
         super().__init__(prefix=prefix, alarms=alarms, on_alarm=on_alarm)
-        self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
-        self.max_fraction = check_float("max_fraction", max_fraction, 0.0, 1.0, min_inclusive=False)
-        self.sources = check_strings("sources", sources)
-        self.include = check_strings("include", include)
-        self.exclude = check_strings("exclude", exclude)
-        self.require_consumer = check_bool("require_consumer", require_consumer)
-        self.seed = check_int("seed", seed, minimum=0)
+        self.settings = RecyclerSettings(every_n_steps, max_fraction, sources, include, exclude, require_consumer, seed)
         self.tracer = UnitFlowTracer()
         self.layers: dict[str, nn.Module] = {}
         self.last_recycle_step: int | None = None
@@ -143,18 +136,6 @@ class DeadUnitRecycler(MonitorCallback):
         self._pending: dict[str, tuple[Tensor, int]] = {}
         self._notes: set[str] = set()
 
-    @cached_property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(
-            every_n_steps=self.every_n_steps,
-            max_fraction=self.max_fraction,
-            sources=self.sources,
-            require_consumer=self.require_consumer,
-            include=self.include,
-            exclude=self.exclude,
-        )
-
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
@@ -163,18 +144,15 @@ class DeadUnitRecycler(MonitorCallback):
         self._modules = dict(pl_module.named_modules())
         every_layer = [name for name, module in self._modules.items() if isinstance(module, RECYCLABLE_TYPES)]
         self._layer_index = {name: index for index, name in enumerate(every_layer)}
-        self.layers = {
-            name: module
-            for name, module in ModuleSelector(RECYCLABLE_TYPES, self.include, self.exclude).select(pl_module)
-            if _recyclable(module)
-        }
+        selector = ModuleSelector(RECYCLABLE_TYPES, self.settings.include, self.settings.exclude)
+        self.layers = {name: module for name, module in selector.select(pl_module) if recyclable(module)}
 
     def on_deadunits_reading(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", reading: Reading) -> None:
         """Keep readings with dead masks from the monitors listened to, to act on at the next batch start."""
         if (
             reading.dead_masks
             and reading.source != self.source
-            and (not self.sources or reading.source in self.sources)
+            and (not self.settings.sources or reading.source in self.settings.sources)
         ):
             self._heard.append(reading)
 
@@ -183,8 +161,10 @@ class DeadUnitRecycler(MonitorCallback):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
         if self.tracer.traced and self._heard:
-            flagged = self._collect(trainer, self._heard)
+            flagged, notes = flagged_units(self._heard, self.layers, self.tracer.sites)
             self._heard = []
+            for note in notes:
+                self._note(trainer, note)
             if flagged:
                 self._process(trainer, flagged, trainer.global_step)
         if self.tracer.pending and self.layers:
@@ -226,29 +206,6 @@ class DeadUnitRecycler(MonitorCallback):
             name: (units.clone(), int(count)) for name, (units, count) in state_dict.get("pending", {}).items()
         }
 
-    def _collect(self, trainer: "pl.Trainer", readings: Sequence[Reading]) -> dict[str, Tensor]:
-        """The masks of the readings heard, mapped to layers and or-ed per layer."""
-        flagged: dict[str, Tensor] = {}
-        for monitor in readings:
-            for site, mask in monitor.dead_masks.items():
-                layer = site if site in self.layers else self.tracer.sites.get(site)
-                if layer not in self.layers:
-                    self._note(
-                        trainer,
-                        f"cannot recycle {site!r} ({monitor.source}): no recyclable convolution or linear layer "
-                        "reaches it through elementwise, normalisation or pooling modules",
-                    )
-                    continue
-                if mask.shape != (unit_count(self.layers[layer]),):
-                    self._note(
-                        trainer,
-                        f"cannot recycle {site!r} ({monitor.source}): its mask has shape {tuple(mask.shape)}, "
-                        f"layer {layer!r} has {unit_count(self.layers[layer])} units",
-                    )
-                    continue
-                flagged[layer] = flagged[layer] | mask.bool() if layer in flagged else mask.bool()
-        return flagged
-
     def _process(self, trainer: "pl.Trainer", flagged: Mapping[str, Tensor], step: int) -> None:
         names = sorted(flagged, key=self._layer_index.__getitem__)
         masks = dict(zip(names, self._agree(trainer, [flagged[name] for name in names]), strict=True))
@@ -267,15 +224,14 @@ class DeadUnitRecycler(MonitorCallback):
                 del self._pending[name]
             totals["still_alive"] = sum(still_alive.values())
             totals["still_alive_frac"] = totals["still_alive"] / recycled_before
-        if self.last_recycle_step is None or step - self.last_recycle_step >= self.every_n_steps:
+        if self.last_recycle_step is None or step - self.last_recycle_step >= self.settings.every_n_steps:
             readings.update(self._recycle(trainer, masks, flagged_counts, step))
             totals["flagged"] = sum(flagged_counts.values())
             totals["recycled"] = sum(readings[self.key(name, "recycled")] for name in masks)
             totals["recycled_cumulative"] = float(self.recycled_total)
         if totals:
             readings.update({self.key("total", stat): value for stat, value in totals.items()})
-            self.history.append({"step": float(step), **totals})
-            del self.history[:-_MAX_HISTORY]
+            keep_totals(self.history, step, totals)
             self.publish(trainer, self.reading(step, readings))
 
     def _recycle(
@@ -284,15 +240,11 @@ class DeadUnitRecycler(MonitorCallback):
         readings: dict[str, float] = {}
         for name, mask in masks.items():
             consumers = [self._modules[consumer] for consumer in self.tracer.consumers.get(name, [])]
-            recycled = min(int(flagged[name]), math.ceil(self.max_fraction * mask.numel()))
+            recycled = min(int(flagged[name]), math.ceil(self.settings.max_fraction * mask.numel()))
             if recycled and not consumers:
-                if self.require_consumer:
+                if self.settings.require_consumer:
                     recycled = 0
-                self._note(
-                    trainer,
-                    f"{'does not recycle' if self.require_consumer else 'leaves the outgoing weights of'} {name!r}: "
-                    "no layer reading its units through elementwise, normalisation or pooling modules only was found",
-                )
+                self._note(trainer, consumer_refusal(name, self.settings.require_consumer))
             mixers = self.tracer.mixers.get(name, [])
             if recycled and mixers:
                 recycled = 0
@@ -301,7 +253,7 @@ class DeadUnitRecycler(MonitorCallback):
             readings[self.key(name, "recycled")] = float(recycled)
             if recycled == 0:
                 continue
-            seed = recycle_seed(self.seed, step, self._layer_index[name])
+            seed = recycle_seed(self.settings.seed, step, self._layer_index[name])
             chosen = cap_units(mask, recycled, seed)
             norms = [self._modules[norm] for norm in self.tracer.norms.get(name, [])]
             recycle_units(self.layers[name], chosen, seed, consumers, norms, trainer.optimizers)
@@ -324,14 +276,3 @@ class DeadUnitRecycler(MonitorCallback):
             self._notes.add(note)
             if trainer.global_rank == 0:
                 log.info("`DeadUnitRecycler` %s.", note)
-
-
-def _recyclable(module: nn.Module) -> bool:
-    """Trainable, with its own initialisation and plain (not parametrized) weights."""
-    weight = getattr(module, "weight", None)
-    return (
-        isinstance(weight, Tensor)
-        and weight.requires_grad
-        and callable(getattr(module, "reset_parameters", None))
-        and not parametrize.is_parametrized(module)
-    )

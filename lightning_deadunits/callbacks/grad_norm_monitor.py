@@ -1,7 +1,6 @@
 """Watches gradient norms per layer and overall, and the rows whose gradient stays exactly zero."""
 
 from collections.abc import Sequence
-from functools import cached_property
 from typing import Any
 
 import lightning.pytorch as pl
@@ -71,6 +70,7 @@ class GradNormMonitor(MonitorCallback):
     """
 
     source = "grads"
+    state_key_fields = ("every_n_steps", "window", "include", "prefix")
 
     def __init__(
         self,
@@ -94,13 +94,6 @@ class GradNormMonitor(MonitorCallback):
         self.probe = GradNormProbe(self.include, self.exclude, self.layer_types)
         self.samples = schedules.StepGate(schedules.every_n_steps(self.every_n_steps))
         self.samples_in_period = 0
-
-    @cached_property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(
-            every_n_steps=self.every_n_steps, window=self.window, include=self.include, prefix=self.prefix
-        )
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:

@@ -1,8 +1,6 @@
 """Watches per-filter kernel norms and counts collapsed ("zero") kernels per layer during training."""
 
-import warnings
 from collections.abc import Sequence
-from functools import cached_property
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,16 +11,16 @@ from lightning_deadunits._strategies import reject_sharded_strategy
 from lightning_deadunits._validation import check_bool, check_float, check_int, check_strings, check_types
 from lightning_deadunits.actions.alarm_handler import AlarmAction
 from lightning_deadunits.callbacks.monitor import MonitorCallback
-from lightning_deadunits.errors import DeadUnitsWarning
 from lightning_deadunits.metrics.kernel_deaths import KernelDeathTracker
 from lightning_deadunits.panels.kernel_panels import KERNEL_LAYOUT, KernelPanels
 from lightning_deadunits.probes.kernel_norms import DEFAULT_KERNEL_TYPES, KernelNormProbe, LayerKernels
+from lightning_deadunits.probes.selection import ModuleSelector, warn_nothing_selected
+from lightning_deadunits.readings import keep_totals
 from lightning_deadunits.schedules import StepGate
 from lightning_deadunits.triggers.rule import Rule
 
 __all__ = ["KernelNormMonitor"]
 
-_MAX_HISTORY = 1000
 _EMBEDDING = "embedding"
 # readings whose rows are not the output units of a module of that name: no recycler may act on them
 _NOT_UNITS = ("batchnorm", "attention", "recurrent", _EMBEDDING)
@@ -117,6 +115,15 @@ class KernelNormMonitor(MonitorCallback):
 
     source = "kernels"
     unit = "kernels"
+    state_key_fields = (
+        "every_n_steps",
+        "abs_threshold",
+        "rel_threshold",
+        "bn_threshold",
+        "include",
+        "exclude",
+        "prefix",
+    )
 
     def __init__(
         self,
@@ -163,19 +170,6 @@ class KernelNormMonitor(MonitorCallback):
         self.history: list[dict[str, float]] = []
         self._initial: tuple[int, list[LayerKernels]] | None = None
 
-    @cached_property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(
-            every_n_steps=self.every_n_steps,
-            abs_threshold=self.abs_threshold,
-            rel_threshold=self.rel_threshold,
-            bn_threshold=self.bn_threshold,
-            include=self.include,
-            exclude=self.exclude,
-            prefix=self.prefix,
-        )
-
     @property
     def last_check_step(self) -> int | None:
         """The global step of the latest check, or ``None`` before the first."""
@@ -189,13 +183,8 @@ class KernelNormMonitor(MonitorCallback):
         reject_sharded_strategy(trainer, type(self).__name__, advice=advice)
         self.probe.attach(pl_module)
         if not self.probe.layers and not self.probe.batchnorms:
-            warnings.warn(
-                f"`KernelNormMonitor` found no layer to watch in {type(pl_module).__name__} (types "
-                f"{[t.__name__ for t in self.layer_types]}, include={list(self.include)}, "
-                f"exclude={list(self.exclude)}); it will log nothing.",
-                DeadUnitsWarning,
-                stacklevel=2,
-            )
+            selector = ModuleSelector(self.layer_types, self.include, self.exclude)
+            warn_nothing_selected(type(self).__name__, "layer", pl_module, selector)
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -300,8 +289,7 @@ class KernelNormMonitor(MonitorCallback):
                 if stat in _TOKEN_STATS
             }
         )
-        self.history.append({"step": float(step), **{stat: totals[stat] for stat in ("dead_abs", "dead_rel", "dead")}})
-        del self.history[:-_MAX_HISTORY]
+        keep_totals(self.history, step, {stat: totals[stat] for stat in ("dead_abs", "dead_rel", "dead")})
         dead_counts = {layer.name: layer_counts["dead"] for layer, layer_counts in zip(layers, counts, strict=True)}
         dead_masks = {layer.name: layer.dead for layer in layers if layer.kind not in _NOT_UNITS}
         self.publish(trainer, self.reading(step, scalars, dead_counts=dead_counts, dead_masks=dead_masks))

@@ -16,13 +16,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_deadunits._strategies import reject_sharded_strategy
-from lightning_deadunits._validation import check_bool, check_int
 from lightning_deadunits.actions.alarm_handler import AlarmAction
 from lightning_deadunits.actions.batch_dump import BatchDumper, rng_states
 from lightning_deadunits.actions.skip_update import SkipUpdate
 from lightning_deadunits.actions.spike_dump import SpikeDump
 from lightning_deadunits.actions.spike_journal import SpikeJournal, spike_event
+from lightning_deadunits.callbacks._loss_spike_settings import LossSpikeSettings
 from lightning_deadunits.callbacks.monitor import MonitorCallback
 from lightning_deadunits.errors import DeadUnitsWarning
 from lightning_deadunits.metrics.spike_deaths import SpikeDeathLedger
@@ -214,22 +213,16 @@ class LossSpikeMonitor(MonitorCallback):
             episode_gap=episode_gap,
             grad_min_excess=grad_min_excess,
         )
-        self.grad_probe = GradNormProbe() if check_bool("grad_signal", grad_signal) else None
-        self.skip_update = check_bool("skip_update", skip_update)
-        if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
-            raise TypeError(f"`dump_dir` must be a path or None, got {dump_dir!r}.")
-        self.dump_dir = None if dump_dir is None else Path(dump_dir)
-        self.dumper = BatchDumper(self.dump_dir or Path("deadunits", "dumps"), max_dumps, max_bytes, tag=prefix)
-        self.log_every_n_steps = (
-            None if log_every_n_steps is None else check_int("log_every_n_steps", log_every_n_steps, 1)
-        )
+        self.settings = LossSpikeSettings(grad_signal, skip_update, dump_dir, max_dumps, max_bytes, log_every_n_steps)
+        self.grad_probe = GradNormProbe() if grad_signal else None
+        self.dumper = BatchDumper(Path(self.settings.dump_dir or "deadunits/dumps"), max_dumps, max_bytes, tag=prefix)
         self.probe = LossProbe()
         self.dump = SpikeDump(self.dumper)
         self.skip = SkipUpdate()
         self.deaths = SpikeDeathLedger()
         self.journal = SpikeJournal(self, self.dump, self.deaths)
         self.spike_count = 0
-        self.logs = StepGate(every_n_steps(self.log_every_n_steps or 50))
+        self.logs = StepGate(every_n_steps(self.settings.log_every_n_steps or 50))
         self._warned_no_loss = False
         self._batch: BatchLoss | None = None
         self._deaths_before: dict[str, dict[str, Any]] = {}
@@ -251,6 +244,11 @@ class LossSpikeMonitor(MonitorCallback):
         )
 
     @property
+    def skip_update(self) -> bool:
+        """Whether the updates of spiking batches are skipped (read by the hooks of every batch)."""
+        return self.settings.skip_update
+
+    @property
     def events(self) -> list[dict[str, Any]]:
         """One dict per flagged batch (the last 1000), fields as in the table above."""
         return self.journal.events
@@ -269,23 +267,12 @@ class LossSpikeMonitor(MonitorCallback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
-        if self.skip_update:
-            reject_sharded_strategy(
-                trainer,
-                "LossSpikeMonitor(skip_update=True)",
-                reason="skips a step by clearing the `param.grad` the optimizer reads, which sharded strategies "
-                "keep in their own buffers or shards",
-                advice="Use DDP, or `skip_update=False` (spikes are still detected, dumped and alarmed).",
-            )
-        if self.skip_update and not pl_module.automatic_optimization:
-            raise ValueError(
-                "`skip_update=True` needs automatic optimization: with manual optimization the loss is known only "
-                "after `training_step` has stepped the optimizer. Use `skip_update=False`, or skip in your own "
-                "`training_step` from the alarm (`on_alarm=[callable]`)."
-            )
-        if self.dump_dir is None:
+        self.settings.check_trainer(trainer, pl_module)
+        if self.settings.dump_dir is None:
             self.dumper.directory = Path(trainer.log_dir or trainer.default_root_dir, "deadunits", "dumps")
-        self.logs.schedule = every_n_steps(self.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50)))
+        self.logs.schedule = every_n_steps(
+            self.settings.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50))
+        )
 
     def on_deadunits_reading(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", reading: Reading) -> None:
         """Keep the dead counts of other monitors, and resolve the deaths of spikes they have checked after."""

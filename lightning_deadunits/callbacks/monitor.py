@@ -3,7 +3,8 @@
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, ClassVar
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -48,9 +49,12 @@ class MonitorCallback(Callback):
     - :meth:`release` undoes side effects (hooks on the model); it runs at teardown and on exceptions.
     - ``state_dict`` includes :meth:`base_state` (rules, alarm log, stop reason); ``load_state_dict`` calls
       :meth:`load_base_state`, which tolerates missing keys.
-    - A ``state_key`` built from settings is a :func:`functools.cached_property`: Lightning reads it around every
-      hook of every callback (to name the hook in its profiler), and rebuilding the string each time cost ~4 us
-      a read. It is computed once, so the settings it names are fixed after ``__init__`` (none is assigned again).
+    - A monitor may validate its constructor arguments into a frozen dataclass held as ``settings`` (the
+      arguments and what follows from them); ``monitor.<argument>`` then reads ``monitor.settings.<argument>``.
+    - ``state_key`` names the class and the settings listed in :attr:`state_key_fields` (none: the class alone).
+      It is a :func:`functools.cached_property`: Lightning reads it around every hook of every callback (to name
+      the hook in its profiler), and rebuilding the string each time cost ~4 us a read. It is computed once, so
+      the settings it names are fixed after ``__init__`` (none is assigned again).
 
     Args:
         prefix: first part of every logged key.
@@ -72,6 +76,8 @@ class MonitorCallback(Callback):
 
     source: ClassVar[str] = ""
     unit: ClassVar[str] = "units"
+    state_key_fields: ClassVar[tuple[str, ...]] = ()
+    """The attributes (settings, ``prefix``) that tell two instances apart in a checkpoint, in ``state_key`` order."""
 
     def __init__(self, prefix: str, alarms: Sequence[Rule], on_alarm: Sequence[AlarmAction] | AlarmAction) -> None:
         check_prefix(prefix)
@@ -90,6 +96,22 @@ class MonitorCallback(Callback):
         self.dead_counts_step: int | None = None
         self.dead_masks: dict[str, Tensor] = {}
         self._layouts: dict[tuple[str, ...], Any] = {}
+
+    if not TYPE_CHECKING:  # at run time only: the package itself reads `settings.<argument>`, with its type
+
+        def __getattr__(self, name: str) -> Any:
+            """A constructor argument, validated: ``monitor.<argument>`` is ``monitor.settings.<argument>``."""
+            settings = self.__dict__.get("settings")  # not `self.settings`: absent while unpickling, it would recurse
+            if name in getattr(settings, "__dataclass_fields__", ()):  # a subclass's own `settings` may be anything
+                return getattr(settings, name)
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @cached_property
+    @override
+    def state_key(self) -> str:
+        if not self.state_key_fields:
+            return super().state_key
+        return self._generate_state_key(**{name: getattr(self, name) for name in self.state_key_fields})
 
     def key(self, *parts: str) -> str:
         """The logged key ``<prefix>/<source>/<parts...>``."""

@@ -10,12 +10,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from lightning_deadunits._strategies import reject_sharded_strategy
-from lightning_deadunits._validation import check_bool, check_int, check_strings
 from lightning_deadunits.actions.alarm_handler import AlarmAction, AlarmHandler
-from lightning_deadunits.actions.rewind import TrainingState
+from lightning_deadunits.actions.rewind import TrainingState, rewind_event
 from lightning_deadunits.actions.skip_batches import SkippedBatches
 from lightning_deadunits.actions.snapshot_ring import SnapshotRing, tensor_bytes
 from lightning_deadunits.actions.stop_training import StopTraining
+from lightning_deadunits.callbacks._rewind_settings import RewindSettings
 from lightning_deadunits.callbacks.monitor import MonitorCallback
 from lightning_deadunits.readings import Reading
 from lightning_deadunits.schedules import StepGate, every_n_steps
@@ -109,18 +109,14 @@ class Rewind(MonitorCallback):
     ) -> None:
         super().__init__(prefix=prefix, alarms=alarms, on_alarm=on_alarm)
         self.alarm_handler = AlarmHandler([*self.alarm_handler.specs, _StopOnGivingUp()])  # type: ignore[list-item]
-        self.snapshot_every = check_int("snapshot_every", snapshot_every, minimum=1)
-        self.keep = check_int("keep", keep, minimum=1)
-        self.skip_batches = check_int("skip_batches", skip_batches, minimum=0)
-        self.escalation = RewindEscalation(check_strings("on", on), max_rewinds, window)
-        self.rewarm = check_bool("rewarm", rewarm)
-        self.max_bytes = check_int("max_bytes", max_bytes, minimum=1)
+        self.settings = RewindSettings(snapshot_every, keep, skip_batches, on, max_rewinds, window, rewarm, max_bytes)
+        self.escalation = RewindEscalation(self.settings.on, max_rewinds, window)
         self.skipped = SkippedBatches()
         self.count = 0
         self.skipped_batches = 0
         self.batches = 0
-        self.ring = SnapshotRing(self.keep)
-        self._gate = StepGate(every_n_steps(self.snapshot_every))
+        self.ring = SnapshotRing(keep)
+        self._gate = StepGate(every_n_steps(self.settings.snapshot_every))
         self._state = TrainingState([])
         self._tail = _AfterEveryCallback(self)
         self._warned_budget = False
@@ -142,12 +138,12 @@ class Rewind(MonitorCallback):
         # Not on_fit_start: optimizer, scheduler and callback states are restored from a checkpoint after it.
         others = [c for c in trainer.callbacks if _is_deadunits(c) and c is not self and c is not self._tail]  # type: ignore[attr-defined]
         self._state = TrainingState(others)
-        self.ring = SnapshotRing(self.keep, pin=pl_module.device.type == "cuda")
+        self.ring = SnapshotRing(self.settings.keep, pin=pl_module.device.type == "cuda")
         state = self._state.capture(trainer)
-        if tensor_bytes(state) > self.max_bytes:
+        if tensor_bytes(state) > self.settings.max_bytes:
             raise ValueError(
-                f"`max_bytes` of Rewind is {self.max_bytes}, but one snapshot of the model, optimizer and callback "
-                f"states takes {tensor_bytes(state)} bytes: raise `max_bytes` or lower `keep`."
+                f"`max_bytes` of Rewind is {self.settings.max_bytes}, but one snapshot of the model, optimizer and "
+                f"callback states takes {tensor_bytes(state)} bytes: raise `max_bytes` or lower `keep`."
             )
         self._take_snapshot(trainer, state)
 
@@ -213,10 +209,12 @@ class Rewind(MonitorCallback):
 
     def _take_snapshot(self, trainer: "pl.Trainer", state: dict[str, Any]) -> None:
         self._gate.mark(trainer.global_step)
-        if not self.ring.fits(state, self.max_bytes):
+        if not self.ring.fits(state, self.settings.max_bytes):
             if not self._warned_budget:
                 self._warned_budget = True
-                log.warning("deadunits: Rewind snapshots exceed max_bytes=%d; keeping older ones", self.max_bytes)
+                log.warning(
+                    "deadunits: Rewind snapshots exceed max_bytes=%d; keeping older ones", self.settings.max_bytes
+                )
             return
         self.ring.store(trainer.global_step, state, (trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_idx))
 
@@ -225,48 +223,22 @@ class Rewind(MonitorCallback):
         if found is None:
             log.warning("deadunits: no Rewind snapshot before step %d; not rewinding", episode.step)
             return
-        snapshot_step, (snapshot_epoch, snapshot_idx), state = found
-        before_step, epoch, batch_idx = (
-            trainer.global_step,
-            trainer.current_epoch,
-            trainer.fit_loop.epoch_loop.batch_idx,
-        )
+        snapshot_step, snapshot_position, state = found
+        from_step, epoch, batch_idx = trainer.global_step, trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_idx
         self._state.restore(trainer, state)
-        undone_from = snapshot_idx + 1 if snapshot_epoch == epoch else 0
-        still_to_skip = max(0, episode.batch + self.skip_batches - 1 - self.batches)
-        self.skipped.add(epoch, undone_from, batch_idx + still_to_skip)
-        dropped = self.skipped.drop_upcoming(trainer)
-        skipped = batch_idx - undone_from + 1 + len(dropped)
-        self.count, self.skipped_batches = self.count + 1, self.skipped_batches + skipped
+        more = max(0, episode.batch + self.settings.skip_batches - 1 - self.batches)
+        skipped = self.skipped.undo_since(trainer, snapshot_position, epoch, batch_idx, more)
+        self.count, self.skipped_batches = self.count + 1, self.skipped_batches + len(skipped)
         step = trainer.global_step
-        lrs = [float(group["lr"]) for optimizer in trainer.optimizers for group in optimizer.param_groups]
-        message = (
-            f"rewound from step {before_step} to the snapshot of step {snapshot_step} after a {episode.reason} "
-            f"starting at step {episode.step}; skipped batches {undone_from}-{undone_from + skipped - 1} of epoch "
-            f"{epoch}"
-        )
+        message, fields = rewind_event(trainer, episode, snapshot_step, from_step, epoch, skipped)
         _log_rewind(message)
         self.record_event(
-            trainer,
-            {
-                "type": "action",
-                "prefix": self.prefix,
-                "source": self.source,
-                "step": step,
-                "action": "rewind",
-                "reason": episode.reason,
-                "episode_start": episode.step,
-                "snapshot_step": snapshot_step,
-                "from_step": before_step,
-                "epoch": epoch,
-                "skipped_batch_indices": list(range(undone_from, undone_from + skipped)),
-                "lr": lrs,
-            },
+            trainer, {"type": "action", "prefix": self.prefix, "source": self.source, "step": step, **fields}
         )
         self.panels.text(trainer, f"{self.prefix}/rewind", message, step)
         scalars = {self.key("count"): float(self.count), self.key("skipped_batches"): float(self.skipped_batches)}
         self.publish(trainer, self.reading(step, scalars))
-        if self.rewarm:
+        if self.settings.rewarm:
             self.raise_alarms(trainer, [self._alarm("rewound", self.count, 0, "info", message, step)])
 
     def _give_up(self, trainer: "pl.Trainer", episode: Episode) -> None:

@@ -1,6 +1,6 @@
 """The activation monitor's panels: its layout, per-channel zero-fraction histograms and min/max band charts."""
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,6 +13,9 @@ from lightning_deadunits.panels.render import band_chart
 from lightning_deadunits.panels.writer import PanelWriter
 
 __all__ = ["ACTIVATION_LAYOUT", "ActivationPanels"]
+
+ShowLayout = Callable[["pl.Trainer", LayoutSpec, Mapping[str, Sequence[str]], tuple[str, ...]], None]
+"""Registers a custom-scalars layout: the monitor's ``show_layout``."""
 
 ACTIVATION_LAYOUT = LayoutSpec(
     totals={"zero fraction (all layers)": "zero_frac", "dead and dormant channels": "(dead|dormant)"},
@@ -27,7 +30,7 @@ ACTIVATION_LAYOUT = LayoutSpec(
 
 
 class ActivationPanels:
-    """Keeps each site's per-channel min/max over the last ``band_history`` logs and draws the panels.
+    """Keeps each site's per-channel min/max over the last ``band_history`` logs and draws the panels and layout.
 
     Args:
         key: builds the logged key from its parts (the monitor's ``key``).
@@ -36,15 +39,24 @@ class ActivationPanels:
         band_history: logs kept for the band chart.
         band_layers: how many sites get a band chart at an image log: those with the most dead channels, then the
             highest zero fraction (each chart takes tens of milliseconds to draw).
+        show_layout: registers :data:`ACTIVATION_LAYOUT` for the sites written (the monitor's ``show_layout``;
+            ``None``: no layout).
 
     Example:
         >>> panels = ActivationPanels(lambda *parts: "/".join(parts), True, True, 100, band_layers=4)
     """
 
     def __init__(
-        self, key: Callable[..., str], log_histograms: bool, log_images: bool, band_history: int, band_layers: int = 4
+        self,
+        key: Callable[..., str],
+        log_histograms: bool,
+        log_images: bool,
+        band_history: int,
+        band_layers: int = 4,
+        show_layout: ShowLayout | None = None,
     ) -> None:
         self.key = key
+        self.show_layout = show_layout
         self.band_layers = band_layers
         self.log_histograms = log_histograms
         self.log_images = log_images
@@ -69,7 +81,11 @@ class ActivationPanels:
         scope: tuple[str, ...] = (),
         images: bool = True,
     ) -> None:
-        """Draw the histograms of ``summaries`` and, for training logs (no ``scope``) when ``images``, band charts."""
+        """Show the layout of ``summaries``' sites, draw their histograms and, for training logs (no ``scope``)
+        when ``images``, the band charts.
+        """  # noqa: D205
+        if summaries and self.show_layout is not None:
+            self.show_layout(trainer, ACTIVATION_LAYOUT, {"": list(summaries)}, scope)
         if not writer.active(trainer):
             return
         if self.log_histograms:

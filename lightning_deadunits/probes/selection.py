@@ -1,11 +1,14 @@
 """Choosing modules by name glob and by type: one rule for every probe."""
 
 import fnmatch
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 
 from torch import nn
 
-__all__ = ["ModuleSelector", "replaced_modules"]
+from lightning_deadunits.errors import DeadUnitsWarning
+
+__all__ = ["ModuleSelector", "replaced_modules", "warn_nothing_selected"]
 
 
 class ModuleSelector:
@@ -38,6 +41,32 @@ class ModuleSelector:
         """Whether ``name`` passes the include and exclude globs."""
         included = not self.include or any(fnmatch.fnmatchcase(name, p) for p in self.include)
         return included and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+
+
+def warn_nothing_selected(
+    who: str, what: str, model: nn.Module, selector: ModuleSelector, more: str = "", advice: str = ""
+) -> None:
+    """Warn that the monitor ``who`` found no ``what`` to watch in ``model`` with ``selector``, so will log nothing.
+
+    Args:
+        who: the monitor's class name.
+        what: what it watches (``"layer"``, ``"module"``).
+        model: the model searched.
+        selector: the selection that kept nothing (its types and globs are named).
+        more: what else was looked for in vain (``", nor ..."``).
+        advice: what to do about it (a sentence after the message).
+
+    Example:
+        >>> import pytest
+        >>> with pytest.warns(DeadUnitsWarning, match="found no layer to watch in Sequential"):
+        ...     warn_nothing_selected("Monitor", "layer", nn.Sequential(), ModuleSelector((nn.Conv2d,)))
+    """
+    warnings.warn(
+        f"`{who}` found no {what} to watch in {type(model).__name__} (types {[t.__name__ for t in selector.types]}, "
+        f"include={list(selector.include)}, exclude={list(selector.exclude)}){more}; it will log nothing.{advice}",
+        DeadUnitsWarning,
+        stacklevel=3,
+    )
 
 
 def replaced_modules(model: nn.Module, watched: Mapping[str, nn.Module]) -> list[str]:
