@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-from lightning_deadunits.functional.loss import MAD_TO_SIGMA, spike_limit, spike_scores
+from lightning_deadunits.functional.loss import MAD_TO_SIGMA, _floored, spike_limit
 
 __all__ = ["SpikeBaseline"]
 
@@ -157,6 +157,7 @@ class SpikeBaseline:
         # `accept` rather than unpacked from the window at every fit; `None` until needed and after a replacement.
         self._columns: tuple[list[int], list[float]] | None = None
         self._steps_ascending = True  # the window's steps never decrease (as training writes them)
+        self._first_third = (0, 0.0)  # (size, median) of the oldest third of the columns' values
         self.reference: float | None = None
         self.started_trained = False
         self.screened = False
@@ -194,9 +195,20 @@ class SpikeBaseline:
             fit = self._fit = self._trend() or self._level()
         slope, intercept, spread = fit
         center = intercept + slope * step
-        ratio, score = spike_scores(value, center, spread)
         reference = center if self.reference is None else self.reference
-        limit = spike_limit(center, spread, self.ratio, self.z_score, self.min_excess * abs(reference))
+        # `spike_scores` and `spike_limit`, inlined with one floored spread (a property test holds them equal)
+        floored = _floored(center, spread)
+        if math.isnan(value):
+            ratio = score = math.nan
+        else:
+            excess = value - center
+            ratio = 1 + excess / abs(center) if center else math.copysign(math.inf, excess) if excess else 1.0
+            score = excess / floored
+        limit = max(
+            center + (self.ratio - 1) * abs(center),
+            center + self.z_score * floored,
+            center + self.min_excess * abs(reference),
+        )
         # a signal that started trained has no young level, so until it falls a decade below its first level the
         # size is also judged in log space; only above the linear limit, since it cannot lower it (a few
         # microseconds saved on every ordinary step)
@@ -220,6 +232,7 @@ class SpikeBaseline:
             self.ordered.pop(bisect_left(self.ordered, window[0][1]))
             if columns is not None:
                 del columns[0][0], columns[1][0]
+                self._first_third = (0, 0.0)
         if columns is not None:
             steps, values = columns
             self._steps_ascending = self._steps_ascending and (not steps or step >= steps[-1])
@@ -295,13 +308,16 @@ class SpikeBaseline:
             steps = [step for step, _ in self.window]
             self._columns = steps, [value for _, value in self.window]
             self._steps_ascending = all(map(operator.le, steps, steps[1:]))
+            self._first_third = (0, 0.0)
         steps, values = self._columns
         third = count // 3
         if self._steps_ascending:  # the thirds of the steps are sorted already: their medians are lookups
             run = _median_between(steps, count - third, count) - _median_between(steps, 0, third)
         else:
             run = _median(sorted(steps[-third:])) - _median(sorted(steps[:third]))
-        rise = _median(sorted(values[-third:])) - _median(sorted(values[:third]))
+        if self._first_third[0] != third:  # the oldest third changes only when it grows (the window only grows)
+            self._first_third = third, _median(sorted(values[:third]))
+        rise = _median(sorted(values[-third:])) - self._first_third[1]
         if run <= 0 or rise >= 0:  # flat or rising: the level
             return None
         slope = rise / run
