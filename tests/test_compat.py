@@ -112,7 +112,6 @@ def test_numpy_generator_fingerprint_changes_exactly_when_numpy_draws() -> None:
     assert _compat.numpy_generator_fingerprint() != first
 
 
-
 def test_python_generator_fingerprint_changes_exactly_when_random_draws_or_its_gaussian_changes() -> None:
     first = _compat.python_generator_fingerprint()
     assert first is not None and first == _compat.python_generator_fingerprint()  # CPython: readable
@@ -125,6 +124,7 @@ def test_python_generator_fingerprint_changes_exactly_when_random_draws_or_its_g
     assert cached != drawn and _compat.python_generator_fingerprint() != cached
     random.setstate(random.getstate())  # set in place: still the same object, still read
     assert _compat.python_generator_fingerprint() == _compat.python_generator_fingerprint()
+
 
 def test_foreach_norms_are_each_tensors_2_norm_in_float32() -> None:
     norms = _compat.foreach_norms([torch.tensor([3.0, 4.0]), torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=torch.bfloat16)])

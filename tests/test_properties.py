@@ -217,8 +217,8 @@ def _from_scratch(baseline: SpikeBaseline, step: int) -> tuple[float, float]:
 
 @settings(max_examples=150, deadline=None)
 @given(
-    noise=st.lists(st.one_of(st.floats(-1, 1), st.sampled_from([0.0, 40.0])), min_size=1, max_size=45),
-    gaps=st.lists(st.integers(-2, 3), min_size=45, max_size=45),
+    noise=st.lists(st.one_of(st.floats(-1, 1), st.just(0.0), st.floats(2, 40)), min_size=1, max_size=45),
+    gaps=st.lists(st.sampled_from([1, 1, 1, 2, 0, -5]), min_size=45, max_size=45),
     shape=st.tuples(st.sampled_from([0.0, 0.01, 0.2]), st.sampled_from([0.0, 0.05, 1.0])),
     sizes=st.tuples(st.integers(2, 30), st.integers(1, 30), st.integers(1, 10)),
     probe=st.floats(0.0, 60.0),
@@ -241,10 +241,10 @@ def test_incremental_baseline_fits_judges_and_screens_as_from_scratch(
     step = 0
     for index, (jitter, gap) in enumerate(zip(noise, gaps, strict=False)):
         step += gap  # steps may repeat or go back (old checkpoints, odd loops): medians of thirds sort them then
-        value = 10.0 - fall * step + (jitter if jitter == 40.0 else scatter * jitter)  # lines, noise, outliers
+        value = 10.0 - fall * step + (jitter if jitter >= 2 else scatter * jitter)  # lines, noise, outliers
         if index == replace[0]:  # a rebaseline: the columns are built again (a full window: the next one evicts)
-            items = [(step - window + k, 13.0 - fall * (step - window + k)) for k in range(window)] if replace[1] else []
-            baseline.replace(items or list(baseline.window)[::2])
+            line = [(earlier, 13.0 - fall * earlier) for earlier in range(step - window, step)]  # another line
+            baseline.replace(line if replace[1] else list(baseline.window)[::2])
         judgement = baseline.judge(probe, step)
         if baseline.window:
             center, spread = _from_scratch(baseline, step)
@@ -265,9 +265,8 @@ def test_incremental_baseline_fits_judges_and_screens_as_from_scratch(
             assert list(baseline.window) == [item for item, j in judged if not j.flagged]
 
 
-
 def test_baseline_fit_after_a_replacement_and_an_eviction_in_warm_up_is_from_scratch() -> None:
-    """The columns the warm-up line is fitted to follow a rebaseline and a full window's eviction."""
+    """The columns the warm-up line is fitted to follow a rebaseline, a full window's eviction and a step back."""
     baseline = SpikeBaseline(window=12, warmup=12, ratio=1.5, z_score=6.0, min_excess=0.25, provisional=5)
     for step in range(10):
         baseline.accept(step, 10 - 0.2 * step)
@@ -277,6 +276,12 @@ def test_baseline_fit_after_a_replacement_and_an_eviction_in_warm_up_is_from_scr
     baseline.warmup = 100  # not screened at the next value: the window evicts its oldest instead
     baseline.accept(22, 13 - 0.3 * 22)
     assert len(baseline.window) == 12 and baseline.center(23) == _from_scratch(baseline, 23)
+    back = SpikeBaseline(window=30, warmup=30, ratio=1.5, z_score=6.0, min_excess=0.25, provisional=5)
+    for step in [*range(15), 10]:  # a step back after the columns were made: the newest third's steps unsorted
+        back.judge(0.0, step)
+        back.accept(step, 10 - 0.2 * step)
+    assert back.center(30) == _from_scratch(back, 30) == (4.0, 0.0)
+
 
 @settings(max_examples=60, deadline=None)
 @given(

@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-from lightning_deadunits.functional.loss import MAD_TO_SIGMA, _floored, spike_limit
+from lightning_deadunits.functional.loss import MAD_TO_SIGMA, _floored
 
 __all__ = ["SpikeBaseline"]
 
@@ -173,10 +173,7 @@ class SpikeBaseline:
 
     def center(self, step: int) -> tuple[float, float]:
         """``(center, spread)`` the value at ``step`` is judged against (the window must not be empty)."""
-        fit = self._fit
-        if fit is None:  # one fit per window: screening judges every value of the window against it
-            fit = self._fit = self._trend() or self._level()
-        slope, intercept, spread = fit
+        slope, intercept, spread = self._fitted()
         return intercept + slope * step, spread
 
     def log_limit(self) -> float:
@@ -190,10 +187,7 @@ class SpikeBaseline:
         """Compare a finite ``value`` at ``step`` with the baseline; unflagged while fewer than ``provisional``."""
         if not self.window:
             return Judgement()
-        fit = self._fit  # `center`, inlined: this runs for each signal on every step
-        if fit is None:
-            fit = self._fit = self._trend() or self._level()
-        slope, intercept, spread = fit
+        slope, intercept, spread = self._fit or self._fitted()  # `center`, inlined: this runs on every step
         center = intercept + slope * step
         reference = center if self.reference is None else self.reference
         # `spike_scores` and `spike_limit`, inlined with one floored spread (a property test holds them equal)
@@ -288,6 +282,14 @@ class SpikeBaseline:
             and ordered[-1] > _TRAINED_SPAN * max(ordered[0], _LOG_FLOOR)
         )
 
+    def _fitted(self) -> tuple[float, float, float]:
+        """``(slope, intercept, spread)`` of the window, made once per window (screening judges every value of the
+        window against it): the warm-up trend where it applies, else the level.
+        """  # noqa: D205
+        if self._fit is None:
+            self._fit = self._trend() or self._level()
+        return self._fit
+
     def _level(self) -> tuple[float, float, float]:
         """``(0, median, 1.4826 x MAD)`` of the window: the baseline once warm-up is over, or without a trend."""
         center = _median(self.ordered)
@@ -334,9 +336,7 @@ class SpikeBaseline:
         Returns:
             ``(step, value, z-score)`` of the values it flags, and the ``(step, value)`` items it keeps.
         """
-        self.center(0)  # the fit every value is judged against
-        assert self._fit is not None
-        slope, intercept, spread = self._fit
+        slope, intercept, spread = self._fitted()
         # Every limit is at least the center plus `z_score` raw spreads (the spread is floored, never lowered), and
         # the sums round alike, so a value at or below that is never flagged: only the others are judged in full.
         margin = self.z_score * spread
