@@ -181,6 +181,9 @@ def python_generator_fingerprint() -> tuple[bytes, Any] | None:
     Equal fingerprints mean the generator has not drawn in between, so a ``random.getstate()`` taken at the
     first (625 Python ints built, ~10 us) is still valid at the second.
     """  # noqa: D205
-    generator: Any = random._inst  # type: ignore[attr-defined]
-    raw = _PYTHON_STATE.read(generator)
-    return None if raw is None else (raw, generator.gauss_next)
+    try:
+        generator: Any = random._inst  # type: ignore[attr-defined]
+        raw = _PYTHON_STATE.read(generator)
+        return None if raw is None else (raw, generator.gauss_next)
+    except (AttributeError, NotImplementedError, TypeError, ValueError):  # a generator replaced by one without state
+        return None
