@@ -353,3 +353,16 @@ def test_rng_states_reuse_numpys_state_until_it_draws_and_stay_exact() -> None:
     np.random.set_state(first["numpy"])  # a state set from outside is seen too
     assert rng_states()["numpy"][2] == first["numpy"][2]
     assert rng_states()["numpy"][1].tolist() == first["numpy"][1].tolist()
+
+
+def test_rng_states_reuse_pythons_state_until_it_draws_and_stay_exact() -> None:
+    first = rng_states()
+    assert rng_states()["python"] is first["python"]  # nothing drew: the 625 ints are not built again
+    random.random()
+    moved = rng_states()
+    assert moved["python"] is not first["python"] and moved["python"] == random.getstate()
+    expected = [random.random() for _ in range(3)]
+    random.setstate(moved["python"])
+    assert [random.random() for _ in range(3)] == expected
+    random.setstate(first["python"])  # a state set from outside is seen too
+    assert rng_states()["python"] == first["python"]

@@ -1,5 +1,6 @@
 """One test per private Lightning or torch internal used through lightning_deadunits._compat."""
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,20 @@ def test_numpy_generator_fingerprint_changes_exactly_when_numpy_draws() -> None:
     assert first is not None and first == _compat.numpy_generator_fingerprint()
     np.random.rand()
     assert _compat.numpy_generator_fingerprint() != first
+
+
+def test_python_generator_fingerprint_changes_exactly_when_random_draws_or_its_gaussian_changes() -> None:
+    first = _compat.python_generator_fingerprint()
+    assert first is not None and first == _compat.python_generator_fingerprint()  # CPython: readable
+    random.random()
+    drawn = _compat.python_generator_fingerprint()
+    assert drawn != first
+    random.gauss()  # draws twice, caches the second Gaussian
+    cached = _compat.python_generator_fingerprint()
+    random.gauss()  # takes the cached Gaussian: no draw, only `gauss_next` changes
+    assert cached != drawn and _compat.python_generator_fingerprint() != cached
+    random.setstate(random.getstate())  # set in place: still the same object, still read
+    assert _compat.python_generator_fingerprint() == _compat.python_generator_fingerprint()
 
 
 def test_foreach_norms_are_each_tensors_2_norm_in_float32() -> None:

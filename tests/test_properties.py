@@ -2,6 +2,8 @@
 
 import copy
 import itertools
+import math
+import statistics
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from hypothesis.extra import numpy as hnp
 
 from lightning_deadunits.functional.activations import ChannelStats, channel_stats, dormant_channels, moments
 from lightning_deadunits.functional.kernels import dead_kernel_masks
-from lightning_deadunits.functional.loss import robust_baseline, spike_scores
+from lightning_deadunits.functional.loss import robust_baseline, spike_limit, spike_scores
 from lightning_deadunits.functional.warmup import WARMUP_SHAPES, rewarm_factor, warmup_factor
 from lightning_deadunits.metrics.activation_stats import ActivationStats
 from lightning_deadunits.metrics.spike_baseline import SpikeBaseline
@@ -195,6 +197,90 @@ def test_sorted_window_baseline_equals_the_median_and_mad_of_its_values(values: 
         baseline.accept(step, value)
     assert baseline.ordered == sorted(baseline.values())
     assert baseline.center(step=len(values)) == robust_baseline(baseline.values())
+
+
+def _from_scratch(baseline: SpikeBaseline, step: int) -> tuple[float, float]:
+    """The center and spread at ``step`` as first written: the level and Tukey's line recomputed from the window."""
+    steps, values = [s for s, _ in baseline.window], [v for _, v in baseline.window]
+    center, spread = robust_baseline(values)
+    if not baseline.screened and len(values) >= 6:
+        third = len(values) // 3
+        run = statistics.median(steps[-third:]) - statistics.median(steps[:third])
+        rise = statistics.median(values[-third:]) - statistics.median(values[:third])
+        if run > 0 and rise < 0:
+            slope = rise / run
+            intercept, line_spread = robust_baseline([v - slope * s for s, v in zip(steps, values, strict=True)])
+            if -slope * (steps[-1] - steps[0]) > 3.0 * line_spread:
+                return intercept + slope * step, line_spread
+    return center + 0.0 * step, spread
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    noise=st.lists(st.one_of(st.floats(-1, 1), st.just(0.0), st.floats(2, 40)), min_size=1, max_size=45),
+    gaps=st.lists(st.sampled_from([1, 1, 1, 2, 0, -5]), min_size=45, max_size=45),
+    shape=st.tuples(st.sampled_from([0.0, 0.01, 0.2]), st.sampled_from([0.0, 0.05, 1.0])),
+    sizes=st.tuples(st.integers(2, 30), st.integers(1, 30), st.integers(1, 10)),
+    probe=st.floats(0.0, 60.0),
+    replace=st.tuples(st.integers(0, 60), st.booleans()),
+)
+def test_incremental_baseline_fits_judges_and_screens_as_from_scratch(
+    noise: list[float],
+    gaps: list[int],
+    shape: tuple[float, float],
+    sizes: tuple[int, int, int],
+    probe: float,
+    replace: tuple[int, bool],
+) -> None:
+    """The per-step baseline (columns kept by ``accept``, the oldest third's median kept, steps' medians by lookup,
+    judged inline, screened above a bound) decides and reports exactly what the from-scratch rule does."""
+    fall, scatter = shape
+    window = sizes[0]
+    warmup = min(sizes[1], window)
+    baseline = SpikeBaseline(window, warmup, 1.5, 6.0, 0.25, provisional=min(sizes[2], warmup))
+    step = 0
+    for index, (jitter, gap) in enumerate(zip(noise, gaps, strict=False)):
+        step += gap  # steps may repeat or go back (old checkpoints, odd loops): medians of thirds sort them then
+        value = 10.0 - fall * step + (jitter if jitter >= 2 else scatter * jitter)  # lines, noise, outliers
+        if index == replace[0]:  # a rebaseline: the columns are built again (a full window: the next one evicts)
+            line = [(earlier, 13.0 - fall * earlier) for earlier in range(step - window, step)]  # another line
+            baseline.replace(line if replace[1] else list(baseline.window)[::2])
+        judgement = baseline.judge(probe, step)
+        if baseline.window:
+            center, spread = _from_scratch(baseline, step)
+            assert (judgement.baseline, judgement.spread) == (center, spread) == baseline.center(step)
+            assert (judgement.ratio, judgement.score) == spike_scores(probe, center, spread)
+            reference = center if baseline.reference is None else baseline.reference
+            limit = spike_limit(center, spread, 1.5, 6.0, 0.25 * abs(reference))
+            assert judgement.limit == limit or (baseline.started_trained and judgement.limit >= limit)
+        before = copy.deepcopy(baseline)
+        outliers = baseline.accept(step, value)
+        if baseline.screened and not before.screened:  # screened now: every value judged in full, as at first
+            before.warmup = 10**9
+            before.accept(step, value)
+            assert before.center(step) == _from_scratch(before, step)  # the fit the screening judged against
+            judged = [(item, before.judge(item[1], item[0])) for item in before.window]
+            expected = [(s, v, math.inf if j.score is None else j.score) for (s, v), j in judged if j.flagged]
+            assert outliers == expected
+            assert list(baseline.window) == [item for item, j in judged if not j.flagged]
+
+
+def test_baseline_fit_after_a_replacement_and_an_eviction_in_warm_up_is_from_scratch() -> None:
+    """The columns the warm-up line is fitted to follow a rebaseline, a full window's eviction and a step back."""
+    baseline = SpikeBaseline(window=12, warmup=12, ratio=1.5, z_score=6.0, min_excess=0.25, provisional=5)
+    for step in range(10):
+        baseline.accept(step, 10 - 0.2 * step)
+    assert baseline.center(10) == _from_scratch(baseline, 10) == (8.0, 0.0)  # on the line
+    baseline.replace([(step, 13 - 0.3 * step + 0.01 * (step % 3)) for step in range(10, 22)])  # a new, full window
+    assert baseline.center(22) == _from_scratch(baseline, 22)
+    baseline.warmup = 100  # not screened at the next value: the window evicts its oldest instead
+    baseline.accept(22, 13 - 0.3 * 22)
+    assert len(baseline.window) == 12 and baseline.center(23) == _from_scratch(baseline, 23)
+    back = SpikeBaseline(window=30, warmup=30, ratio=1.5, z_score=6.0, min_excess=0.25, provisional=5)
+    for step in [*range(15), 10]:  # a step back after the columns were made: the newest third's steps unsorted
+        back.judge(0.0, step)
+        back.accept(step, 10 - 0.2 * step)
+    assert back.center(30) == _from_scratch(back, 30) == (4.0, 0.0)
 
 
 @settings(max_examples=60, deadline=None)

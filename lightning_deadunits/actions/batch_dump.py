@@ -8,14 +8,14 @@ import random
 import re
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from lightning_deadunits._compat import numpy_generator_fingerprint
+from lightning_deadunits._compat import numpy_generator_fingerprint, python_generator_fingerprint
 from lightning_deadunits._validation import check_int
 from lightning_deadunits.dumps import DUMP_FORMAT, DUMP_VERSION, encode, stored_bytes, verify_checksum, with_checksum
 from lightning_deadunits.errors import DeadUnitsWarning
@@ -30,40 +30,44 @@ _MAX_SUFFIX = 1000
 _NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK})
 
 
-class _NumpyState:
-    """``np.random.get_state()``, taken again only when the generator has drawn since the last time.
+class _CachedState:
+    """A generator's state (``take()``), taken again only when its fingerprint shows it has drawn since.
 
-    The state is a tuple holding a 624-word array: building it costs 35-130 us, which a per-batch capture pays
-    on every step although most training loops never draw from numpy; comparing fingerprints costs ~1 us.
+    numpy's state is a tuple holding a 624-word array (35-130 us to build), Python's a tuple of 625 ints (~10 us):
+    a per-batch capture pays that on every step although most training loops never draw from either; comparing
+    raw copies of their C states costs well under 1 us. Without a fingerprint the state is taken every time.
     """
 
-    def __init__(self) -> None:
-        self.fingerprint: bytes | None = None
+    def __init__(self, fingerprint: Callable[[], Any], take: Callable[[], Any]) -> None:
+        self.read = fingerprint
+        self.take = take
+        self.fingerprint: Any = None
         self.state: Any = None
 
     def __call__(self) -> Any:
-        fingerprint = numpy_generator_fingerprint()
+        fingerprint = self.read()
         if fingerprint is None or fingerprint != self.fingerprint:
-            self.fingerprint, self.state = fingerprint, np.random.get_state()
+            self.fingerprint, self.state = fingerprint, self.take()
         return self.state
 
 
-_numpy_state = _NumpyState()
+_numpy_state = _CachedState(numpy_generator_fingerprint, lambda: np.random.get_state())
+_python_state = _CachedState(python_generator_fingerprint, lambda: random.getstate())
 
 
 def rng_states() -> dict[str, Any]:
     """The states of the torch (CPU and every initialised CUDA device), numpy and Python generators.
 
     Host-side copies only (CUDA generator states live on the host), so this never waits for the device. Cheap
-    enough to call on every batch (~15 us): numpy's state, the costly one, is taken again only when its
-    generator has drawn since the previous call (a cached Gaussian consumed alone, with no other draw, is not
-    seen). Restore with ``torch.set_rng_state``, ``torch.cuda.set_rng_state_all``, ``np.random.set_state`` and
+    enough to call on every batch (~3 us): numpy's and Python's states, the costly ones, are taken again only when
+    their generator has drawn since the previous call (numpy's cached Gaussian consumed alone, with no other draw,
+    is not seen). Restore with ``torch.set_rng_state``, ``torch.cuda.set_rng_state_all``, ``np.random.set_state`` and
     ``random.setstate`` (after :func:`~lightning_deadunits.load_dump`, which rebuilds them).
     """
     states: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": _numpy_state(),
-        "python": random.getstate(),
+        "python": _python_state(),
     }
     if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]  # never initialise CUDA just for this
         states["torch.cuda"] = torch.cuda.get_rng_state_all()

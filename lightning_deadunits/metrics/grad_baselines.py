@@ -30,8 +30,12 @@ class LayerGradBaselines:
 
     def accept(self, norms: Mapping[str, float]) -> None:
         """Add one step's per-layer norms (a step not flagged as a spike)."""
+        history = self.norms
         for layer, norm in norms.items():
-            self.norms.setdefault(layer, deque(maxlen=self.window)).append(norm)
+            recent = history.get(layer)
+            if recent is None:  # not `setdefault`, which would build a deque for every layer on every step
+                recent = history[layer] = deque(maxlen=self.window)
+            recent.append(norm)
 
     def attribute(self, norms: Mapping[str, float]) -> list[dict[str, Any]]:
         """The layers whose norm is furthest above their own median, most first (``ratio``: norm over median)."""

@@ -6,12 +6,13 @@ is one lookup and the median absolute deviation a binary search (see :func:`_med
 """
 
 import math
+import operator
 from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-from lightning_deadunits.functional.loss import MAD_TO_SIGMA, spike_limit, spike_scores
+from lightning_deadunits.functional.loss import MAD_TO_SIGMA, _floored
 
 __all__ = ["SpikeBaseline"]
 
@@ -152,6 +153,11 @@ class SpikeBaseline:
         self.window: deque[tuple[int, float]] = deque(maxlen=window)
         self.ordered: list[float] = []
         self._fit: tuple[float, float, float] | None = None  # (slope, intercept, spread) of this window, once made
+        # The window's steps and values as two lists while the trend is fitted (warm-up), kept up to date by
+        # `accept` rather than unpacked from the window at every fit; `None` until needed and after a replacement.
+        self._columns: tuple[list[int], list[float]] | None = None
+        self._steps_ascending = True  # the window's steps never decrease (as training writes them)
+        self._first_third = (0, 0.0)  # (size, median) of the oldest third of the columns' values
         self.reference: float | None = None
         self.started_trained = False
         self.screened = False
@@ -167,11 +173,7 @@ class SpikeBaseline:
 
     def center(self, step: int) -> tuple[float, float]:
         """``(center, spread)`` the value at ``step`` is judged against (the window must not be empty)."""
-        if self._fit is None:  # one fit per window: screening judges every value of the window against it
-            center = _median(self.ordered)
-            level = 0.0, center, MAD_TO_SIGMA * _median_deviation(self.ordered, center)
-            self._fit = _trend_or_level(list(self.window) if self._trending() else [], level)
-        slope, intercept, spread = self._fit
+        slope, intercept, spread = self._fitted()
         return intercept + slope * step, spread
 
     def log_limit(self) -> float:
@@ -185,10 +187,22 @@ class SpikeBaseline:
         """Compare a finite ``value`` at ``step`` with the baseline; unflagged while fewer than ``provisional``."""
         if not self.window:
             return Judgement()
-        center, spread = self.center(step)
-        ratio, score = spike_scores(value, center, spread)
+        slope, intercept, spread = self._fit or self._fitted()  # `center`, inlined: this runs on every step
+        center = intercept + slope * step
         reference = center if self.reference is None else self.reference
-        limit = spike_limit(center, spread, self.ratio, self.z_score, self.min_excess * abs(reference))
+        # `spike_scores` and `spike_limit`, inlined with one floored spread (a property test holds them equal)
+        floored = _floored(center, spread)
+        if math.isnan(value):
+            ratio = score = math.nan
+        else:
+            excess = value - center
+            ratio = 1 + excess / abs(center) if center else math.copysign(math.inf, excess) if excess else 1.0
+            score = excess / floored
+        limit = max(
+            center + (self.ratio - 1) * abs(center),
+            center + self.z_score * floored,
+            center + self.min_excess * abs(reference),
+        )
         # a signal that started trained has no young level, so until it falls a decade below its first level the
         # size is also judged in log space; only above the linear limit, since it cannot lower it (a few
         # microseconds saved on every ordinary step)
@@ -207,19 +221,26 @@ class SpikeBaseline:
         Returns:
             ``(step, value, z-score)`` of every value the screening removed (empty otherwise).
         """
-        if len(self.window) == self.window.maxlen:
-            self.ordered.pop(bisect_left(self.ordered, self.window[0][1]))
-        self.window.append((step, value))
+        window, columns = self.window, self._columns
+        if len(window) == window.maxlen:
+            self.ordered.pop(bisect_left(self.ordered, window[0][1]))
+            if columns is not None:
+                del columns[0][0], columns[1][0]
+                self._first_third = (0, 0.0)
+        if columns is not None:
+            steps, values = columns
+            self._steps_ascending = self._steps_ascending and (not steps or step >= steps[-1])
+            steps.append(step)
+            values.append(value)
+        window.append((step, value))
         insort(self.ordered, value)
         self._fit = None
-        if self.reference is None and len(self.window) >= self.provisional:
+        if self.reference is None and len(window) >= self.provisional:
             self._set_reference(self.ordered)
-        if self.screened or len(self.window) < self.warmup:
+        if self.screened or len(window) < self.warmup:
             return []
-        judgements = [(item, self.judge(item[1], item[0])) for item in self.window]
+        outliers, kept = self._screen()
         self.screened = True
-        outliers = [(s, v, math.inf if j.score is None else j.score) for (s, v), j in judgements if j.flagged]
-        kept = [item for item, judgement in judgements if not judgement.flagged]
         if outliers and kept:  # spikes among the first values: the young level and the start test go without them
             self._set_reference(sorted(value for _, value in kept[: self.provisional]))
         self.replace(kept)
@@ -231,6 +252,7 @@ class SpikeBaseline:
         self.window.extend(items)
         self.ordered = sorted(value for _, value in self.window)
         self._fit = None
+        self._columns = None
 
     def state_dict(self) -> dict[str, Any]:
         """The window, the reference and the flags, as plain Python values."""
@@ -260,30 +282,78 @@ class SpikeBaseline:
             and ordered[-1] > _TRAINED_SPAN * max(ordered[0], _LOG_FLOOR)
         )
 
-    def _trending(self) -> bool:
-        """Whether the baseline may follow a trend: during warm-up, with at least two values per third."""
-        return not self.screened and len(self.window) >= _TREND_MIN
+    def _fitted(self) -> tuple[float, float, float]:
+        """``(slope, intercept, spread)`` of the window, made once per window (screening judges every value of the
+        window against it): the warm-up trend where it applies, else the level.
+        """  # noqa: D205
+        if self._fit is None:
+            self._fit = self._trend() or self._level()
+        return self._fit
+
+    def _level(self) -> tuple[float, float, float]:
+        """``(0, median, 1.4826 x MAD)`` of the window: the baseline once warm-up is over, or without a trend."""
+        center = _median(self.ordered)
+        return 0.0, center, MAD_TO_SIGMA * _median_deviation(self.ordered, center)
+
+    def _trend(self) -> tuple[float, float, float] | None:
+        """``(slope, intercept, spread)`` of Tukey's resistant line through the window's ``(step, value)`` items,
+        during warm-up (from two values per third on) and when the window falls along it; else ``None``.
+
+        The slope joins the medians of the oldest and the newest third; a rising slope counts as 0 (a slow rise is
+        what a blow-up looks like). The line is followed when its fall across the window exceeds ``_TREND_FALL``
+        residual spreads (a young run's loss); a flat, noisy window (a trained model) keeps its level.
+        """  # noqa: D205
+        count = len(self.window)
+        if self.screened or count < _TREND_MIN:
+            return None
+        if self._columns is None:
+            steps = [step for step, _ in self.window]
+            self._columns = steps, [value for _, value in self.window]
+            self._steps_ascending = all(map(operator.le, steps, steps[1:]))
+            self._first_third = (0, 0.0)
+        steps, values = self._columns
+        third = count // 3
+        if self._steps_ascending:  # the thirds of the steps are sorted already: their medians are lookups
+            run = _median_between(steps, count - third, count) - _median_between(steps, 0, third)
+        else:
+            run = _median(sorted(steps[-third:])) - _median(sorted(steps[:third]))
+        if self._first_third[0] != third:  # the oldest third changes only when it grows (the window only grows)
+            self._first_third = third, _median(sorted(values[:third]))
+        rise = _median(sorted(values[-third:])) - self._first_third[1]
+        if run <= 0 or rise >= 0:  # flat or rising: the level
+            return None
+        slope = rise / run
+        residuals = [value - slope * step for step, value in zip(steps, values, strict=True)]
+        residuals.sort()
+        intercept = _median(residuals)
+        spread = MAD_TO_SIGMA * _median_deviation(residuals, intercept)
+        falls = -slope * (steps[-1] - steps[0]) > _TREND_FALL * spread
+        return (slope, intercept, spread) if falls else None
+
+    def _screen(self) -> tuple[list[tuple[int, float, float]], list[tuple[int, float]]]:
+        """Judge every value of the window against the window's own baseline.
+
+        Returns:
+            ``(step, value, z-score)`` of the values it flags, and the ``(step, value)`` items it keeps.
+        """
+        slope, intercept, spread = self._fitted()
+        # Every limit is at least the center plus `z_score` raw spreads (the spread is floored, never lowered), and
+        # the sums round alike, so a value at or below that is never flagged: only the others are judged in full.
+        margin = self.z_score * spread
+        outliers: list[tuple[int, float, float]] = []
+        kept: list[tuple[int, float]] = []
+        for item in self.window:
+            step, value = item
+            if value > intercept + slope * step + margin:
+                judgement = self.judge(value, step)
+                if judgement.flagged:
+                    outliers.append((step, value, math.inf if judgement.score is None else judgement.score))
+                    continue
+            kept.append(item)
+        return outliers, kept
 
 
-def _trend_or_level(items: list[tuple[int, float]], level: tuple[float, float, float]) -> tuple[float, float, float]:
-    """``(slope, intercept, spread)`` of Tukey's resistant line through ``(step, value)`` items, when the items
-    fall along it; else ``level``.
-
-    The slope joins the medians of the oldest and the newest third; a rising slope counts as 0 (a slow rise is what
-    a blow-up looks like). The line is followed when its fall across the items exceeds ``_TREND_FALL`` residual
-    spreads (a young run's loss); a flat, noisy window (a trained model) keeps its level.
-    """  # noqa: D205
-    if not items:
-        return level
-    third = len(items) // 3
-    steps, values = [s for s, _ in items], [v for _, v in items]
-    run = _median(sorted(steps[-third:])) - _median(sorted(steps[:third]))
-    rise = _median(sorted(values[-third:])) - _median(sorted(values[:third]))
-    if run <= 0 or rise >= 0:  # flat or rising: the level
-        return level
-    slope = rise / run
-    residuals = sorted([value - slope * item_step for item_step, value in items])
-    intercept = _median(residuals)
-    spread = MAD_TO_SIGMA * _median_deviation(residuals, intercept)
-    falls = -slope * (steps[-1] - steps[0]) > _TREND_FALL * spread
-    return (slope, intercept, spread) if falls else level
+def _median_between(ordered: Sequence[float], start: int, stop: int) -> float:
+    """The median of the sorted ``ordered[start:stop]`` (not empty), as :func:`_median` of that slice gives it."""
+    half = start + (stop - start) // 2
+    return ordered[half] if (stop - start) % 2 else (ordered[half - 1] + ordered[half]) / 2

@@ -5,8 +5,10 @@ all-reduce, so every rank reads the same numbers), before clipping. Everything s
 monitor moves one stacked tensor to the host when it logs.
 """
 
+import itertools
+import operator
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -64,7 +66,7 @@ class GradNormProbe:
         self._last_nonzero: dict[str, Tensor] = {}
         self._layout_for: tuple[bool, ...] | None = None
         self._layout: tuple[list[str], list[int]] = ([], [])
-        self._device_layout: tuple[Tensor, Tensor] | None = None
+        self._device_layout: tuple[Tensor, Tensor, int] | None = None  # the indices, a 0 and their device index
 
     def attach(self, model: nn.Module) -> None:
         """Find the watched layers (with a weight) and every parameter of ``model``."""
@@ -139,12 +141,14 @@ class GradNormProbe:
         if found is None:
             return None
         grads, (names, pairs) = found
-        device = grads[0].device
-        if self._device_layout is None or self._device_layout[0].device != device:
-            # Built again only when the layout changes: the indices reach the device then.
+        layout = self._device_layout
+        if layout is None or layout[2] != grads[0].get_device():
+            # Built again only when the layout or the device changes: the indices reach the device then.
+            device = grads[0].device
             index = torch.tensor(pairs, dtype=torch.long, device=device)
-            self._device_layout = index, torch.zeros((), dtype=torch.float32, device=device)
-        index, zero = self._device_layout
+            zero = torch.zeros((), dtype=torch.float32, device=device)
+            layout = self._device_layout = index, zero, index.get_device()
+        index, zero, _ = layout
         with torch.no_grad():
             # One more entry, 0: what a layer without a bias gradient adds.
             squares = torch.stack([*foreach_norms(grads), zero]).square_()
@@ -158,13 +162,13 @@ class GradNormProbe:
         """  # noqa: D205
         # Read again each step: Lightning's `zero_grad` sets gradients to None, so every step brings new tensors.
         every_grad = [param.grad for param in self.parameters]
-        grads = [grad for grad in every_grad if grad is not None]
-        if not grads:
-            return None
-        present = tuple(grad is not None for grad in every_grad)
+        present = tuple(map(operator.is_not, every_grad, itertools.repeat(None)))
         if self._layout_for != present:
             self._layout_for, self._layout, self._device_layout = present, self._plan(present), None
-        return grads, self._layout
+        if False not in present:  # usually every parameter has a gradient
+            return cast("list[Tensor]", every_grad), self._layout
+        grads = [grad for grad in every_grad if grad is not None]
+        return (grads, self._layout) if grads else None
 
     def _plan(self, present: tuple[bool, ...]) -> tuple[list[str], list[int]]:
         """The watched layers with a weight gradient, and where their weight and bias gradients sit among the

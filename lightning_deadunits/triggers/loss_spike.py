@@ -212,7 +212,7 @@ class SpikeDetector:
             agree: turns this rank's spike decision into everyone's (``None``: this rank alone).
         """
         self.recent.append((step, loss))
-        warming_up = self.loss_baseline.warming_up
+        warming_up = not self.loss_baseline.screened
         finite = math.isfinite(loss)
         judged = self.loss_baseline.judge(loss if finite else 0.0, step)
         grad_finite = grad_norm is not None and math.isfinite(grad_norm)
