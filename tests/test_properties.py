@@ -233,7 +233,7 @@ def test_incremental_baseline_fits_judges_and_screens_as_from_scratch(
     replace: tuple[int, bool],
 ) -> None:
     """The per-step baseline (columns kept by ``accept``, the oldest third's median kept, steps' medians by lookup,
-    judged inline, screened above a bound) decides and reports exactly what the from-scratch rule does."""
+    screened above a bound) decides and reports exactly what the from-scratch rule does."""
     fall, scatter = shape
     window = sizes[0]
     warmup = min(sizes[1], window)

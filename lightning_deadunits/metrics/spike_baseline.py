@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-from lightning_deadunits.functional.loss import MAD_TO_SIGMA, _floored
+from lightning_deadunits.functional.loss import MAD_TO_SIGMA, spike_limit, spike_scores
 
 __all__ = ["SpikeBaseline"]
 
@@ -187,22 +187,10 @@ class SpikeBaseline:
         """Compare a finite ``value`` at ``step`` with the baseline; unflagged while fewer than ``provisional``."""
         if not self.window:
             return Judgement()
-        slope, intercept, spread = self._fit or self._fitted()  # `center`, inlined: this runs on every step
-        center = intercept + slope * step
+        center, spread = self.center(step)
+        ratio, score = spike_scores(value, center, spread)
         reference = center if self.reference is None else self.reference
-        # `spike_scores` and `spike_limit`, inlined with one floored spread (a property test holds them equal)
-        floored = _floored(center, spread)
-        if math.isnan(value):
-            ratio = score = math.nan
-        else:
-            excess = value - center
-            ratio = 1 + excess / abs(center) if center else math.copysign(math.inf, excess) if excess else 1.0
-            score = excess / floored
-        limit = max(
-            center + (self.ratio - 1) * abs(center),
-            center + self.z_score * floored,
-            center + self.min_excess * abs(reference),
-        )
+        limit = spike_limit(center, spread, self.ratio, self.z_score, self.min_excess * abs(reference))
         # a signal that started trained has no young level, so until it falls a decade below its first level the
         # size is also judged in log space; only above the linear limit, since it cannot lower it (a few
         # microseconds saved on every ordinary step)
