@@ -196,7 +196,7 @@ def test_manual_optimization_without_a_returned_loss_warns_once(tmp_path: Path) 
     model = ManualDigitsMLP(digits_with_dirty_batches(), return_loss=False)
     with pytest.warns(DeadUnitsWarning, match=r"could not read a loss at step 0 \(batch 0\).*manual optimization"):
         _trainer(tmp_path, [monitor], max_steps=5).fit(model)
-    assert monitor.detector.recent == type(monitor.detector.recent)() and monitor._warned_no_loss
+    assert monitor.detector.recent == type(monitor.detector.recent)() and monitor.probe.warned_missing
 
 
 def test_skip_update_with_manual_optimization_is_rejected_at_setup(tmp_path: Path) -> None:

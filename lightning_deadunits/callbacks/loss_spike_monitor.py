@@ -3,14 +3,12 @@
 import logging
 import math
 import os
-import warnings
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.optim import Optimizer
@@ -23,8 +21,8 @@ from lightning_deadunits.actions.spike_dump import SpikeDump
 from lightning_deadunits.actions.spike_journal import SpikeJournal, spike_event
 from lightning_deadunits.callbacks._loss_spike_settings import LossSpikeSettings
 from lightning_deadunits.callbacks.monitor import MonitorCallback
-from lightning_deadunits.errors import DeadUnitsWarning
 from lightning_deadunits.metrics.spike_deaths import SpikeDeathLedger
+from lightning_deadunits.metrics.spike_readings import spike_scalars
 from lightning_deadunits.panels.spike_text import spike_message
 from lightning_deadunits.probes.grad_norms import GradNormProbe
 from lightning_deadunits.probes.loss import BatchLoss, LossProbe
@@ -223,7 +221,6 @@ class LossSpikeMonitor(MonitorCallback):
         self.journal = SpikeJournal(self, self.dump, self.deaths)
         self.spike_count = 0
         self.logs = StepGate(every_n_steps(self.settings.log_every_n_steps or 50))
-        self._warned_no_loss = False
         self._batch: BatchLoss | None = None
         self._deaths_before: dict[str, dict[str, Any]] = {}
         self._skip_pending = False
@@ -330,9 +327,7 @@ class LossSpikeMonitor(MonitorCallback):
             return
         if not pl_module.automatic_optimization:
             self.probe.from_outputs(pending, outputs)
-        if self._deferred is not None:
-            self._finish_batch(trainer, pl_module, *self._deferred)
-            self._deferred = None
+        self._finish_deferred(trainer, pl_module)
         if not self.skip_update and self.probe.start_host_copy(pending):
             self._deferred = (pending, self._deaths_before, outputs, batch if self.dump.open else None)
             return
@@ -340,9 +335,7 @@ class LossSpikeMonitor(MonitorCallback):
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self._deferred is not None:
-            self._finish_batch(trainer, pl_module, *self._deferred)
-            self._deferred = None
+        self._finish_deferred(trainer, pl_module)
         self.journal.episode(trainer, self.detector.finish())
 
     @override
@@ -391,6 +384,12 @@ class LossSpikeMonitor(MonitorCallback):
             _log_rebaseline(pending.step, self.detector.rebaseline_after)
         return verdict, spike
 
+    def _finish_deferred(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Finish the batch whose loss was left to arrive on the host (CUDA), if any."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            self._finish_batch(trainer, pl_module, *deferred)
+
     def _finish_batch(
         self,
         trainer: "pl.Trainer",
@@ -403,7 +402,7 @@ class LossSpikeMonitor(MonitorCallback):
         """Judge a batch's loss, record (and dump) a spike, log on logging steps, raise an episode's alarm."""
         judged = self._decide(trainer, pending)
         if judged is None:
-            self._warn_no_loss(pl_module, outputs, pending)
+            self.probe.warn_if_missing(pl_module, outputs, pending)
             return
         verdict, spike = judged
         self.journal.episode(trainer, verdict.ended_episode)
@@ -416,7 +415,8 @@ class LossSpikeMonitor(MonitorCallback):
             self.journal.spike(trainer, pl_module, pending, event, (outputs, batch), recent)
         if self.logs.due(pending.step) or spike:
             self.logs.mark(pending.step)
-            self.publish(trainer, self.reading(pending.step, self._scalars(trainer, pl_module, verdict)))
+            scalars = spike_scalars(trainer, pl_module.device, verdict, self.spike_count, self.key)
+            self.publish(trainer, self.reading(pending.step, scalars))
         if event is not None and verdict.episode_start:
             level: AlarmLevel = "error" if verdict.reason == "non-finite" else "warning"
             limit = math.nan if verdict.limit is None else verdict.limit
@@ -424,38 +424,6 @@ class LossSpikeMonitor(MonitorCallback):
 
     def _alarm(self, loss: float, limit: float, message: str, step: int, level: AlarmLevel = "warning") -> Alarm:
         return Alarm(self.source, self.key("spike"), loss, limit, level, message, step, type(self).__name__, "spike")
-
-    def _scalars(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", verdict: SpikeVerdict
-    ) -> dict[str, float]:
-        values = [verdict.loss, *(math.nan if v is None else v for v in (verdict.baseline, verdict.score))]
-        if trainer.world_size > 1:
-            reduced = trainer.strategy.reduce(
-                torch.tensor(values, dtype=torch.float64, device=pl_module.device), reduce_op="mean"
-            )
-            values = reduced.cpu().tolist()
-        loss, baseline, score = values
-        scalars = {self.key("value"): loss, self.key("spikes"): float(self.spike_count)}
-        if verdict.episode is not None:
-            scalars[self.key("episode_length")] = float(verdict.episode["length"])
-        if verdict.baseline is not None:
-            scalars[self.key("baseline")] = baseline
-            scalars[self.key("spike_score")] = score
-        return scalars
-
-    def _warn_no_loss(self, pl_module: "pl.LightningModule", outputs: Any, pending: BatchLoss) -> None:
-        # In automatic optimization a batch without a loss is one `training_step` skipped by returning None.
-        if self._warned_no_loss or pl_module.automatic_optimization:
-            return
-        self._warned_no_loss = True
-        warnings.warn(
-            f"`LossSpikeMonitor` could not read a loss at step {pending.step} (batch {pending.batch_idx}): "
-            f"`{type(pl_module).__name__}.training_step` (manual optimization) gave {type(outputs).__name__}. "
-            'Return the loss (a tensor or {"loss": ..., "per_sample_loss": ...}) for the monitor to watch it; '
-            "batches without a loss are not watched (this warning is not repeated).",
-            DeadUnitsWarning,
-            stacklevel=2,
-        )
 
 
 @rank_zero_only  # type: ignore[untyped-decorator,misc]

@@ -9,6 +9,7 @@ dividing it out is exact); both are undone on the device. In manual optimization
 without waiting (:meth:`LossProbe.start_host_copy`) and read one batch later.
 """
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from lightning_deadunits._compat import loss_scale
+from lightning_deadunits.errors import DeadUnitsWarning
 
 __all__ = ["BatchLoss", "LossProbe"]
 
@@ -78,6 +80,9 @@ class LossProbe:
 
     deferred_devices: tuple[str, ...] = ("cuda",)
 
+    def __init__(self) -> None:
+        self.warned_missing = False
+
     def from_backward(self, trainer: "pl.Trainer", batch: BatchLoss, loss: Tensor) -> None:
         """Record the loss Lightning is about to backpropagate, unscaled (AMP) and un-divided (accumulation)."""
         value = loss.detach().float()
@@ -93,6 +98,23 @@ class LossProbe:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, Tensor) and loss.numel() == 1:
             batch.loss = loss.detach().float()
+
+    def warn_if_missing(self, pl_module: "pl.LightningModule", outputs: Any, batch: BatchLoss) -> None:
+        """Warn, once, that a manual-optimization ``training_step`` returned no loss for ``batch``.
+
+        In automatic optimization a batch without a loss is one ``training_step`` skipped by returning ``None``.
+        """
+        if self.warned_missing or pl_module.automatic_optimization:
+            return
+        self.warned_missing = True
+        warnings.warn(
+            f"`LossSpikeMonitor` could not read a loss at step {batch.step} (batch {batch.batch_idx}): "
+            f"`{type(pl_module).__name__}.training_step` (manual optimization) gave {type(outputs).__name__}. "
+            'Return the loss (a tensor or {"loss": ..., "per_sample_loss": ...}) for the monitor to watch it; '
+            "batches without a loss are not watched (this warning is not repeated).",
+            DeadUnitsWarning,
+            stacklevel=2,
+        )
 
     def start_host_copy(self, batch: BatchLoss) -> bool:
         """Start copying a CUDA loss to pinned host memory without waiting, to be read one batch later.
